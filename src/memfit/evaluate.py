@@ -1,0 +1,169 @@
+"""`evaluate()`: measured quality, bytes and speed of a model.
+
+- perplexity: ``exp`` of the mean next-token loss over non-overlapping windows of 512 tokens
+  (the first token of each window has no context and is not scored);
+- weight bytes: storage of every parameter and buffer the model holds, shared storage once;
+- peak RSS: the process's peak resident memory so far (``getrusage``);
+- prefill tokens/s: one forward over one 512-token window, median of 3;
+- decode tokens/s: 64 greedy single-token steps with the KV cache after a 32-token prompt,
+  batch 1, median of 3 (the prompt's prefill is not timed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memfit.data import eval_text, token_windows
+from memfit.memory.report import weight_bytes
+from memfit.plan import ProgressFn
+
+DEFAULT_TOKENS = 16_384
+WINDOW = 512
+PREFILL_TOKENS = 512
+PROMPT_TOKENS = 32
+DECODE_TOKENS = 64
+REPEATS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """What `evaluate` measured. Keys match the CLI's JSON."""
+
+    perplexity: float
+    eval_tokens: int
+    weight_bytes: int
+    peak_rss_bytes: int
+    prefill_tokens_per_s: float | None
+    decode_tokens_per_s: float | None
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return dataclasses.asdict(self)
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    *,
+    text: str | None = None,
+    num_tokens: int = DEFAULT_TOKENS,
+    window: int = WINDOW,
+    measure_speed: bool = True,
+    progress: ProgressFn | None = None,
+) -> Metrics:
+    """Measure perplexity, weight bytes, peak memory and prefill/decode speed.
+
+    Args:
+        model: a causal LM (from `memfit.load`, optimized or not).
+        tokenizer: its tokenizer.
+        text: text to score; the built-in evaluation text if None.
+        num_tokens: tokens to score, in whole windows (default 16,384).
+        window: tokens per window (default 512).
+        measure_speed: also time prefill and decode (skip for quick quality checks).
+        progress: ``progress(description, done, total)`` callback.
+
+    Returns:
+        `Metrics`.
+
+    Raises:
+        DataError: the text is shorter than one window.
+    """
+    windows = token_windows(tokenizer, eval_text() if text is None else text, num_tokens, window)
+    model.eval()
+    ppl = perplexity(model, windows, progress)
+    prefill = decode = None
+    if measure_speed:
+        prompt = windows[0]
+        prefill = prefill_tokens_per_s(model, prompt[:PREFILL_TOKENS])
+        decode = decode_tokens_per_s(model, prompt[:PROMPT_TOKENS], DECODE_TOKENS)
+    return Metrics(
+        perplexity=ppl,
+        eval_tokens=windows.numel(),
+        weight_bytes=weight_bytes(model),
+        peak_rss_bytes=peak_rss_bytes(),
+        prefill_tokens_per_s=prefill,
+        decode_tokens_per_s=decode,
+    )
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, windows: torch.Tensor, progress: ProgressFn | None = None) -> float:
+    """``exp(mean next-token NLL)`` over windows [N, T], one window per forward."""
+    device = _device_of(model)
+    total_nll, total_count = 0.0, 0
+    for i, ids in enumerate(windows):
+        ids = ids.to(device)[None]  # [1, T]
+        logits = model(ids, use_cache=False).logits  # [1, T, V]
+        nll = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+        total_nll += nll.item()
+        total_count += ids.shape[1] - 1
+        if progress:
+            progress("perplexity", i + 1, len(windows))
+    return math.exp(total_nll / total_count)
+
+
+@torch.inference_mode()
+def prefill_tokens_per_s(model: nn.Module, ids: torch.Tensor, repeats: int = REPEATS) -> float:
+    """Tokens/s of one forward over ``ids`` [T] (batch 1, no cache), median of ``repeats``."""
+    ids = ids.to(_device_of(model))[None]
+    model(ids[:, :8], use_cache=False)  # warm-up: first-call allocations and kernel selection
+    times = [_timed(lambda: model(ids, use_cache=False)) for _ in range(repeats)]
+    return ids.shape[1] / statistics.median(times)
+
+
+@torch.inference_mode()
+def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int = REPEATS) -> float:
+    """Tokens/s of ``new_tokens`` greedy single-token steps with the KV cache, median of ``repeats``."""
+    prompt = prompt.to(_device_of(model))[None]  # [1, T]
+    rates = []
+    for repeat in range(repeats + 1):  # the first run warms up
+        cache, token = _cached_step(model, prompt, None)  # token: [1, 1]
+
+        def steps() -> None:
+            nonlocal cache, token
+            for _ in range(new_tokens):
+                cache, token = _cached_step(model, token, cache)
+
+        elapsed = _timed(steps)
+        if repeat:
+            rates.append(new_tokens / elapsed)
+    return statistics.median(rates)
+
+
+def _cached_step(model: nn.Module, ids: torch.Tensor, cache):
+    """One forward with the KV cache; returns (cache, greedy next token [B, 1]).
+
+    transformers 5.x names the cache ``cache``; 4.x names it ``past_key_values``.
+    """
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(ids, use_cache=True, **({cache_kw: cache} if cache is not None else {}))
+    new_cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+    return new_cache, out.logits[:, -1:].argmax(-1)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers())
+    return tensor.device

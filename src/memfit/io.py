@@ -1,0 +1,195 @@
+"""Saving and loading optimized models, atomically.
+
+A saved model is a directory holding:
+- ``model.safetensors``: every tensor of the state dict once (tied names are recorded, not
+  duplicated); int4 weights in the portable plain nibble layout;
+- ``config.json`` and the tokenizer files, as Hugging Face writes them;
+- ``memfit.json``: the format version, the recipe (plan) and the tied names;
+- any extra files (the planner's report).
+
+When the recipe changes no module types (an empty plan or a precision cast), the state dict keys
+are the Hugging Face names, so ``transformers.AutoModelForCausalLM.from_pretrained`` loads the
+directory directly. Everything is written to a temporary sibling directory that is renamed into
+place at the end, so a crash never leaves a half-written model that looks complete. Loading uses
+safetensors only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from memfit.errors import CheckpointError, OutputError, RecipeError
+from memfit.plan import Context, Plan, apply
+
+FORMAT_VERSION = 1
+MANIFEST = "memfit.json"
+WEIGHTS = "model.safetensors"
+
+
+def save(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    extra_files: dict[str, str | bytes] | None = None,
+    notes: list[str] | None = None,
+) -> Path:
+    """Save ``model`` (with the plan applied to it) and its tokenizer to ``out_dir``, atomically.
+
+    Args:
+        model: a model from `memfit.load`, after `memfit.apply` or not.
+        tokenizer: its tokenizer.
+        out_dir: the directory to create or replace. An existing directory is replaced only if it
+            is empty or was written by memfit.
+        extra_files: more files to write into the directory (name -> text or bytes).
+        notes: what the strategies reported doing, recorded in ``memfit.json``.
+
+    Returns:
+        The output directory.
+
+    Raises:
+        OutputError: ``out_dir`` is a file or a non-empty directory memfit did not write.
+    """
+    out = Path(out_dir)
+    check_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tensors, tied = _unique_state_dict(model)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config = model.config
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        plan = getattr(model, "memfit_plan", None) or Plan()
+        manifest = {"format_version": FORMAT_VERSION, "plan": plan.to_dict(), "tied": tied, "notes": notes or []}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as f:
+                f.write(content)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_output_dir(out: Path) -> None:
+    """Raise `OutputError` unless ``out`` may be written (absent, empty, or memfit's own)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {str(out)!r} is a file", "choose a directory path for --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise OutputError(
+            f"output directory {str(out)!r} is not empty and was not written by memfit",
+            "choose a new or empty directory",
+        )
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _unique_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each storage once; ``tied`` maps a dropped name to the kept one."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    owner: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage()._cdata, tensor.storage_offset(), tuple(tensor.shape))
+        if key in owner:
+            tied[name] = owner[key]
+            continue
+        owner[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    return tensors, tied
+
+
+def load_saved(path: Path):
+    """Load a directory written by `save`: rebuild the modules from the recipe, then the tensors.
+
+    Raises:
+        CheckpointError: a file is missing or corrupt, or the tensors do not match the recipe.
+    """
+    manifest = _read_manifest(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{str(path)!r} has no {WEIGHTS}", "the save did not finish; save the model again")
+    try:
+        plan = Plan.from_dict(manifest["plan"])
+        config = AutoConfig.from_pretrained(path)
+    except (RecipeError, KeyError, ValueError, OSError) as exc:
+        raise CheckpointError(f"cannot read the recipe or config in {str(path)!r}: {exc}", "save the model again") from None
+    # Parameters on the meta device, buffers (rotary frequencies) real: then the recipe rebuilds
+    # the packed modules on meta, and the checkpoint's tensors are assigned in place.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    apply(model, plan, Context())
+    state = _read_tensors(weights)
+    for alias, source in manifest.get("tied", {}).items():
+        if source not in state:
+            raise CheckpointError(f"{str(path)!r}: tied tensor {alias!r} points at missing {source!r}", "save again")
+        state[alias] = state[source]
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{str(path)!r} does not match its recipe: {first}", "save the model again") from None
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{str(path)!r} lacks tensors for {leftover[:3]}", "save the model again")
+    _retie(model, manifest.get("tied", {}))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer
+
+
+def _retie(model: torch.nn.Module, tied: dict[str, str]) -> None:
+    # ``assign=True`` wraps each loaded tensor in a new Parameter; point tied names back at one
+    # object so later in-place changes (casts, training) keep them shared.
+    for alias, source in tied.items():
+        alias_module, _, alias_leaf = alias.rpartition(".")
+        source_module, _, source_leaf = source.rpartition(".")
+        src = model.get_submodule(source_module)
+        dst = model.get_submodule(alias_module)
+        table = "_parameters" if source_leaf in src._parameters else "_buffers"
+        getattr(dst, table)[alias_leaf] = getattr(src, table)[source_leaf]
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {MANIFEST} in {str(path)!r}: {exc}", "save the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has memfit format {manifest.get('format_version') if isinstance(manifest, dict) else '?'}, "
+            f"this memfit reads {FORMAT_VERSION}",
+            "save the model again with this memfit version",
+        )
+    return manifest
+
+
+def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            # Copy into fresh allocations: tensors read at arbitrary file offsets can be misaligned
+            # for the packed CPU kernels' vector loads (seen as a segfault in _weight_int8pack_mm).
+            return {name: f.get_tensor(name).clone() for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{str(weights)!r} is corrupt: {exc}", "save the model again") from None
+

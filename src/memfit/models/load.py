@@ -1,0 +1,116 @@
+"""`load(ref)`: the only place that knows where models come from.
+
+A reference is one of:
+- a directory saved by `memfit.save` (it holds ``memfit.json``): the recipe is re-applied to an
+  empty model and the packed tensors are loaded into it;
+- a local Hugging Face model directory, or a hub id (for users with a hub);
+- a ``.gguf`` file (dequantized through transformers' GGUF loader);
+- ``demo`` (SmolLM2-135M-Instruct, see `memfit.models.demo`);
+- a tiny random model: ``tiny-llama`` or ``tiny-qwen2``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from memfit.errors import ModelNotFoundError
+from memfit.models import tiny
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+
+def load(ref: str | Path) -> Loaded:
+    """Load a model and its tokenizer.
+
+    Args:
+        ref: a memfit output directory, a Hugging Face directory or hub id, a ``.gguf`` file,
+            ``"demo"``, ``"tiny-llama"`` or ``"tiny-qwen2"``.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        ModelNotFoundError: nothing matches ``ref``.
+        CheckpointError: a memfit directory is incomplete or corrupt.
+
+    Example:
+        >>> model, tokenizer = memfit.load("demo")
+    """
+    text = str(ref)
+    if text in tiny.CONFIGS:
+        return tiny.tiny_model(text)
+    if text == "demo":
+        from memfit.models.demo import demo_dir
+
+        return _from_hf(demo_dir())
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "memfit.json").is_file():
+            from memfit.io import load_saved
+
+            return load_saved(path)
+        return _from_hf(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path)
+    if path.exists():
+        raise ModelNotFoundError(f"{text!r} is a file but not a .gguf", "pass a model directory or a .gguf file")
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        return _from_hub(text)
+    raise ModelNotFoundError(
+        f"model {text!r} not found: no such directory or file",
+        f"pass a Hugging Face directory, a .gguf file, a hub id, 'demo', or one of {', '.join(tiny.CONFIGS)}",
+    )
+
+
+def _from_hf(path: Path | str) -> Loaded:
+    if not (Path(path) / "config.json").is_file():
+        raise ModelNotFoundError(f"{str(path)!r} has no config.json", "pass a Hugging Face model directory")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer
+
+
+def _from_hub(hub_id: str) -> Loaded:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hub_id, dtype="auto")
+        return model.eval(), AutoTokenizer.from_pretrained(hub_id)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(
+            f"model {hub_id!r} is not a local path and could not be fetched from the hub: {first}",
+            "check the id and your network, or pass a local directory",
+        ) from None
+
+
+def load_gguf(path: Path) -> Loaded:
+    """Dequantize a GGUF file into an fp32 transformers model (needs the ``gguf`` package)."""
+    kwargs = dict(gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ModelNotFoundError(
+            f"cannot read GGUF file {str(path)!r}: {str(exc).splitlines()[0]}",
+            "check that the file is complete and its architecture is supported by transformers",
+        ) from None
+    _forget_gguf_origin(model)
+    return model.eval(), tokenizer
+
+
+def _forget_gguf_origin(model: PreTrainedModel) -> None:
+    # The weights are plain fp32 now; transformers would otherwise treat the model as quantized
+    # (refusing .float(), writing a gguf quantization_config into saved configs).
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    model.is_quantized = False

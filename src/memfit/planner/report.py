@@ -1,0 +1,119 @@
+"""The planner's report: every candidate in a table and a plot of perplexity against memory.
+
+`render_markdown` and `render_html` carry the same content; the HTML embeds its plot as a PNG data
+URI, so it is one self-contained file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+from memfit.planner.search import Candidate, OptimizeResult
+from memfit.units import format_bytes
+
+_HEADER = ("plan", "predicted weights", "measured weights", "fits", "perplexity", "change", "decode tok/s")
+
+
+def candidate_rows(result: OptimizeResult) -> list[tuple[str, ...]]:
+    """One row of strings per candidate, in `_HEADER` order; the chosen plan is marked with ``*``."""
+    rows = []
+    base = result.baseline.perplexity
+    for c in result.candidates:
+        m = c.metrics
+        mark = " *" if c is result.best else ""
+        rows.append(
+            (
+                c.plan.recipe + mark,
+                format_bytes(c.predicted_weight_bytes),
+                format_bytes(m.weight_bytes) if m else "-",
+                "yes" if c.fits else "no",
+                f"{m.perplexity:.3f}" if m else "-",
+                f"{100 * (m.perplexity / base - 1):+.2f}%" if m else "-",
+                f"{m.decode_tokens_per_s:.1f}" if m and m.decode_tokens_per_s else "-",
+            )
+        )
+    return rows
+
+
+def _summary(result: OptimizeResult) -> list[str]:
+    best = result.best
+    lines = [
+        f"Budget: {format_bytes(result.budget_bytes)} of weights. "
+        f"Original: {format_bytes(result.baseline.weight_bytes)}, perplexity {result.baseline.perplexity:.3f}.",
+        f"Chosen: `{best.plan.recipe}`, {format_bytes(best.metrics.weight_bytes)} measured, "
+        f"perplexity {best.metrics.perplexity:.3f} "
+        f"({100 * (best.metrics.perplexity / result.baseline.perplexity - 1):+.2f}%).",
+        f"Evaluated on {best.metrics.eval_tokens} tokens. Candidates over budget were predicted, not evaluated.",
+    ]
+    if result.max_quality_loss is not None:
+        lines.append(f"Quality limit: perplexity at most +{100 * result.max_quality_loss:g}%.")
+    notes = sorted({n for c in result.candidates for n in c.notes})
+    lines += [f"Note: {n}." for n in notes]
+    return lines
+
+
+def plot_png(result: OptimizeResult) -> bytes:
+    """Perplexity against measured weight bytes, with the budget line and the chosen plan marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluated: list[Candidate] = [c for c in result.candidates if c.metrics is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for c in evaluated:
+        x, y = c.metrics.weight_bytes / 1e6, c.metrics.perplexity
+        ax.scatter([x], [y], color="tab:blue" if c.fits else "tab:gray", zorder=3)
+        ax.annotate(c.plan.recipe, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    best = result.best.metrics
+    ax.scatter([best.weight_bytes / 1e6], [best.perplexity], marker="*", s=260, color="tab:red", zorder=4,
+               label=f"chosen: {result.best.plan.recipe}")
+    ax.axvline(result.budget_bytes / 1e6, color="tab:red", linestyle="--", label="budget")
+    ax.set_xlabel("weight memory (MB, measured)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("memfit optimize: candidates")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def render_markdown(result: OptimizeResult, png: bytes | None = None) -> str:
+    """The report as Markdown (the plot embedded as a data URI when ``png`` is given)."""
+    lines = ["# memfit optimize report", "", *_summary(result), ""]
+    lines.append("| " + " | ".join(_HEADER) + " |")
+    lines.append("|" + "---|" * len(_HEADER))
+    lines += ["| " + " | ".join(row) + " |" for row in candidate_rows(result)]
+    if png is not None:
+        lines += ["", f"![perplexity against memory](data:image/png;base64,{base64.b64encode(png).decode()})"]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(result: OptimizeResult, png: bytes) -> str:
+    """The report as one self-contained HTML page."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in _HEADER)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in candidate_rows(result)
+    )
+    summary = "".join(f"<p>{html.escape(line).replace('`', '')}</p>" for line in _summary(result))
+    image = base64.b64encode(png).decode()
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>memfit optimize report</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child{{text-align:left}}</style>
+</head><body><h1>memfit optimize report</h1>{summary}
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<p><img alt="perplexity against memory" src="data:image/png;base64,{image}"></p>
+</body></html>
+"""
+
+
+def write_reports(result: OptimizeResult) -> dict[str, str]:
+    """``{"report.html": ..., "report.md": ...}`` for `memfit.save`'s ``extra_files``."""
+    png = plot_png(result)
+    return {"report.html": render_html(result, png), "report.md": render_markdown(result, png)}

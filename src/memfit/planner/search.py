@@ -1,0 +1,180 @@
+"""`optimize()`: find the plan that fits a memory budget with the least loss of quality.
+
+Planner v0. It enumerates `candidate_plans`, predicts each one's weight bytes with `estimate`
+(meta tensors, nothing computed), sets aside those over budget, applies and `evaluate`s the rest
+on a copy of the model, and returns the lowest measured perplexity within budget (and within the
+quality limit, if one is given), ties broken by decode speed. Predictions are checked against the
+measured bytes of every evaluated candidate.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+from torch import nn
+
+from memfit.errors import BudgetError
+from memfit.evaluate import DEFAULT_TOKENS, Metrics, evaluate
+from memfit.memory.estimate import estimate
+from memfit.memory.report import weight_bytes
+from memfit.plan import Context, Plan, ProgressFn, Workload, apply
+from memfit.planner.space import candidate_plans
+from memfit.units import format_bytes, parse_budget
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One plan the planner considered.
+
+    Args:
+        plan: the plan.
+        predicted_weight_bytes: bytes `estimate` predicted.
+        fits: predicted (and, once evaluated, measured) weight bytes within the budget.
+        metrics: measured by `evaluate`; None if the plan was not evaluated (it did not fit).
+        notes: what the strategies reported doing.
+    """
+
+    plan: Plan
+    predicted_weight_bytes: int
+    fits: bool
+    metrics: Metrics | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "plan": self.plan.recipe,
+            "predicted_weight_bytes": self.predicted_weight_bytes,
+            "fits": self.fits,
+            "metrics": self.metrics.to_dict() if self.metrics else None,
+        }
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    """What `optimize` found.
+
+    Args:
+        budget_bytes: the budget in bytes.
+        baseline: metrics of the model as given.
+        best: the chosen candidate.
+        candidates: every candidate, in search order.
+        model: the model with the best plan applied (a copy; the input model is unchanged).
+        max_quality_loss: the quality limit used (fraction of perplexity), if any.
+    """
+
+    budget_bytes: int
+    baseline: Metrics
+    best: Candidate
+    candidates: list[Candidate]
+    model: nn.Module
+    max_quality_loss: float | None = None
+
+
+def optimize(
+    model: nn.Module,
+    tokenizer,
+    budget: int | str,
+    *,
+    max_quality_loss: float | None = None,
+    workload: Workload | None = None,
+    plans: list[Plan] | None = None,
+    text: str | None = None,
+    num_tokens: int = DEFAULT_TOKENS,
+    progress: ProgressFn | None = None,
+) -> OptimizeResult:
+    """Search for the plan with the lowest perplexity whose weights fit ``budget``.
+
+    Args:
+        model: the model to fit (left unchanged; candidates are applied to copies).
+        tokenizer: its tokenizer.
+        budget: bytes, or a string such as ``"60MB"``, ``"1.5GiB"`` or ``"25%"`` (of the model's
+            current weight bytes).
+        max_quality_loss: the largest perplexity increase accepted, as a fraction (0.05 = +5%).
+        workload: what the model will run (the candidate space depends on the device).
+        plans: candidates to consider instead of `candidate_plans(workload)`.
+        text: evaluation text (the built-in evaluation part if None).
+        num_tokens: evaluation tokens per candidate.
+        progress: ``progress(description, done, total)`` callback.
+
+    Returns:
+        `OptimizeResult` with the best candidate, all candidates and the optimized model.
+
+    Raises:
+        BudgetError: no candidate fits (the message names the smallest reachable size), or none
+            within budget meets ``max_quality_loss``.
+
+    Example:
+        >>> result = memfit.optimize(model, tokenizer, "30%")
+        >>> result.best.plan.recipe, result.best.metrics.perplexity
+    """
+    original_bytes = weight_bytes(model)
+    budget_bytes = parse_budget(budget, original_bytes) if isinstance(budget, str) else int(budget)
+    plans = plans if plans is not None else candidate_plans(workload)
+    candidates = []
+    for plan in plans:
+        predicted = original_bytes if not plan.strategies else estimate(model, plan).weight_bytes
+        candidates.append(Candidate(plan, predicted, predicted <= budget_bytes))
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        smallest = min(candidates, key=lambda c: c.predicted_weight_bytes)
+        raise BudgetError(
+            f"budget {format_bytes(budget_bytes)} is below the smallest reachable plan: "
+            f"{smallest.plan.recipe!r} holds {format_bytes(smallest.predicted_weight_bytes)}",
+            f"raise the budget to at least {format_bytes(smallest.predicted_weight_bytes)} "
+            f"({100 * smallest.predicted_weight_bytes / original_bytes:.1f}% of the original)",
+        )
+
+    evaluate_kw = dict(text=text, num_tokens=num_tokens)
+    baseline = evaluate(model, tokenizer, **evaluate_kw, progress=_stage(progress, "baseline"))
+    for i, candidate in enumerate(fitting):
+        if not candidate.plan.strategies:
+            candidate.metrics = baseline
+            continue
+        work, ctx = _applied_copy(model, candidate.plan, progress)
+        candidate.notes = ctx.notes
+        candidate.metrics = evaluate(work, tokenizer, **evaluate_kw, progress=_stage(progress, candidate.plan.recipe))
+        del work
+        if candidate.metrics.weight_bytes != candidate.predicted_weight_bytes:
+            log.warning(
+                "%s: predicted %d weight bytes, measured %d",
+                candidate.plan.recipe, candidate.predicted_weight_bytes, candidate.metrics.weight_bytes,
+            )
+        candidate.fits = candidate.metrics.weight_bytes <= budget_bytes
+        if progress:
+            progress("candidates", i + 1, len(fitting))
+
+    best = _choose(candidates, baseline, max_quality_loss)
+    optimized, _ = _applied_copy(model, best.plan, None)
+    return OptimizeResult(budget_bytes, baseline, best, candidates, optimized, max_quality_loss)
+
+
+def _choose(candidates: list[Candidate], baseline: Metrics, max_quality_loss: float | None) -> Candidate:
+    evaluated = [c for c in candidates if c.fits and c.metrics is not None]
+    limit = None if max_quality_loss is None else baseline.perplexity * (1 + max_quality_loss)
+    eligible = [c for c in evaluated if limit is None or c.metrics.perplexity <= limit]
+    if not eligible:
+        nearest = min(evaluated, key=lambda c: c.metrics.perplexity)
+        increase = 100 * (nearest.metrics.perplexity / baseline.perplexity - 1)
+        raise BudgetError(
+            f"no plan within budget keeps perplexity within +{100 * max_quality_loss:g}%: the best, "
+            f"{nearest.plan.recipe!r}, costs +{increase:.1f}%",
+            "raise the budget or the allowed perplexity increase",
+        )
+    return min(eligible, key=lambda c: (c.metrics.perplexity, -(c.metrics.decode_tokens_per_s or 0.0)))
+
+
+def _applied_copy(model: nn.Module, plan: Plan, progress: ProgressFn | None) -> tuple[nn.Module, Context]:
+    work = copy.deepcopy(model)
+    ctx = Context(progress=progress)
+    apply(work, plan, ctx)
+    return work, ctx
+
+
+def _stage(progress: ProgressFn | None, label: str) -> ProgressFn | None:
+    if progress is None:
+        return None
+    return lambda description, done, total: progress(f"{label}: {description}", done, total)

@@ -1,0 +1,38 @@
+"""The planner's search space: combinations of the registered strategies' option grids.
+
+Each registered class declares its options (`Strategy.space`). A candidate plan takes at most one
+option per phase (the empty choice included), so the space grows as the product of the phases'
+option counts; combinations that `Plan.validate` rejects are dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from memfit.errors import RecipeError
+from memfit.plan import Plan, Workload
+from memfit.strategies.base import Phase, Strategy
+from memfit.strategies.registry import strategy_classes
+
+
+def candidate_plans(workload: Workload | None = None) -> list[Plan]:
+    """Every valid plan built from at most one option per phase, the empty plan first.
+
+    Args:
+        workload: passed to each class's `Strategy.space` (options can depend on the device).
+
+    Returns:
+        Plans in a deterministic order.
+    """
+    workload = workload or Workload()
+    by_phase: dict[Phase, list[Strategy]] = {}
+    for cls in strategy_classes():
+        by_phase.setdefault(cls.phase, []).extend(cls.space(workload))
+    choices = [[None, *options] for _, options in sorted(by_phase.items())]
+    plans = []
+    for combo in itertools.product(*choices):
+        try:
+            plans.append(Plan(tuple(s for s in combo if s is not None), workload).validate())
+        except RecipeError:
+            continue
+    return plans

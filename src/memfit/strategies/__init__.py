@@ -1,0 +1,24 @@
+"""Memory-saving strategies. Every strategy module is imported here, so registration is explicit."""
+
+from memfit.strategies import precision
+from memfit.strategies.base import Phase, Strategy
+from memfit.strategies.precision import Cast, Precision
+from memfit.strategies.quantize import rtn
+from memfit.strategies.quantize.rtn import Int4WeightOnly, Int8WeightOnly
+from memfit.strategies.registry import known_tokens, parse_token, strategy_classes
+from memfit.strategies.targets import Targets
+
+__all__ = [
+    "Cast",
+    "Int4WeightOnly",
+    "Int8WeightOnly",
+    "Phase",
+    "Precision",
+    "Strategy",
+    "Targets",
+    "known_tokens",
+    "parse_token",
+    "precision",
+    "rtn",
+    "strategy_classes",
+]

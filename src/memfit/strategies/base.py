@@ -1,0 +1,141 @@
+"""The `Strategy` base class: a frozen, typed configuration with one `apply`.
+
+A strategy holds settings only. Whatever it computes while applying (statistics, masks, hook
+handles) lives in the `Context` or in the modules it creates, so two applications of the same
+strategy object never interfere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from memfit.errors import RecipeError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from memfit.plan import Context, Workload
+
+
+class Phase(enum.IntEnum):
+    """When a strategy runs inside a plan: structure changes first, runtime wiring last.
+
+    Quantization runs before precision casting so weights are rounded from their original values
+    and the cast only touches what quantization left in floating point (norms, biases).
+    """
+
+    STRUCTURE = 0
+    QUANTIZE = 1
+    PRECISION = 2
+    RUNTIME = 3
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Strategy:
+    """Base class of every memory-saving strategy.
+
+    Subclasses are frozen keyword-only dataclasses that set the class attributes below, check their
+    fields in ``__post_init__`` (raising `ValueError`), and implement `apply`, `token`,
+    `from_token` and `examples`.
+
+    Class attributes:
+        name: the key in JSON/YAML recipes.
+        phase: where the strategy sits in a plan (see `Phase`).
+        version: bumped when a field's meaning changes; recipes must match it.
+        conflicts: names of strategies that cannot share a plan with this one.
+        sqnr_floor_db: the lowest output SQNR (dB) the conformance suite accepts on tiny models;
+            ``None`` for lossless strategies, whose outputs must be bit-identical.
+    """
+
+    name: ClassVar[str]
+    phase: ClassVar[Phase]
+    version: ClassVar[int] = 1
+    conflicts: ClassVar[tuple[str, ...]] = ()
+    sqnr_floor_db: ClassVar[float | None] = None
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        """Change ``model`` in place and return it. Must also work on meta tensors."""
+        raise NotImplementedError
+
+    @property
+    def token(self) -> str:
+        """The recipe token that `from_token` parses back into this strategy."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_token(cls, token: str) -> Strategy | None:
+        """Parse a recipe token, or return ``None`` if the token is not this class's."""
+        raise NotImplementedError
+
+    @classmethod
+    def examples(cls) -> list[Strategy]:
+        """Instances the conformance suite runs; also the planner's default option grid."""
+        raise NotImplementedError
+
+    @classmethod
+    def space(cls, workload: Workload) -> list[Strategy]:
+        """The options the planner tries for ``workload``; by default the `examples`."""
+        return cls.examples()
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"strategy": name, "version": n, **fields}``, with enums as their values."""
+        fields = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"strategy": self.name, "version": self.version, **fields}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Strategy:
+        """Inverse of `to_dict`; unknown keys and a different version fail."""
+        data = dict(data)
+        data.pop("strategy", None)
+        version = data.pop("version", cls.version)
+        if version != cls.version:
+            raise RecipeError(
+                f"strategy {cls.name!r} has version {version} in the recipe, memfit has {cls.version}",
+                "write the recipe again with this memfit version",
+            )
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise RecipeError(
+                f"unknown setting(s) {unknown} for strategy {cls.name!r}",
+                f"allowed: {sorted(known)}",
+            )
+        try:
+            kwargs = {key: _typed(cls.__dataclass_fields__[key].type, value) for key, value in data.items()}
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(f"invalid settings for strategy {cls.name!r}: {exc}", "fix the recipe") from None
+
+
+# Field types (enums, small frozen dataclasses) by annotation string, filled by
+# `register_field_type`, so `from_dict` rebuilds typed fields without evaluating annotations.
+_FIELD_TYPES: dict[str, type] = {}
+
+
+def register_field_type(field_type: type) -> type:
+    """Let strategy fields annotated with ``field_type`` (an enum or a dataclass) round-trip."""
+    _FIELD_TYPES[field_type.__name__] = field_type
+    return field_type
+
+
+def _typed(annotation: Any, value: Any) -> Any:
+    field_type = _FIELD_TYPES.get(annotation) if isinstance(annotation, str) else None
+    if field_type is None or isinstance(value, field_type):
+        return value
+    if issubclass(field_type, enum.Enum):
+        return field_type(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping for {field_type.__name__}, got {value!r}")
+    return field_type(**value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value

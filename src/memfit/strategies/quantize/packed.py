@@ -1,0 +1,173 @@
+"""Modules that hold quantized weights as packed integers plus scales, never a float copy.
+
+- `Int8Linear`: int8 [N, K] and one bf16 scale per output row.
+- `Int4Linear`: two 4-bit values per byte [N, K // 2], and per group of input columns a bf16 scale
+  and a uint8 zero point [G, N]; the last group may be shorter when ``group_size`` does not divide K.
+- `Int8Embedding`: int8 [V, D] and one bf16 scale per row. With tied embeddings the output head is
+  an `Int8Linear` holding the very same two tensors, so they are stored once.
+
+Every tensor is a buffer, so ``state_dict``, ``.to()`` and byte counting see it. All constructors
+work on meta tensors, which is how memfit predicts bytes without computing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.strategies.quantize import kernels
+from memfit.strategies.quantize.kernels import PLAIN, Int4Layout
+
+
+class PackedModule(nn.Module):
+    """Base of memfit's quantized modules: they compute in ``out_dtype`` and keep scales in bf16."""
+
+    out_dtype: torch.dtype
+
+    def cast_(self, dtype: torch.dtype) -> None:
+        """Switch the activation dtype (the `Cast` strategy calls this); packed data is untouched."""
+        self.out_dtype = dtype
+        if getattr(self, "bias", None) is not None:
+            self.bias = self.bias.to(dtype)
+
+
+class Int8Linear(PackedModule):
+    """A Linear whose weight is int8 per output channel (symmetric): ``W = q * scale[:, None]``.
+
+    Args:
+        qweight: int8 [N, K].
+        scale: bf16 [N].
+        bias: float [N] or None.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+        self.out_dtype = bias.dtype if bias is not None else torch.float32
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return kernels.dequantize_int8(self.qweight, self.scale, dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Embedding(PackedModule):
+    """An Embedding whose table is int8 per row: ``E[v] = q[v] * scale[v]``.
+
+    Args:
+        qweight: int8 [V, D].
+        scale: bf16 [V].
+        out_dtype: dtype of the looked-up vectors (the model's activation dtype).
+        padding_idx: as in `nn.Embedding` (kept for ``repr`` and resizing code that reads it).
+    """
+
+    def __init__(
+        self, qweight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, padding_idx: int | None = None
+    ) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.out_dtype = out_dtype
+        self.padding_idx = padding_idx
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.qweight.shape[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, T] -> [B, T, D]
+        rows = self.qweight[ids].to(self.out_dtype)
+        return rows * self.scale[ids].to(self.out_dtype).unsqueeze(-1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return kernels.dequantize_int8(self.qweight, self.scale, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
+
+
+class Int4Linear(PackedModule):
+    """A Linear whose weight is 4-bit, asymmetric, in groups of ``group_size`` input columns.
+
+    ``W[n, k] = (q[n, k] - zero_point[g, n]) * scale[g, n]`` with ``g = k // group_size``. Held: K/2
+    bytes per row plus 3 bytes (bf16 scale, uint8 zero point) per group.
+
+    Args:
+        qweight: uint8 [N, K // 2] in ``layout``.
+        scale: bf16 [G, N].
+        zero_point: uint8 [G, N], values 0..15.
+        group_size: input columns per group.
+        layout: nibble layout of ``qweight`` (the CPU kernel's, or plain).
+        bias: float [N] or None.
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        group_size: int,
+        layout: Int4Layout = PLAIN,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        self.register_buffer("bias", bias)
+        self.group_size = group_size
+        self.layout = layout
+        self.out_dtype = bias.dtype if bias is not None else torch.float32
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * 2
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        return kernels.int4_linear(
+            x, self.qweight, self.scale, self.zero_point, self.group_size, self.layout, self.bias
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return kernels.dequantize_int4(self.qweight, self.scale, self.zero_point, self.group_size, self.layout, dtype)
+
+    # Checkpoints hold the plain layout, so they load on any CPU (the kernel layout depends on the ISA).
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != PLAIN and not self.qweight.is_meta:
+            destination[prefix + "qweight"] = PLAIN.pack(self.layout.unpack(self.qweight))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "qweight"
+        if key in state_dict and self.layout != PLAIN:
+            state_dict[key] = self.layout.pack(PLAIN.unpack(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
