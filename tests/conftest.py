@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import copy
-import functools
+import os
 
-import pytest
-import torch
+# Tests never touch the network: hub look-ups fail at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import memfit
-from memfit.models import tiny
+import copy  # noqa: E402
+import functools  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import memfit  # noqa: E402
+from memfit.models import tiny  # noqa: E402
 
 TINY_NAMES = tuple(tiny.CONFIGS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(name: str):
     return tiny.tiny_model(name)
 
@@ -40,10 +45,3 @@ def tokens() -> torch.Tensor:
 def demo():
     """The demo model (SmolLM2-135M-Instruct), loaded once per session; do not mutate it."""
     return memfit.load("demo")
-
-
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB."""
-    reference, approx = reference.float(), approx.float()
-    noise = (reference - approx).pow(2).mean()
-    return float(10 * torch.log10(reference.pow(2).mean() / noise.clamp(min=1e-30)))

@@ -134,7 +134,9 @@ def load_saved(path: Path):
         plan = Plan.from_dict(manifest["plan"])
         config = AutoConfig.from_pretrained(path)
     except (RecipeError, KeyError, ValueError, OSError) as exc:
-        raise CheckpointError(f"cannot read the recipe or config in {str(path)!r}: {exc}", "save the model again") from None
+        raise CheckpointError(
+            f"cannot read the recipe or config in {str(path)!r}: {exc}", "save the model again"
+        ) from None
     # Parameters on the meta device, buffers (rotary frequencies) real: then the recipe rebuilds
     # the packed modules on meta, and the checkpoint's tensors are assigned in place.
     with init_empty_weights(include_buffers=False):
@@ -189,7 +191,7 @@ def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(weights), framework="pt") as f:
             # Copy into fresh allocations: tensors read at arbitrary file offsets can be misaligned
             # for the packed CPU kernels' vector loads (seen as a segfault in _weight_int8pack_mm).
-            return {name: f.get_tensor(name).clone() for name in f.keys()}
+            return {name: f.get_tensor(name).clone() for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{str(weights)!r} is corrupt: {exc}", "save the model again") from None
 

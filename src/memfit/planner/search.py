@@ -84,6 +84,7 @@ def optimize(
     plans: list[Plan] | None = None,
     text: str | None = None,
     num_tokens: int = DEFAULT_TOKENS,
+    measure_speed: bool = True,
     progress: ProgressFn | None = None,
 ) -> OptimizeResult:
     """Search for the plan with the lowest perplexity whose weights fit ``budget``.
@@ -98,6 +99,7 @@ def optimize(
         plans: candidates to consider instead of `candidate_plans(workload)`.
         text: evaluation text (the built-in evaluation part if None).
         num_tokens: evaluation tokens per candidate.
+        measure_speed: also time prefill and decode of each candidate (ties go to faster decode).
         progress: ``progress(description, done, total)`` callback.
 
     Returns:
@@ -128,7 +130,7 @@ def optimize(
             f"({100 * smallest.predicted_weight_bytes / original_bytes:.1f}% of the original)",
         )
 
-    evaluate_kw = dict(text=text, num_tokens=num_tokens)
+    evaluate_kw = dict(text=text, num_tokens=num_tokens, measure_speed=measure_speed)
     baseline = evaluate(model, tokenizer, **evaluate_kw, progress=_stage(progress, "baseline"))
     for i, candidate in enumerate(fitting):
         if not candidate.plan.strategies:

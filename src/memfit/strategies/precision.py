@@ -8,8 +8,8 @@ fp32: they are tiny and rounding them shifts every position's angle.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 import enum
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn

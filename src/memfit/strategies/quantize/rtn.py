@@ -8,9 +8,9 @@ embedding and head are quantized once and share their packed tensors.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 import math
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -55,6 +55,8 @@ def quantize_int4_groups(
         (values 0..15 as uint8 [N, K], bf16 scales [G, N], uint8 zero points [G, N]).
     """
     w = weight.detach().float()
+    if w.is_meta:  # the search changes values, never shapes: skip it when there are no values
+        shrink, refits = (1.0,), 0
     n, k = w.shape
     num_groups = math.ceil(k / group_size)
     pad = num_groups * group_size - k

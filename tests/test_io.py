@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+
+import memfit
+from memfit.errors import CheckpointError, OutputError
+
+
+def test_plain_and_cast_outputs_load_with_transformers_alone(make_tiny, tmp_path, tokens):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = make_tiny("tiny-llama")
+    memfit.apply(model, "bf16")
+    memfit.save(model, tokenizer, tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert hf.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(hf(tokens).logits, model(tokens).logits)
+
+
+def test_save_records_recipe_and_notes(make_tiny, tmp_path):
+    model, tokenizer = make_tiny("tiny-llama")
+    ctx = memfit.Context()
+    memfit.apply(model, "int4-g128,bf16", ctx)
+    memfit.save(model, tokenizer, tmp_path / "out", notes=ctx.notes)
+    manifest = json.loads((tmp_path / "out" / "memfit.json").read_text())
+    assert memfit.Plan.from_dict(manifest["plan"]).recipe == "int4-g128,bf16"
+    assert manifest["notes"] == ctx.notes and manifest["tied"] == {
+        "lm_head.qweight": "model.embed_tokens.qweight",
+        "lm_head.scale": "model.embed_tokens.scale",
+    }
+
+
+def test_failed_save_leaves_nothing_behind(make_tiny, tmp_path, monkeypatch):
+    model, tokenizer = make_tiny("tiny-llama")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        memfit.save(model, tokenizer, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_replaces_its_own_output_but_not_foreign_directories(make_tiny, tmp_path):
+    model, tokenizer = make_tiny("tiny-llama")
+    memfit.save(model, tokenizer, tmp_path / "out")
+    memfit.apply(model, "int8")
+    memfit.save(model, tokenizer, tmp_path / "out")
+    assert memfit.load(tmp_path / "out")[0].memfit_plan.recipe == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(OutputError, match="not empty and was not written by memfit"):
+        memfit.save(model, tokenizer, foreign)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_corrupt_weights_are_a_checkpoint_error(make_tiny, tmp_path):
+    model, tokenizer = make_tiny("tiny-llama")
+    memfit.save(model, tokenizer, tmp_path / "out")
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        memfit.load(tmp_path / "out")
+
+
+def test_missing_weights_are_a_checkpoint_error(make_tiny, tmp_path):
+    model, tokenizer = make_tiny("tiny-llama")
+    memfit.save(model, tokenizer, tmp_path / "out")
+    (tmp_path / "out" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+        memfit.load(tmp_path / "out")
+
+
+def test_weights_that_do_not_match_the_recipe_are_refused(make_tiny, tmp_path):
+    model, tokenizer = make_tiny("tiny-llama")
+    memfit.save(model, tokenizer, tmp_path / "out")
+    manifest_path = tmp_path / "out" / "memfit.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["plan"] = memfit.Plan.parse("int8").to_dict()
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="does not match its recipe"):
+        memfit.load(tmp_path / "out")
+
+
+def test_future_format_is_refused(make_tiny, tmp_path):
+    model, tokenizer = make_tiny("tiny-llama")
+    memfit.save(model, tokenizer, tmp_path / "out")
+    manifest_path = tmp_path / "out" / "memfit.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "format_version": 7}))
+    with pytest.raises(CheckpointError, match="memfit format 7"):
+        memfit.load(tmp_path / "out")

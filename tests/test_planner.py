@@ -1,0 +1,93 @@
+import pytest
+
+import memfit
+from memfit.errors import BudgetError
+from memfit.evaluate import Metrics
+from memfit.planner.report import render_markdown, write_reports
+from memfit.planner.search import Candidate, _choose
+from memfit.planner.space import candidate_plans
+from memfit.units import format_bytes
+
+TOKENS = 1024
+
+
+def test_space_has_every_option_once_and_the_empty_plan_first():
+    recipes = [p.recipe for p in candidate_plans()]
+    assert recipes[0] == "none"
+    assert len(recipes) == len(set(recipes)) == 10  # {none, int8, int4-g32/64/128} x {none, bf16}
+    assert "int4-g128,bf16" in recipes and "fp16" not in recipes
+    assert "fp16" in [p.recipe for p in candidate_plans(memfit.Workload(device="cuda"))]
+
+
+def test_optimize_fits_the_budget_and_picks_the_lowest_perplexity(make_tiny):
+    model, tokenizer = make_tiny("tiny-llama")
+    before = memfit.weight_bytes(model)
+    result = memfit.optimize(model, tokenizer, "30%", num_tokens=TOKENS, measure_speed=False)
+    assert memfit.weight_bytes(model) == before  # input left unchanged
+    fitting = [c for c in result.candidates if c.fits]
+    assert all(c.metrics.weight_bytes <= result.budget_bytes for c in fitting)
+    assert all(c.metrics is None for c in result.candidates if not c.fits)
+    assert result.best.metrics.perplexity == min(c.metrics.perplexity for c in fitting)
+    assert memfit.weight_bytes(result.model) == result.best.metrics.weight_bytes <= result.budget_bytes
+    assert result.model.memfit_plan == result.best.plan
+    for c in fitting:
+        assert c.metrics.weight_bytes == c.predicted_weight_bytes
+
+
+def test_optimize_is_deterministic(make_tiny):
+    model, tokenizer = make_tiny("tiny-llama")
+    first = memfit.optimize(model, tokenizer, "40%", num_tokens=TOKENS, measure_speed=False)
+    second = memfit.optimize(model, tokenizer, "40%", num_tokens=TOKENS, measure_speed=False)
+    ranking = lambda r: [(c.plan.recipe, c.predicted_weight_bytes, c.metrics and c.metrics.perplexity)
+                         for c in r.candidates]
+    assert ranking(first) == ranking(second)
+    assert first.best.plan == second.best.plan
+
+
+def test_a_larger_budget_never_gives_a_worse_plan(make_tiny):
+    model, tokenizer = make_tiny("tiny-qwen2")
+    budgets = ("25%", "40%", "100%")
+    results = [memfit.optimize(model, tokenizer, b, num_tokens=TOKENS, measure_speed=False) for b in budgets]
+    ppl = [r.best.metrics.perplexity for r in results]
+    assert ppl[0] >= ppl[1] >= ppl[2]
+    assert [c.fits for c in results[2].candidates] == [True] * len(results[2].candidates)
+
+
+def test_impossible_budget_names_the_smallest_reachable_plan(make_tiny):
+    model, tokenizer = make_tiny("tiny-llama")
+    smallest_bytes, smallest = min((memfit.estimate(model, p).weight_bytes, p.recipe) for p in candidate_plans())
+    with pytest.raises(BudgetError, match=f"below the smallest reachable plan: '{smallest}' holds") as info:
+        memfit.optimize(model, tokenizer, "1KB", num_tokens=TOKENS, measure_speed=False)
+    assert f"raise the budget to at least {format_bytes(smallest_bytes)}" in str(info.value)
+
+
+def _candidate(recipe: str, ppl: float, decode: float, fits: bool = True) -> Candidate:
+    metrics = Metrics(ppl, 1024, 100, 0, 1.0, decode)
+    return Candidate(memfit.Plan.parse(recipe), 100, fits, metrics if fits else None)
+
+
+def test_choice_is_lowest_perplexity_then_fastest_decode():
+    baseline = Metrics(10.0, 1024, 400, 0, 1.0, 1.0)
+    candidates = [_candidate("int8", 10.5, 5.0), _candidate("int8,bf16", 10.5, 9.0), _candidate("int4-g32", 12, 20),
+                  _candidate("none", 10.0, 1.0, fits=False)]
+    assert _choose(candidates, baseline, None).plan.recipe == "int8,bf16"
+    assert _choose(candidates, baseline, 0.06).plan.recipe == "int8,bf16"
+
+
+def test_quality_limit_that_nothing_meets_is_explained():
+    baseline = Metrics(10.0, 1024, 400, 0, 1.0, 1.0)
+    candidates = [_candidate("int8", 12.0, 5.0), _candidate("int4-g32", 13.0, 9.0)]
+    with pytest.raises(BudgetError, match=r"within \+10%: the best, 'int8', costs \+20.0%; raise the budget"):
+        _choose(candidates, baseline, 0.10)
+
+
+def test_report_lists_every_candidate_and_marks_the_choice(make_tiny):
+    model, tokenizer = make_tiny("tiny-llama")
+    result = memfit.optimize(model, tokenizer, "30%", num_tokens=TOKENS)
+    markdown = render_markdown(result)
+    for candidate in result.candidates:
+        assert f"| {candidate.plan.recipe}" in markdown
+    assert f"| {result.best.plan.recipe} * |" in markdown
+    files = write_reports(result)
+    assert files["report.html"].startswith("<!doctype html>") and "data:image/png;base64," in files["report.html"]
+    assert "data:image/png;base64," in files["report.md"]

@@ -1,0 +1,150 @@
+"""The conformance suite: every registered strategy's examples, on every tiny architecture.
+
+A strategy added to the registry is tested here automatically; one without examples fails.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import memfit
+from conftest import TINY_NAMES
+from memfit.memory.estimate import meta_copy
+from memfit.memory.report import weight_report
+from memfit.strategies import strategy_classes
+from memfit.strategies.quantize.packed import Int4Linear, Int8Embedding, Int8Linear, PackedModule
+from memfit.testing import sqnr_db
+
+EXAMPLES = [(cls, s) for cls in strategy_classes() for s in cls.examples()]
+IDS = [s.token for _, s in EXAMPLES]
+
+
+def test_every_registered_strategy_has_examples():
+    for cls in strategy_classes():
+        assert cls.examples(), f"{cls.__name__} has no examples()"
+
+
+def _structure(model: nn.Module) -> dict:
+    tensors = {n: (tuple(t.shape), t.dtype) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    return {"modules": [(n, type(m).__name__) for n, m in model.named_modules()], "tensors": tensors}
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+@pytest.mark.parametrize(("cls", "strategy"), EXAMPLES, ids=IDS)
+def test_strategy_conformance(make_tiny, tokens, name, cls, strategy, tmp_path):
+    model, tokenizer = make_tiny(name)
+    before_bytes = weight_report(model).weight_bytes
+    with torch.no_grad():
+        baseline = model(tokens).logits
+    predicted = memfit.estimate(model, memfit.Plan((strategy,)))
+    dry = meta_copy(model)
+    memfit.apply(dry, memfit.Plan((strategy,)))
+
+    memfit.apply(model, memfit.Plan((strategy,)))
+    with torch.no_grad():
+        out = model(tokens).logits
+
+    # 1. it happened
+    assert model.memfit_plan.strategies == (strategy,)
+    if isinstance(strategy, (memfit.Int8WeightOnly, memfit.Int4WeightOnly)):
+        assert not any(type(m) is nn.Linear for m in model.modules())
+        assert isinstance(model.get_input_embeddings(), Int8Embedding)
+        assert isinstance(model.get_output_embeddings(), Int8Linear)
+        if isinstance(strategy, memfit.Int4WeightOnly):
+            linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
+            assert linears and all(m.qweight.dtype == torch.uint8 for m in linears)
+            assert all(m.qweight.shape[1] * 2 == m.in_features for m in linears)  # two values per byte
+    if isinstance(strategy, memfit.Cast):
+        floats = [p for p in model.parameters() if p.is_floating_point()]
+        assert floats and all(p.dtype == strategy.precision.dtype for p in floats)
+    assert not torch.equal(out.float(), baseline), "a lossy strategy changed nothing"
+
+    # 2. fidelity above the floor the class declares
+    assert sqnr_db(baseline, out) >= cls.sqnr_floor_db
+
+    # 3. memory is real: bytes fell, and the prediction equals the measurement per category
+    measured = weight_report(model)
+    assert measured.weight_bytes < before_bytes
+    assert measured.by_category == predicted.by_category
+    assert measured.by_module == predicted.by_module
+
+    # 4. dry run equals real run
+    assert _structure(dry) == _structure(model)
+
+    # 5. save and load give the same tensors, bytes and outputs
+    memfit.save(model, tokenizer, tmp_path / "out")
+    loaded, _ = memfit.load(tmp_path / "out")
+    assert _structure(loaded) == _structure(model)
+    assert weight_report(loaded).weight_bytes == measured.weight_bytes
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, out)
+
+
+def test_tied_embedding_and_head_share_packed_storage(make_tiny):
+    model, _ = make_tiny("tiny-llama")
+    memfit.apply(model, "int8")
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert head.qweight is embedding.qweight and head.scale is embedding.scale
+
+
+def test_untied_head_is_quantized_separately(make_tiny):
+    model, _ = make_tiny("tiny-qwen2")
+    memfit.apply(model, "int4-g32")
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(head, Int8Linear) and head.qweight is not embedding.qweight
+
+
+def test_golden_weight_bytes_of_tiny_llama(make_tiny):
+    model, _ = make_tiny("tiny-llama")
+    # fp32: embedding 256*64 (tied with the head); per layer q 64*64, k 32*64, v 32*64, o 64*64,
+    # gate/up 128*64, down 64*128, two norms of 64; a final norm of 64; rotary inv_freq and
+    # original_inv_freq buffers of 8 each. 4 bytes per value.
+    per_layer = 64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 2 * 128 * 64 + 64 * 128 + 2 * 64
+    fp32 = 4 * (256 * 64 + 2 * per_layer + 64 + 8 + 8)
+    assert weight_report(model).weight_bytes == fp32 == 361_792
+    # int8: each Linear N*K bytes + N bf16 scales; the embedding 256*64 + 256 bf16 scales, shared with
+    # the head; norms and rotary buffers stay fp32.
+    outputs = 64 + 32 + 32 + 64 + 128 + 128 + 64
+    linear_int8 = (per_layer - 2 * 64) + 2 * outputs
+    int8 = 2 * (linear_int8 + 4 * 2 * 64) + (256 * 64 + 2 * 256) + 4 * (64 + 8 + 8)
+    assert memfit.estimate(model, "int8").weight_bytes == int8 == 94_016
+    # int4-g32: each Linear N*K/2 bytes + (K/32) groups * N * 3 bytes (bf16 scale + uint8 zero point).
+    groups = 64 * 2 + 32 * 2 + 32 * 2 + 64 * 2 + 128 * 2 + 128 * 2 + 64 * 4
+    linear_int4 = (per_layer - 2 * 64) // 2 + 3 * groups
+    int4 = 2 * (linear_int4 + 4 * 2 * 64) + (256 * 64 + 2 * 256) + 4 * (64 + 8 + 8)
+    assert memfit.estimate(model, "int4-g32").weight_bytes == int4
+
+
+def test_packed_modules_hold_no_float_weight(make_tiny):
+    model, _ = make_tiny("tiny-llama")
+    memfit.apply(model, "int4-g64")
+    for module in model.modules():
+        if isinstance(module, PackedModule):
+            assert not hasattr(module, "weight")
+            assert all(not t.is_floating_point() or t.dtype == torch.bfloat16 for t in module.buffers())
+
+
+def test_targets_exclude_keeps_modules_in_float(make_tiny):
+    model, _ = make_tiny("tiny-qwen2")
+    strategy = memfit.Int8WeightOnly(targets=memfit.Targets(exclude=("lm_head", "*mlp*")))
+    memfit.apply(model, memfit.Plan((strategy,)))
+    assert type(model.lm_head) is nn.Linear
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int8Linear)
+
+
+def test_applying_the_same_strategy_twice_is_refused(make_tiny):
+    model, _ = make_tiny("tiny-llama")
+    memfit.apply(model, "int8")
+    with pytest.raises(memfit.RecipeError, match="uses 'int8' twice"):
+        memfit.apply(model, "int8")
+
+
+def test_int4_notes_the_group_size_it_used(make_tiny):
+    model, _ = make_tiny("tiny-llama")
+    ctx = memfit.Context()
+    memfit.apply(model, "int4-g128", ctx)
+    assert any("input width 64 (not a multiple of 128) use groups of 64" in n for n in ctx.notes)
+    assert {m.group_size for m in model.modules() if isinstance(m, Int4Linear)} == {64, 128}
