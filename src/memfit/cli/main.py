@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, with a one-line message on stderr)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep transformers' own chatter off
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # memfit draws its own progress on stderr
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="memfit: %(message)s")
