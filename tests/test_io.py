@@ -75,21 +75,18 @@ def test_missing_weights_are_a_checkpoint_error(make_tiny, tmp_path):
         memfit.load(tmp_path / "out")
 
 
-def test_weights_that_do_not_match_the_recipe_are_refused(make_tiny, tmp_path):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"plan": memfit.Plan.parse("int8").to_dict()}, "does not match its recipe"),
+        ({"format_version": 7}, "memfit format 7"),
+        ({"plan": {"strategies": [{"strategy": "int3"}]}}, "cannot read the recipe"),
+    ],
+)
+def test_a_manifest_that_does_not_fit_the_weights_is_refused(make_tiny, tmp_path, change, message):
     model, tokenizer = make_tiny("tiny-llama")
     memfit.save(model, tokenizer, tmp_path / "out")
     manifest_path = tmp_path / "out" / "memfit.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["plan"] = memfit.Plan.parse("int8").to_dict()
-    manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="does not match its recipe"):
-        memfit.load(tmp_path / "out")
-
-
-def test_future_format_is_refused(make_tiny, tmp_path):
-    model, tokenizer = make_tiny("tiny-llama")
-    memfit.save(model, tokenizer, tmp_path / "out")
-    manifest_path = tmp_path / "out" / "memfit.json"
-    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "format_version": 7}))
-    with pytest.raises(CheckpointError, match="memfit format 7"):
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), **change}))
+    with pytest.raises(CheckpointError, match=message):
         memfit.load(tmp_path / "out")

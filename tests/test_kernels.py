@@ -75,19 +75,19 @@ def test_int4_group_size_for_widths_that_do_not_divide(width, group, expected):
     assert int4_group_size(width, group) == expected
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize("rows", [1, 4, 64])
 def test_int8_kernel_path_matches_dequantized_matmul(rows):
     w = torch.randn(96, 64)
     q, scale = quantize_int8_rows(w)
     x = torch.randn(rows, 64)
     reference = x @ kernels.dequantize_int8(q, scale, torch.float32).t()
-    out = kernels.int8_linear(x, q, scale, None)  # rows <= KERNEL_MAX_ROWS: packed kernel, bf16 inputs
+    out = kernels.int8_linear(x, q, scale, None)  # rows <= INT8_KERNEL_MAX_ROWS: packed kernel, bf16 inputs
     assert out.dtype == torch.float32 and out.shape == (rows, 96)
     assert sqnr_db(reference, out) > 35
 
 
 @needs_int4_kernel
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 512])
 def test_int4_kernel_path_matches_dequantized_matmul(rows):
     w = torch.randn(128, 576)
     q, scale, zero = quantize_int4_groups(w, 64)
@@ -102,6 +102,6 @@ def test_int4_kernel_path_matches_dequantized_matmul(rows):
 def test_many_rows_take_the_exact_dequantize_path():
     w = torch.randn(32, 64)
     q, scale = quantize_int8_rows(w)
-    x = torch.randn(kernels.KERNEL_MAX_ROWS + 1, 64)
+    x = torch.randn(kernels.INT8_KERNEL_MAX_ROWS + 1, 64)
     reference = x @ kernels.dequantize_int8(q, scale, torch.float32).t()
     assert torch.allclose(kernels.int8_linear(x, q, scale, None), reference, atol=1e-5)

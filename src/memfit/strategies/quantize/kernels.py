@@ -1,11 +1,12 @@
 """Matmul paths for packed int8/int4 weights, and the nibble layouts int4 weights are held in.
 
 PyTorch ships CPU kernels for weight-only quantized matmuls, ``torch._weight_int8pack_mm`` and
-``torch._weight_int4pack_mm_for_cpu``. They are fast only with bf16 activations and few rows: on a
-2-core AVX-512 CPU (benchmarks/kernels.py) they run a [1, 576] x [576, 1536] product about 4x faster
-than an fp32 ``F.linear``, but a 512-row prefill slower than dequantize-then-matmul. So the path is
-chosen per call by the number of rows: up to `KERNEL_MAX_ROWS` rows take the packed kernel (inputs
-cast to bf16 and back), more rows dequantize the weight to the activation dtype and use ``F.linear``.
+``torch._weight_int4pack_mm_for_cpu``, which take bf16 inputs. The path is chosen per call by the
+number of rows (tokens), from the crossovers measured by benchmarks/kernels.py on the demo model's
+shapes (2-core AVX-512 CPU): the int8 kernel runs one row 3-4x faster than an fp32 ``F.linear`` but
+512 rows about 1.2x slower than dequantize + ``F.linear``, so it serves up to `INT8_KERNEL_MAX_ROWS`
+rows; the int4 kernel beats dequantizing at every row count measured (1 to 512), so it serves all
+of them. Inputs are cast to bf16 for the kernels and the outputs back to the activation dtype.
 
 The CPU int4 kernel reads weights in an ISA-specific blocked nibble layout (see
 aten/src/ATen/native/cpu/int4mm_kernel.cpp). memfit packs that layout itself, checked once against
@@ -21,9 +22,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-# Rows (tokens) up to which the packed CPU kernels beat dequantize + F.linear; measured by
-# benchmarks/kernels.py on the demo model's shapes (crossover between 16 and 64 rows).
-KERNEL_MAX_ROWS = 16
+# Rows (tokens) up to which the packed CPU kernels beat dequantize + F.linear, measured by
+# benchmarks/kernels.py (docs/benchmarks.md): int8 crosses over between 64 and 512 rows; int4 never did.
+INT8_KERNEL_MAX_ROWS = 64
+INT4_KERNEL_MAX_ROWS = 1 << 62
 
 # Group sizes the CPU int4 kernel accepts.
 _KERNEL_GROUP_SIZES = (32, 64, 128, 256)
@@ -33,8 +35,8 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-def _kernel_ok(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and _rows(x) <= KERNEL_MAX_ROWS and not _is_fake(x)
+def _kernel_ok(x: torch.Tensor, max_rows: int) -> bool:
+    return x.device.type == "cpu" and _rows(x) <= max_rows and not _is_fake(x)
 
 
 def _is_fake(x: torch.Tensor) -> bool:
@@ -46,7 +48,7 @@ def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``x @ (qweight * scale[:, None]).T + bias`` for an int8 weight [N, K] with per-row scales [N]."""
-    if _kernel_ok(x):
+    if _kernel_ok(x, INT8_KERNEL_MAX_ROWS):
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # x2: [M, K]
         out = torch._weight_int8pack_mm(x2, qweight, scale.to(torch.bfloat16))
         out = out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
@@ -175,7 +177,7 @@ def int4_linear(
         zero_point: uint8 [G, N], values 0..15.
     """
     k = qweight.shape[1] * 2
-    if layout != PLAIN and _kernel_ok(x):
+    if layout != PLAIN and _kernel_ok(x, INT4_KERNEL_MAX_ROWS):
         # The kernel computes (q - 8) * s + z: its float zero is z = (8 - zero_point) * s.
         s = scale.float()
         scale_zero = torch.stack([s, (8 - zero_point.float()) * s], dim=-1).to(torch.bfloat16)  # [G, N, 2]
