@@ -90,3 +90,14 @@ def test_a_manifest_that_does_not_fit_the_weights_is_refused(make_tiny, tmp_path
     manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), **change}))
     with pytest.raises(CheckpointError, match=message):
         memfit.load(tmp_path / "out")
+
+
+def test_output_gets_ordinary_permissions(make_tiny, tmp_path):
+    import os
+
+    model, tokenizer = make_tiny("tiny-llama")
+    out = memfit.save(model, tokenizer, tmp_path / "out")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import resource
@@ -144,10 +145,14 @@ def _cached_step(model: nn.Module, ids: torch.Tensor, cache):
 
     transformers 5.x names the cache ``cache``; 4.x names it ``past_key_values``.
     """
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(ids, use_cache=True, **({cache_kw: cache} if cache is not None else {}))
+    out = model(ids, use_cache=True, **({_cache_keyword(type(model)): cache} if cache is not None else {}))
     new_cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
     return new_cache, out.logits[:, -1:].argmax(-1)
+
+
+@functools.cache
+def _cache_keyword(model_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
 def peak_rss_bytes() -> int:

@@ -17,6 +17,7 @@ safetensors only: nothing is unpickled.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -77,6 +78,7 @@ def save(
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
                 f.write(content)
+        _use_umask(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,6 +95,16 @@ def check_output_dir(out: Path) -> None:
             f"output directory {str(out)!r} is not empty and was not written by memfit",
             "choose a new or empty directory",
         )
+
+
+def _use_umask(directory: Path) -> None:
+    # mkdtemp creates 0700 and some writers 0600; give the output the permissions a plain
+    # mkdir and open would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

@@ -170,9 +170,6 @@ class Plan:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def __add__(self, other: Plan) -> Plan:
-        return Plan(self.strategies + other.strategies, other.workload).validate()
-
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(description, completed, total)``: called as long work advances."""

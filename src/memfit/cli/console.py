@@ -15,7 +15,8 @@ from memfit.evaluate import Metrics
 from memfit.plan import ProgressFn
 from memfit.units import format_bytes
 
-stdout = Console(highlight=False)
+# Tables keep their columns when stdout is a pipe or file (rich would otherwise assume 80 columns).
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 stderr = Console(stderr=True, highlight=False)
 
 
@@ -45,7 +46,7 @@ def print_json(data: dict) -> None:
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     t = Table(title=title, title_justify="left")
     for i, name in enumerate(header):
-        t.add_column(name, justify="left" if i == 0 else "right")
+        t.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
         t.add_row(*row)
     stdout.print(t)

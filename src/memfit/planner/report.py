@@ -66,7 +66,9 @@ def plot_png(result: OptimizeResult) -> bytes:
     for c in evaluated:
         x, y = c.metrics.weight_bytes / 1e6, c.metrics.perplexity
         ax.scatter([x], [y], color="tab:blue" if c.fits else "tab:gray", zorder=3)
-        ax.annotate(c.plan.recipe, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for (x, y), recipes in _label_clusters(evaluated):
+        ax.annotate("\n".join(recipes), (x, y), textcoords="offset points", xytext=(6, 0), fontsize=8, va="center")
+    ax.axhline(result.baseline.perplexity, color="tab:gray", linestyle=":", label="original perplexity")
     best = result.best.metrics
     ax.scatter([best.weight_bytes / 1e6], [best.perplexity], marker="*", s=260, color="tab:red", zorder=4,
                label=f"chosen: {result.best.plan.recipe}")
@@ -81,6 +83,21 @@ def plot_png(result: OptimizeResult) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _label_clusters(candidates: list[Candidate]) -> list[tuple[tuple[float, float], list[str]]]:
+    """Group candidates whose points nearly coincide (within 2% of bytes and 1% of perplexity), so
+    their labels are stacked once instead of printed over each other."""
+    clusters: list[tuple[tuple[float, float], list[str]]] = []
+    for c in sorted(candidates, key=lambda c: (c.metrics.weight_bytes, c.metrics.perplexity)):
+        x, y = c.metrics.weight_bytes / 1e6, c.metrics.perplexity
+        if clusters:
+            (cx, cy), recipes = clusters[-1]
+            if abs(x - cx) <= 0.02 * cx and abs(y - cy) <= 0.01 * cy:
+                recipes.append(c.plan.recipe)
+                continue
+        clusters.append(((x, y), [c.plan.recipe]))
+    return clusters
 
 
 def render_markdown(result: OptimizeResult, png: bytes | None = None) -> str:
