@@ -10,9 +10,11 @@ import copy
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memfit.memory.report import MemoryReport, weight_report
-from memfit.plan import Context, Plan, apply
+from memfit.memory.workload import profile, synthetic_input_facts
+from memfit.plan import Context, Plan, Workload, apply
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -29,20 +31,50 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def estimate(model: nn.Module, plan: Plan | str) -> MemoryReport:
-    """Predict the weight bytes ``model`` would hold after ``plan``, without computing anything.
+def estimate(
+    model: nn.Module, plan: Plan | str = "none", workload: Workload | None = None, *, optimizer: str = "adamw"
+) -> MemoryReport:
+    """Predict what ``model`` would hold after ``plan`` (and while running ``workload``), without
+    allocating or computing anything.
 
     Args:
         model: the model as it is now (real or meta tensors; it is not changed).
         plan: a `Plan` or recipe string.
+        workload: if given, the workload is run on fake tensors under the tracker and the report
+            covers its peak (activations, gradients, optimizer state, KV cache); if None, the
+            report holds the weights only.
+        optimizer: ``adamw`` or ``sgd``, for training workloads.
 
     Returns:
-        A `MemoryReport` of parameters and buffers by module, as `weight_report` measures them.
+        A `MemoryReport`, with the same fields `memfit.memory.profile` measures.
 
     Example:
         >>> memfit.estimate(model, "int4-g128").weight_bytes
+        >>> memfit.estimate(model, "none", memfit.Workload(mode=memfit.Mode.TRAIN, batch_size=2, seq_len=256))
     """
     skeleton = meta_copy(model)
     with torch.no_grad():
         apply(skeleton, plan, Context())
-    return weight_report(skeleton)
+    if workload is None:
+        return weight_report(skeleton)
+    mode = FakeTensorMode()
+    _to_fake(skeleton, mode, torch.device(workload.device))
+    with mode, synthetic_input_facts():
+        return profile(skeleton, workload, optimizer)
+
+
+def _to_fake(model: nn.Module, mode: FakeTensorMode, device: torch.device) -> None:
+    """Replace every meta tensor of ``model`` by a fake tensor on ``device`` (ties kept), so
+    operators dispatch as they would on that device."""
+    converter = mode.fake_tensor_converter
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in memo:
+                    fake = converter.from_meta_and_device(mode, tensor.to("meta"), device)
+                    is_param = isinstance(tensor, nn.Parameter)
+                    memo[id(tensor)] = nn.Parameter(fake, requires_grad=tensor.requires_grad) if is_param else fake
+                table[name] = memo[id(tensor)]

@@ -36,11 +36,9 @@ def _rows(x: torch.Tensor) -> int:
 
 
 def _kernel_ok(x: torch.Tensor, max_rows: int) -> bool:
-    return x.device.type == "cpu" and _rows(x) <= max_rows and not _is_fake(x)
-
-
-def _is_fake(x: torch.Tensor) -> bool:
-    return x.is_meta or type(x).__name__ == "FakeTensor"
+    # Fake tensors on the CPU take the kernel path too (the kernels have meta implementations),
+    # so predictions allocate what real runs allocate; meta tensors (device "meta") do not.
+    return x.device.type == "cpu" and _rows(x) <= max_rows
 
 
 # -- int8 ---------------------------------------------------------------------------------------
@@ -177,7 +175,9 @@ def int4_linear(
         zero_point: uint8 [G, N], values 0..15.
     """
     k = qweight.shape[1] * 2
-    if layout != PLAIN and _kernel_ok(x, INT4_KERNEL_MAX_ROWS):
+    # The int4 kernel has no derivative: inputs that need a gradient take the dequantize path.
+    needs_grad = x.requires_grad and torch.is_grad_enabled()
+    if layout != PLAIN and not needs_grad and _kernel_ok(x, INT4_KERNEL_MAX_ROWS):
         # The kernel computes (q - 8) * s + z: its float zero is z = (8 - zero_point) * s.
         s = scale.float()
         scale_zero = torch.stack([s, (8 - zero_point.float()) * s], dim=-1).to(torch.bfloat16)  # [G, N, 2]
