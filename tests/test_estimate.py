@@ -46,3 +46,19 @@ def test_estimate_allocates_nothing_real(make_tiny):
     # logits alone: 64 x 1024 x 256 fp32 = 64 MiB, far above what this test process could hide
     assert report.peak_bytes > 64 * 1024 * 256 * 4
     assert report.by_category["parameters"] == memfit.weight_bytes(model) - 64  # rotary buffers apart
+
+
+def test_max_batch_size_is_the_largest_that_fits(make_tiny):
+    from memfit.errors import BudgetError
+    from memfit.memory.estimate import max_batch_size
+
+    model, _ = make_tiny("tiny-llama")
+    workload = Workload(mode=Mode.TRAIN, seq_len=32)
+    budget = 6_000_000
+    batch = max_batch_size(model, budget, workload)
+    at = lambda b: memfit.estimate(model, "none", Workload(mode=Mode.TRAIN, batch_size=b, seq_len=32)).peak_bytes
+    assert batch > 1
+    assert at(batch) <= budget < at(batch + 1)
+    assert profile(model, Workload(mode=Mode.TRAIN, batch_size=batch, seq_len=32)).peak_bytes <= budget
+    with pytest.raises(BudgetError, match=r"batch size 1 needs .* over the budget of 1 MB"):
+        max_batch_size(model, "1MB", workload)

@@ -7,14 +7,17 @@ so the predicted bytes are the bytes a real run holds, by construction; tests ch
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from memfit.errors import BudgetError
 from memfit.memory.report import MemoryReport, weight_report
 from memfit.memory.workload import profile, synthetic_input_facts
 from memfit.plan import Context, Plan, Workload, apply
+from memfit.units import format_bytes, parse_bytes
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -78,3 +81,47 @@ def _to_fake(model: nn.Module, mode: FakeTensorMode, device: torch.device) -> No
                     is_param = isinstance(tensor, nn.Parameter)
                     memo[id(tensor)] = nn.Parameter(fake, requires_grad=tensor.requires_grad) if is_param else fake
                 table[name] = memo[id(tensor)]
+
+
+def max_batch_size(
+    model: nn.Module,
+    budget: int | str,
+    workload: Workload,
+    plan: Plan | str = "none",
+    *,
+    optimizer: str = "adamw",
+    limit: int = 1 << 16,
+) -> int:
+    """The largest batch size whose predicted peak fits ``budget`` (bytes, or ``"1GiB"``-style).
+
+    Doubles the batch until the prediction no longer fits, then bisects; each probe is one
+    `estimate` on fake tensors, so nothing is allocated.
+
+    Raises:
+        BudgetError: even batch size 1 does not fit (the message gives its peak).
+
+    Example:
+        >>> max_batch_size(model, "1GiB", Workload(mode=Mode.TRAIN, seq_len=256))
+    """
+    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    peak = lambda batch: estimate(model, plan, dataclasses.replace(workload, batch_size=batch), optimizer=optimizer)
+    first = peak(1).peak_bytes
+    if first > budget_bytes:
+        raise BudgetError(
+            f"batch size 1 needs {format_bytes(first)}, over the budget of {format_bytes(budget_bytes)}",
+            "raise the budget, shorten the sequence or add memory-saving strategies to the recipe",
+        )
+    fits, too_big = 1, None
+    while too_big is None and fits < limit:  # grow: 1, 2, 4, ...
+        candidate = min(fits * 2, limit)
+        if peak(candidate).peak_bytes <= budget_bytes:
+            fits = candidate
+        else:
+            too_big = candidate
+    while too_big is not None and too_big - fits > 1:  # bisect between a fit and a miss
+        middle = (fits + too_big) // 2
+        if peak(middle).peak_bytes <= budget_bytes:
+            fits = middle
+        else:
+            too_big = middle
+    return fits
