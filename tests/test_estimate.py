@@ -16,7 +16,7 @@ WORKLOADS = {
 
 
 @pytest.mark.parametrize("name", TINY_NAMES)
-@pytest.mark.parametrize("recipe", ["none", "int8", "int4-g32", "bf16"])
+@pytest.mark.parametrize("recipe", ["none", "int8", "int4-g32", "bf16", "bf16-autocast,checkpointing", "bf16,sgd"])
 @pytest.mark.parametrize("mode", list(WORKLOADS))
 def test_prediction_equals_tracked_measurement(make_tiny, name, recipe, mode):
     model, _ = make_tiny(name)

@@ -77,10 +77,14 @@ def test_timeline_ends_where_live_bytes_are():
     model = _toy()
     with torch.no_grad(), track(model) as tracker:
         model(torch.randn(4, 64))
-    index, last = tracker.timeline[-1]
-    assert index == len(tracker.timeline) - 1
+    timeline = tracker.timeline()
+    index, last = timeline[-1]
+    assert index == len(timeline) - 1
     assert sum(last.values()) == tracker.live_bytes
-    assert max(sum(c.values()) for _, c in tracker.timeline) == tracker.report().peak_bytes
+    assert max(sum(c.values()) for _, c in timeline) == tracker.report().peak_bytes
+    thinned = tracker.timeline(points=3)
+    assert len(thinned) < len(timeline) and thinned[-1] == timeline[-1]
+    assert max(sum(c.values()) for _, c in thinned) == tracker.report().peak_bytes
 
 
 def test_fake_tensors_give_the_same_report_as_real_ones():

@@ -12,12 +12,8 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
-import resource
 import statistics
-import sys
 import time
 
 import torch
@@ -25,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.data import eval_text, token_windows
+from memfit.generation import cached_step
 from memfit.memory.report import weight_bytes
+from memfit.memory.rss import lifetime_peak_rss_bytes as peak_rss_bytes
 from memfit.plan import ProgressFn
 
 DEFAULT_TOKENS = 16_384
@@ -127,38 +125,17 @@ def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
     prompt = prompt.to(_device_of(model))[None]  # [1, T]
     rates = []
     for repeat in range(repeats + 1):  # the first run warms up
-        cache, token = _cached_step(model, prompt, None)  # token: [1, 1]
+        cache, token = cached_step(model, prompt, None)  # token: [1, 1]
 
         def steps() -> None:
             nonlocal cache, token
             for _ in range(new_tokens):
-                cache, token = _cached_step(model, token, cache)
+                cache, token = cached_step(model, token, cache)
 
         elapsed = _timed(steps)
         if repeat:
             rates.append(new_tokens / elapsed)
     return statistics.median(rates)
-
-
-def _cached_step(model: nn.Module, ids: torch.Tensor, cache):
-    """One forward with the KV cache; returns (cache, greedy next token [B, 1]).
-
-    transformers 5.x names the cache ``cache``; 4.x names it ``past_key_values``.
-    """
-    out = model(ids, use_cache=True, **({_cache_keyword(type(model)): cache} if cache is not None else {}))
-    new_cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
-    return new_cache, out.logits[:, -1:].argmax(-1)
-
-
-@functools.cache
-def _cache_keyword(model_type: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _timed(fn) -> float:

@@ -26,7 +26,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from memfit.errors import CheckpointError, OutputError, RecipeError
@@ -132,23 +132,31 @@ def _unique_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor],
     return tensors, tied
 
 
+def read_recipe(path: Path) -> tuple[dict, Plan, PretrainedConfig]:
+    """The manifest, plan and config of a directory written by `save` (no tensors are read).
+
+    Raises:
+        CheckpointError: the manifest, recipe or config is missing or unreadable.
+    """
+    manifest = _read_manifest(path)
+    try:
+        return manifest, Plan.from_dict(manifest["plan"]), AutoConfig.from_pretrained(path)
+    except (RecipeError, KeyError, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"cannot read the recipe or config in {str(path)!r}: {exc}", "save the model again"
+        ) from None
+
+
 def load_saved(path: Path):
     """Load a directory written by `save`: rebuild the modules from the recipe, then the tensors.
 
     Raises:
         CheckpointError: a file is missing or corrupt, or the tensors do not match the recipe.
     """
-    manifest = _read_manifest(path)
+    manifest, plan, config = read_recipe(path)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{str(path)!r} has no {WEIGHTS}", "the save did not finish; save the model again")
-    try:
-        plan = Plan.from_dict(manifest["plan"])
-        config = AutoConfig.from_pretrained(path)
-    except (RecipeError, KeyError, ValueError, OSError) as exc:
-        raise CheckpointError(
-            f"cannot read the recipe or config in {str(path)!r}: {exc}", "save the model again"
-        ) from None
     # Parameters on the meta device, buffers (rotary frequencies) real: then the recipe rebuilds
     # the packed modules on meta, and the checkpoint's tensors are assigned in place.
     with init_empty_weights(include_buffers=False):

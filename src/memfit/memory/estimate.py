@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,27 +36,34 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 def estimate(
-    model: nn.Module, plan: Plan | str = "none", workload: Workload | None = None, *, optimizer: str = "adamw"
+    model: nn.Module | str | Path, plan: Plan | str = "none", workload: Workload | None = None
 ) -> MemoryReport:
     """Predict what ``model`` would hold after ``plan`` (and while running ``workload``), without
     allocating or computing anything.
 
     Args:
-        model: the model as it is now (real or meta tensors; it is not changed).
-        plan: a `Plan` or recipe string.
+        model: a model (real or meta tensors; it is not changed), or a reference: anything
+            `memfit.load` accepts, a ``config.json`` path or a bundled config name such as
+            ``"llama-3-70b"`` (then only the config is read; see `memfit.models.load.skeleton`).
+        plan: a `Plan` or recipe string. Training workloads use its optimizer token (``sgd``)
+            or AdamW.
         workload: if given, the workload is run on fake tensors under the tracker and the report
             covers its peak (activations, gradients, optimizer state, KV cache); if None, the
             report holds the weights only.
-        optimizer: ``adamw`` or ``sgd``, for training workloads.
 
     Returns:
         A `MemoryReport`, with the same fields `memfit.memory.profile` measures.
 
     Example:
         >>> memfit.estimate(model, "int4-g128").weight_bytes
-        >>> memfit.estimate(model, "none", memfit.Workload(mode=memfit.Mode.TRAIN, batch_size=2, seq_len=256))
+        >>> memfit.estimate("llama-3-8b", "bf16,checkpointing", memfit.Workload(mode=memfit.Mode.TRAIN, seq_len=4096))
     """
-    skeleton = meta_copy(model)
+    if isinstance(model, nn.Module):
+        skeleton = meta_copy(model)
+    else:
+        from memfit.models.load import skeleton as build_skeleton
+
+        skeleton = build_skeleton(model)
     with torch.no_grad():
         apply(skeleton, plan, Context())
     if workload is None:
@@ -63,7 +71,7 @@ def estimate(
     mode = FakeTensorMode()
     _to_fake(skeleton, mode, torch.device(workload.device))
     with mode, synthetic_input_facts():
-        return profile(skeleton, workload, optimizer)
+        return profile(skeleton, workload)
 
 
 def _to_fake(model: nn.Module, mode: FakeTensorMode, device: torch.device) -> None:
@@ -84,12 +92,11 @@ def _to_fake(model: nn.Module, mode: FakeTensorMode, device: torch.device) -> No
 
 
 def max_batch_size(
-    model: nn.Module,
+    model: nn.Module | str | Path,
     budget: int | str,
     workload: Workload,
     plan: Plan | str = "none",
     *,
-    optimizer: str = "adamw",
     limit: int = 1 << 16,
 ) -> int:
     """The largest batch size whose predicted peak fits ``budget`` (bytes, or ``"1GiB"``-style).
@@ -104,8 +111,12 @@ def max_batch_size(
         >>> max_batch_size(model, "1GiB", Workload(mode=Mode.TRAIN, seq_len=256))
     """
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    peak = lambda batch: estimate(model, plan, dataclasses.replace(workload, batch_size=batch), optimizer=optimizer)
-    first = peak(1).peak_bytes
+    if not isinstance(model, nn.Module):
+        from memfit.models.load import skeleton
+
+        model = skeleton(model)  # read the config once, not once per probe
+    peak = lambda batch: estimate(model, plan, dataclasses.replace(workload, batch_size=batch)).peak_bytes
+    first = peak(1)
     if first > budget_bytes:
         raise BudgetError(
             f"batch size 1 needs {format_bytes(first)}, over the budget of {format_bytes(budget_bytes)}",
@@ -114,13 +125,13 @@ def max_batch_size(
     fits, too_big = 1, None
     while too_big is None and fits < limit:  # grow: 1, 2, 4, ...
         candidate = min(fits * 2, limit)
-        if peak(candidate).peak_bytes <= budget_bytes:
+        if peak(candidate) <= budget_bytes:
             fits = candidate
         else:
             too_big = candidate
     while too_big is not None and too_big - fits > 1:  # bisect between a fit and a miss
         middle = (fits + too_big) // 2
-        if peak(middle).peak_bytes <= budget_bytes:
+        if peak(middle) <= budget_bytes:
             fits = middle
         else:
             too_big = middle

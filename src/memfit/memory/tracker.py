@@ -6,10 +6,15 @@ a storage not seen before is an allocation, charged to the innermost module runn
 storage reports the free. Categories follow what a storage turns out to be: the model's parameters
 and buffers (registered at entry), gradients (a parameter's ``.grad``), optimizer state (reachable
 from ``optimizer.state``), the KV cache (reachable from the cache object passed to `Tracker.hold`),
-activations (allocated in forward) and temporaries (everything else). Storages are re-examined
-after backward, after the optimizer step and whenever `Tracker.hold` is called, so bytes move to
-their final category. It runs on real tensors (CPU or CUDA) and under ``FakeTensorMode``, which is
-how `memfit.estimate` predicts without allocating.
+activations (allocated inside a module's forward) and temporaries (everything else: backward's
+intermediates, the optimizer's arithmetic, work between modules). Storages are re-examined
+as each gradient accumulates, after each optimizer step and whenever `Tracker.hold` is called.
+
+The report charges every storage to what it turned out to be, over its whole life: Adam's moments
+allocated inside the first ``step()`` are optimizer state at the peak even though the tracker
+learns so only when the step returns. For that the tracker keeps a log of allocations and frees;
+the peak and the timeline are replayed from it. It runs on real tensors (CPU or CUDA) and under
+``FakeTensorMode``, which is how `memfit.estimate` predicts without allocating.
 
 Example:
     >>> with memfit.memory.track(model) as tracker:
@@ -19,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -34,34 +38,32 @@ from memfit.memory.report import CATEGORIES, MemoryReport
 PARAMETERS, BUFFERS, GRADIENTS, OPTIMIZER_STATE, ACTIVATIONS, KV_CACHE, TEMPORARY = CATEGORIES
 
 
-@dataclasses.dataclass
 class _Block:
-    """One live storage: its size, what it is and which module allocated it."""
+    """One storage: its size, what it is and which module allocated it."""
 
-    num_bytes: int
-    category: str
-    module: str
+    __slots__ = ("category", "module", "num_bytes")
+
+    def __init__(self, num_bytes: int, category: str, module: str) -> None:
+        self.num_bytes, self.category, self.module = num_bytes, category, module
 
 
 class Tracker(TorchDispatchMode):
-    """Records allocations and frees while active; use through `track`.
-
-    Attributes:
-        timeline: ``(event index, {category: live bytes})`` after every change.
-    """
+    """Records allocations and frees while active; use through `track`."""
 
     def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         super().__init__()
         self.model = model
         self.optimizer = optimizer
-        self._blocks: dict[int, _Block] = {}  # storage key -> block
+        self._live_blocks: dict[int, int] = {}  # storage key -> index into _blocks, while alive
+        self._blocks: list[_Block] = []  # every storage seen, alive or freed
         self._refs: dict[int, weakref.ref] = {}
-        self._live = dict.fromkeys(CATEGORIES, 0)
-        self._by_module: dict[str, int] = {}  # bytes allocated per module (cumulative)
+        self._events: list[int] = []  # block index + 1 when allocated, -(index + 1) when freed
+        self._live = dict.fromkeys(CATEGORIES, 0)  # by the category known now
+        self._live_total = 0
         self._peak_bytes = 0
-        self._peak_by_category = dict(self._live)
-        self._held: list[weakref.ref] = []
-        self.timeline: list[tuple[int, dict[str, int]]] = []
+        self._peak_event = -1  # the event after which the peak was reached
+        self._by_module: dict[str, int] = {}  # bytes allocated per module (cumulative)
+        self._held: list[tuple[Any, str]] = []
         self._mod_tracker = None
         self._names: dict[str, str] = {}
 
@@ -110,56 +112,66 @@ class Tracker(TorchDispatchMode):
     # -- the dispatch hook --------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        category = TEMPORARY if self._mod_tracker.is_bw else ACTIVATIONS
         module = self._current_module()
+        # inside a module's forward: an activation; in backward, the optimizer step or between
+        # modules: a temporary
+        category = ACTIVATIONS if module is not None and not self._mod_tracker.is_bw else TEMPORARY
+        module = module or ""
         for tensor in _tensors(out):
             self._add(tensor, category, module)
         return out
 
     # -- bookkeeping ---------------------------------------------------------------------------------
-    def _current_module(self) -> str:
+    def _current_module(self) -> str | None:
         parents = [p for p in self._mod_tracker.parents if p != "Global"]
         if not parents:
-            return ""
+            return None
         innermost = max(parents, key=len)
         return self._names.get(innermost, innermost)
 
     def _add(self, tensor: torch.Tensor, category: str, module: str | None, move: bool = False) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
-        block = self._blocks.get(key)
-        if block is not None:
-            if move and block.category != category:
-                self._move(block, category)
+        index = self._live_blocks.get(key)
+        if index is not None:
+            if move:
+                self._move(self._blocks[index], category)
             return
-        num_bytes = storage.nbytes()
-        block = _Block(num_bytes, category, module or "")
-        self._blocks[key] = block
-        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
-        self._live[category] += num_bytes
-        self._by_module[block.module] = self._by_module.get(block.module, 0) + num_bytes
-        self._record()
+        block = _Block(storage.nbytes(), category, module or "")
+        index = len(self._blocks)
+        self._blocks.append(block)
+        self._live_blocks[key] = index
+        self._refs[key] = weakref.ref(storage, lambda _, key=key, index=index: self._free(key, index))
+        self._live[category] += block.num_bytes
+        self._live_total += block.num_bytes
+        self._by_module[block.module] = self._by_module.get(block.module, 0) + block.num_bytes
+        self._events.append(index + 1)
+        if self._live_total > self._peak_bytes:
+            self._peak_bytes, self._peak_event = self._live_total, len(self._events) - 1
 
-    def _free(self, key: int) -> None:
-        block = self._blocks.pop(key, None)
+    def _free(self, key: int, index: int) -> None:
+        if self._live_blocks.get(key) != index:
+            return
+        del self._live_blocks[key]
         self._refs.pop(key, None)
-        if block is not None:
-            self._live[block.category] -= block.num_bytes
-            self._record()
+        block = self._blocks[index]
+        self._live[block.category] -= block.num_bytes
+        self._live_total -= block.num_bytes
+        self._events.append(-(index + 1))
 
     def _move(self, block: _Block, category: str) -> None:
-        self._live[block.category] -= block.num_bytes
-        block.category = category
-        self._live[category] += block.num_bytes
-        self._record()
+        if block.category != category:
+            self._live[block.category] -= block.num_bytes
+            self._live[category] += block.num_bytes
+            block.category = category
 
     def _reclassify(self, tensors: Iterable[torch.Tensor], category: str) -> None:
         for tensor in tensors:
-            block = self._blocks.get(tensor.untyped_storage()._cdata)
-            if block is None:
+            index = self._live_blocks.get(tensor.untyped_storage()._cdata)
+            if index is None:
                 self._add(tensor, category, None)
-            elif block.category != category:
-                self._move(block, category)
+            else:
+                self._move(self._blocks[index], category)
 
     def _classify_optimizer_state(self) -> None:
         for state in self.optimizer.state.values():
@@ -169,29 +181,44 @@ class Tracker(TorchDispatchMode):
         for obj, category in self._held:
             self._reclassify(_tensors(obj), category)
 
-    def _record(self) -> None:
-        total = sum(self._live.values())
-        if total > self._peak_bytes:
-            self._peak_bytes = total
-            self._peak_by_category = dict(self._live)
-        self.timeline.append((len(self.timeline), dict(self._live)))
+    def _replay(self, until: int) -> Iterator[tuple[int, dict[str, int]]]:
+        """``(event, bytes by final category)`` after each event up to ``until`` (inclusive)."""
+        live = dict.fromkeys(CATEGORIES, 0)
+        for event, code in enumerate(self._events[: until + 1]):
+            block = self._blocks[abs(code) - 1]
+            live[block.category] += block.num_bytes if code > 0 else -block.num_bytes
+            yield event, live
 
     # -- results -------------------------------------------------------------------------------------
     @property
     def live_bytes(self) -> int:
         """Bytes live now (all categories)."""
-        return sum(self._live.values())
+        return self._live_total
 
     @property
     def live(self) -> dict[str, int]:
-        """Bytes live now, by category."""
+        """Bytes live now, by the category each storage is known to have now."""
         return dict(self._live)
 
+    def timeline(self, points: int | None = None) -> list[tuple[int, dict[str, int]]]:
+        """Live bytes by category after every allocation and free: ``(event index, {category: bytes})``.
+
+        Categories are final (see the module docstring). With ``points``, about that many evenly
+        spaced events are kept, always including the peak and the last event.
+        """
+        last = len(self._events) - 1
+        step = max(1, (last + 1) // points) if points else 1
+        keep = lambda event: event % step == 0 or event in (self._peak_event, last)
+        return [(event, dict(live)) for event, live in self._replay(last) if keep(event)]
+
     def report(self, top: int | None = None) -> MemoryReport:
-        """The peak and what was live at that moment by category; bytes allocated per module."""
+        """The peak and what was live at that moment by (final) category; bytes allocated per module."""
+        at_peak = dict.fromkeys(CATEGORIES, 0)
+        for _, live in self._replay(self._peak_event):
+            at_peak = live
         ranked = sorted(self._by_module.items(), key=lambda item: (-item[1], item[0]))
         return MemoryReport(
-            by_category=dict(self._peak_by_category),
+            by_category=dict(at_peak),
             by_module=ranked[:top] if top else ranked,
             peak_bytes=self._peak_bytes,
         )

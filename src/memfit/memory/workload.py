@@ -5,8 +5,9 @@ Synthetic inputs are random token ids with no padding, one sequence per row.
 
 Workloads:
 - ``infer``: one forward of [batch_size, seq_len] tokens without the KV cache, no gradients;
-- ``generate``: a forward of the prompt [batch_size, seq_len] with the KV cache, then
-  ``new_tokens`` single-token steps, no gradients; the cache is counted as ``kv_cache``;
+- ``generate``: a forward of the prompt [batch_size, seq_len] into a static KV cache with room
+  for prompt + new tokens (counted as ``kv_cache``), then ``new_tokens`` single-token steps, each
+  computing the last position's logits only, no gradients;
 - ``train``: two steps (forward, backward, optimizer step, zero grad), so the second step runs
   with the optimizer state already allocated: the steady state.
 """
@@ -19,38 +20,31 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from memfit.generation import cached_step
 from memfit.memory.report import MemoryReport
 from memfit.memory.tracker import Tracker, track
 from memfit.plan import Mode, Workload
+from memfit.strategies.training import build_optimizer
 
 TRAIN_STEPS = 2
 
 
-def make_optimizer(model: nn.Module, name: str = "adamw") -> torch.optim.Optimizer:
-    """The optimizer a training workload uses: ``adamw`` or ``sgd`` (with momentum).
-
-    The learning rate is 0, so profiling a training step leaves the weights as they were; the
-    memory is the same as with any other rate. ``foreach=False``: the per-parameter loop, whose
-    temporaries are one parameter's size (the foreach path's depend on grouping heuristics).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=0.0, momentum=0.9, foreach=False)
-    return torch.optim.AdamW(params, lr=0.0, foreach=False)
-
-
-def profile(model: nn.Module, workload: Workload, optimizer: str = "adamw") -> MemoryReport:
+def profile(model: nn.Module, workload: Workload) -> MemoryReport:
     """Measure ``workload`` on ``model``: every allocation, tracked (see `memfit.memory.track`).
+
+    Training uses the optimizer of the model's plan (`memfit.strategies.Optimizer`; AdamW if
+    none) with a learning rate of 0, so the weights are left as they were; the memory is the same
+    as with any other rate.
 
     Returns:
         A `MemoryReport` (top 20 modules) of the peak.
     """
     was_training = model.training
     model.train(workload.mode is Mode.TRAIN)
-    opt = make_optimizer(model, optimizer) if workload.mode is Mode.TRAIN else None
+    optimizer = build_optimizer(model) if workload.mode is Mode.TRAIN else None
     try:
-        with track(model, opt) as tracker:
-            run_workload(model, workload, tracker, opt)
+        with track(model, optimizer) as tracker:
+            run_workload(model, workload, tracker, optimizer)
     finally:
         model.train(was_training)
     return tracker.report(top=20)
@@ -66,9 +60,11 @@ def run_workload(model: nn.Module, workload: Workload, tracker: Tracker, optimiz
             model(ids, use_cache=False)
     elif workload.mode is Mode.GENERATE:
         with torch.no_grad():
-            cache, token = _step(model, ids, None, tracker)
+            cache = kv_cache(model, workload)
+            _, token = cached_step(model, ids, cache)
+            tracker.hold(cache)  # allocated during the prompt; the report counts it from its allocation
             for _ in range(workload.new_tokens):
-                cache, token = _step(model, token, cache, tracker)
+                _, token = cached_step(model, token, cache)
     else:
         for _ in range(TRAIN_STEPS):
             loss = model(ids, labels=ids, use_cache=False).loss
@@ -78,15 +74,18 @@ def run_workload(model: nn.Module, workload: Workload, tracker: Tracker, optimiz
             optimizer.zero_grad(set_to_none=True)
 
 
-def _step(model: nn.Module, ids: torch.Tensor, cache, tracker: Tracker):
-    from memfit.evaluate import _cache_keyword
+def kv_cache(model: nn.Module, workload: Workload):
+    """A static KV cache with room for ``workload``'s prompt plus new tokens.
 
-    kwargs = {} if cache is None else {_cache_keyword(type(model)): cache}
-    out = model(ids, use_cache=True, **kwargs)
-    cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
-    tracker.hold(cache)
-    token = out.logits[:, -1:].argmax(-1)  # [B, 1]
-    return cache, token
+    Each layer's keys and values are allocated at full length on first use (in the dtypes the
+    layer produces them in) and written in place afterwards: no growth by concatenation, which
+    would briefly hold a layer's keys twice. Once the prompt has run, ``kv_cache`` is
+    2 x layers x kv_heads x head_dim x (prompt + new tokens) x batch x bytes per element.
+    """
+    from transformers import StaticCache
+
+    config = model.config.get_text_config(decoder=True)
+    return StaticCache(config=config, max_cache_len=workload.seq_len + workload.new_tokens)
 
 
 @contextlib.contextmanager
@@ -96,8 +95,9 @@ def synthetic_input_facts() -> Iterator[None]:
     transformers reads tensor values to decide whether a causal mask can be skipped (no padding)
     and whether sequences are packed; on fake tensors it cannot, so it materializes a [B, 1, T, T]
     mask a real run never builds. Our synthetic inputs have no padding and one sequence per row,
-    so the answers are known from shapes: answer them for fake tensors, defer to transformers for
-    real ones. Tests compare fake and real reports, so a transformers change here shows up.
+    so the answers are known from shapes: give transformers the values it would read (no padding
+    mask; a cache offset of 0 for the prompt) and let it decide. Tests compare fake and real
+    reports, so a transformers change here shows up.
     """
     try:
         from transformers import masking_utils
@@ -110,10 +110,12 @@ def synthetic_input_facts() -> Iterator[None]:
     find_packed = getattr(masking_utils, "find_packed_sequence_indices", None)
 
     def fake_skip_mask(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
+        # No padding: the mask is all ones, the same as no mask. A query of several tokens comes
+        # only with an empty cache (the prompt): offset 0.
         if isinstance(padding_mask, FakeTensor):
-            if local_attention_size is not None and kv_length >= local_attention_size:
-                return False
-            return q_length == 1 or kv_length == q_length
+            padding_mask = None
+        if isinstance(q_offset, FakeTensor):
+            q_offset = 0 if q_length > 1 else 1
         return skip_mask(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
 
     def fake_find_packed(position_ids):

@@ -7,16 +7,28 @@ A reference is one of:
 - a ``.gguf`` file (dequantized through transformers' GGUF loader);
 - ``demo`` (SmolLM2-135M-Instruct, see `memfit.models.demo`);
 - a tiny random model: ``tiny-llama`` or ``tiny-qwen2``.
+
+`skeleton(ref)` builds the same model on the meta device (modules, shapes, dtypes, no weights)
+from its config alone, which also accepts a ``config.json`` path or the name of a bundled config
+(`bundled_configs`: public architectures such as ``llama-3-70b``); `memfit.estimate` runs on it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from memfit.errors import ModelNotFoundError
 from memfit.models import tiny
@@ -25,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 def load(ref: str | Path) -> Loaded:
@@ -114,3 +127,91 @@ def _forget_gguf_origin(model: PreTrainedModel) -> None:
         if hasattr(model, attr):
             setattr(model, attr, None)
     model.is_quantized = False
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs memfit ships (public shapes, no weights), e.g. ``llama-3-70b``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def skeleton(ref: str | Path) -> PreTrainedModel:
+    """The model ``ref`` names, on the meta device: its modules, shapes, dtypes and ties, no weights.
+
+    Only the config is read, so this takes a second even for a 70B model.
+
+    Args:
+        ref: anything `load` accepts, a ``config.json`` path, or a bundled config name
+            (see `bundled_configs`). Bundled configs and bare config files give fp32 parameters
+            (a recipe such as ``bf16`` changes that); a model directory gives the dtype `load`
+            would, and a memfit directory its saved recipe applied.
+
+    Raises:
+        ModelNotFoundError: nothing matches ``ref``, or its config cannot be read.
+
+    Example:
+        >>> memfit.estimate(skeleton("llama-3-70b"), "bf16").weight_bytes
+    """
+    text = str(ref)
+    if text in tiny.CONFIGS:
+        from memfit.memory.estimate import meta_copy
+
+        return meta_copy(tiny.tiny_model(text)[0])
+    if text.lower() in bundled_configs():
+        return _meta_model(_read_config(CONFIG_DIR / f"{text.lower()}.json"))
+    if text == "demo":
+        from memfit.models.demo import demo_dir
+
+        return _meta_model(_read_config(demo_dir() / "config.json"), dtype="auto")
+    path = Path(text).expanduser()
+    if path.is_dir() and (path / "memfit.json").is_file():
+        from memfit.io import read_recipe
+        from memfit.plan import Context, apply
+
+        _, plan, config = read_recipe(path)
+        return apply(_meta_model(config), plan, Context())
+    if path.is_dir() and (path / "config.json").is_file():
+        return _meta_model(_read_config(path / "config.json"), dtype="auto")
+    if path.is_file() and path.suffix == ".json":
+        return _meta_model(_read_config(path))
+    if path.is_file() and path.suffix == ".gguf":
+        from memfit.memory.estimate import meta_copy
+
+        return meta_copy(load_gguf(path)[0])
+    raise ModelNotFoundError(
+        f"model or config {text!r} not found",
+        f"pass a model directory, a config.json, a .gguf file, 'demo', or a bundled config: "
+        f"{', '.join(bundled_configs())}",
+    )
+
+
+def _read_config(path: Path) -> PretrainedConfig:
+    try:
+        data = json.loads(path.read_text())
+        model_type = data["model_type"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelNotFoundError(
+            f"cannot read a model config from {str(path)!r}: {type(exc).__name__}: {exc}",
+            "pass a Hugging Face config.json (it needs a 'model_type')",
+        ) from None
+    if model_type not in CONFIG_MAPPING:
+        raise ModelNotFoundError(
+            f"{str(path)!r} has model_type {model_type!r}, which this transformers does not know",
+            "upgrade transformers or pass a supported architecture",
+        )
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    return CONFIG_MAPPING[model_type].from_dict(data)
+
+
+def _meta_model(config: PretrainedConfig, dtype: str | torch.dtype = torch.float32) -> PreTrainedModel:
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, KeyError) as exc:
+        raise ModelNotFoundError(
+            f"cannot build a {config.model_type!r} model from its config: {str(exc).splitlines()[0]}",
+            "check the config's fields",
+        ) from None
+    return model.eval()

@@ -1,17 +1,22 @@
 """Memory-saving strategies. Every strategy module is imported here, so registration is explicit."""
 
-from memfit.strategies import precision
+from memfit.strategies import precision, training
 from memfit.strategies.base import Phase, Strategy
 from memfit.strategies.precision import Cast, Precision
 from memfit.strategies.quantize import rtn
 from memfit.strategies.quantize.rtn import Int4WeightOnly, Int8WeightOnly
 from memfit.strategies.registry import known_tokens, parse_token, strategy_classes
 from memfit.strategies.targets import Targets
+from memfit.strategies.training import Autocast, Checkpointing, Optimizer, OptimizerKind
 
 __all__ = [
+    "Autocast",
     "Cast",
+    "Checkpointing",
     "Int4WeightOnly",
     "Int8WeightOnly",
+    "Optimizer",
+    "OptimizerKind",
     "Phase",
     "Precision",
     "Strategy",
@@ -21,4 +26,5 @@ __all__ = [
     "precision",
     "rtn",
     "strategy_classes",
+    "training",
 ]

@@ -47,6 +47,8 @@ class Strategy:
         conflicts: names of strategies that cannot share a plan with this one.
         sqnr_floor_db: the lowest output SQNR (dB) the conformance suite accepts on tiny models;
             ``None`` for lossless strategies, whose outputs must be bit-identical.
+        saves: the memory categories (`memfit.memory.CATEGORIES`) the strategy shrinks; the
+            conformance suite checks that the bytes of each fall.
     """
 
     name: ClassVar[str]
@@ -54,6 +56,7 @@ class Strategy:
     version: ClassVar[int] = 1
     conflicts: ClassVar[tuple[str, ...]] = ()
     sqnr_floor_db: ClassVar[float | None] = None
+    saves: ClassVar[frozenset[str]] = frozenset({"parameters"})
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Change ``model`` in place and return it. Must also work on meta tensors."""

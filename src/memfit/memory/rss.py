@@ -1,0 +1,72 @@
+"""The process's resident memory: now, and the peak over a stretch of code.
+
+`RssWatch` resets the kernel's high-water mark (``VmHWM``) at entry by writing ``5`` to
+``/proc/self/clear_refs`` (Linux), so the peak it reports belongs to the ``with`` block alone.
+Where that is not possible (other systems, restricted containers) it falls back to
+``getrusage``'s lifetime peak, and says so through `RssWatch.exact`.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def rss_bytes() -> int:
+    """Resident memory now (``VmRSS``); the lifetime peak where ``/proc`` is not available."""
+    kib = _status_kib("VmRSS")
+    return kib * 1024 if kib is not None else lifetime_peak_rss_bytes()
+
+
+def lifetime_peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class RssWatch:
+    """Resident memory at entry and its peak until exit.
+
+    Attributes:
+        start_bytes: resident bytes at entry.
+        peak_bytes: the highest resident bytes inside the block (after exit).
+        exact: False when the peak is the process's lifetime peak (the high-water mark could not
+            be reset), which can predate the block.
+
+    Example:
+        >>> with RssWatch() as watch:
+        ...     run()
+        >>> watch.growth_bytes
+    """
+
+    def __enter__(self) -> RssWatch:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.exact = _status_kib("VmHWM") is not None
+        except OSError:
+            self.exact = False
+        self.start_bytes = rss_bytes()
+        self.peak_bytes = self.start_bytes
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        hwm = _status_kib("VmHWM") if self.exact else None
+        self.peak_bytes = hwm * 1024 if hwm is not None else lifetime_peak_rss_bytes()
+
+    @property
+    def growth_bytes(self) -> int:
+        """How far resident memory rose above its level at entry."""
+        return max(self.peak_bytes - self.start_bytes, 0)
