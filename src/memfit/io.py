@@ -97,6 +97,29 @@ def check_output_dir(out: Path) -> None:
         )
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename, so
+    ``path`` is either its old self or complete; permissions follow the umask.
+
+    Raises:
+        OutputError: the directory cannot be written.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror}", "choose a writable location") from None
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _use_umask(directory: Path) -> None:
     # mkdtemp creates 0700 and some writers 0600; give the output the permissions a plain
     # mkdir and open would have.

@@ -1,8 +1,8 @@
 """`MemoryReport`: the one type for predicted and measured memory, and weight byte counting.
 
-This issue's reports cover what a model holds at rest (parameters and buffers, by module); the
-memory-accounting work adds activations, gradients, optimizer state and the KV cache to the same
-type, so predictions and measurements keep comparing field by field.
+A report holds the peak, what was live at the peak by category, the bytes each module allocated
+and (for workloads) a timeline; `memfit.estimate` and `memfit.memory.profile` both return one, so
+predictions and measurements compare field by field.
 """
 
 from __future__ import annotations
@@ -25,16 +25,27 @@ class MemoryReport:
         by_module: ``(fqn, bytes)`` pairs, largest first; each tensor is charged to the first
             module (in ``named_modules`` order) that holds it.
         peak_bytes: the largest total held at once.
+        timeline: ``(event index, {category: bytes})`` samples of live memory through a workload
+            (empty for weight-only reports); not compared by ``==``.
     """
 
     by_category: dict[str, int]
     by_module: list[tuple[str, int]]
     peak_bytes: int
+    timeline: list[tuple[int, dict[str, int]]] = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     @property
     def weight_bytes(self) -> int:
         """Parameters plus buffers: what the model holds at rest."""
         return self.by_category.get("parameters", 0) + self.by_category.get("buffers", 0)
+
+    def to_dict(self, top: int = 20) -> dict:
+        """``{"peak_bytes", "by_category", "by_module": [[name, bytes], ...]}`` (the ``top`` modules)."""
+        return {
+            "peak_bytes": self.peak_bytes,
+            "by_category": {c: self.by_category.get(c, 0) for c in CATEGORIES},
+            "by_module": [[name or "(model)", num_bytes] for name, num_bytes in self.by_module[:top]],
+        }
 
     def diff(self, other: MemoryReport) -> dict[str, int]:
         """``self - other`` per category (for comparing a prediction with a measurement)."""

@@ -8,11 +8,14 @@ Where that is not possible (other systems, restricted containers) it falls back 
 
 from __future__ import annotations
 
+import ctypes
 import re
 import resource
 import sys
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 _STATUS = Path("/proc/self/status")
 
@@ -70,3 +73,37 @@ class RssWatch:
     def growth_bytes(self) -> int:
         """How far resident memory rose above its level at entry."""
         return max(self.peak_bytes - self.start_bytes, 0)
+
+
+def make_resident(model: nn.Module) -> None:
+    """Read one value per memory page of every parameter and buffer of ``model``.
+
+    Weights loaded from safetensors can be memory-mapped views of the file, resident only once
+    touched; touching them first keeps their paging-in out of a later RSS measurement.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        flat[:: max(1, 4096 // tensor.element_size())].float().sum()
+
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def return_freed_memory(threshold_bytes: int = 64 * 1024) -> bool:
+    """Make glibc give memory back to the system when it is freed, for the rest of the process.
+
+    By default glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), so later
+    tensors come from the heap and freed ones stay resident: RSS then tracks the allocator's
+    history, not live tensors. A fixed threshold (which also turns the adjustment off) maps every
+    block above it separately and unmaps it on free. ``memfit profile`` sets it so RSS can be
+    compared with the tracked bytes. Returns False where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mmap_set = libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
+        return bool(mmap_set and libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False

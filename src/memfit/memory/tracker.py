@@ -2,7 +2,7 @@
 
 `track()` is a context manager around a `TorchDispatchMode`. Each operator's outputs are inspected;
 a storage not seen before is an allocation, charged to the innermost module running at the time
-(forward or backward, through PyTorch's ``ModTracker``) and to a category. A weak reference on the
+(forward or backward, see `_ModuleStack`) and to a category. A weak reference on the
 storage reports the free. Categories follow what a storage turns out to be: the model's parameters
 and buffers (registered at entry), gradients (a parameter's ``.grad``), optimizer state (reachable
 from ``optimizer.state``), the KV cache (reachable from the cache object passed to `Tracker.hold`),
@@ -24,27 +24,22 @@ Example:
 
 from __future__ import annotations
 
+import array
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import register_multi_grad_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memfit.memory.report import CATEGORIES, MemoryReport
 
 PARAMETERS, BUFFERS, GRADIENTS, OPTIMIZER_STATE, ACTIVATIONS, KV_CACHE, TEMPORARY = CATEGORIES
-
-
-class _Block:
-    """One storage: its size, what it is and which module allocated it."""
-
-    __slots__ = ("category", "module", "num_bytes")
-
-    def __init__(self, num_bytes: int, category: str, module: str) -> None:
-        self.num_bytes, self.category, self.module = num_bytes, category, module
+_CATEGORY_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
+OPTIMIZER = "(optimizer step)"  # the module name charged with the optimizer's temporaries
 
 
 class Tracker(TorchDispatchMode):
@@ -54,53 +49,58 @@ class Tracker(TorchDispatchMode):
         super().__init__()
         self.model = model
         self.optimizer = optimizer
-        self._live_blocks: dict[int, int] = {}  # storage key -> index into _blocks, while alive
-        self._blocks: list[_Block] = []  # every storage seen, alive or freed
+        # Every storage seen, alive or freed, as a block index into three compact columns (a long
+        # generation sees hundreds of thousands; Python objects per block would show in the RSS).
+        self._sizes = array.array("q")  # bytes
+        self._categories = bytearray()  # index into CATEGORIES
+        self._modules = array.array("l")  # index into _module_names
+        self._module_names: list[str] = []
+        self._module_ids: dict[str, int] = {}
+        self._live_blocks: dict[int, int] = {}  # storage key -> block index, while alive
         self._refs: dict[int, weakref.ref] = {}
-        self._events: list[int] = []  # block index + 1 when allocated, -(index + 1) when freed
+        self._events = array.array("q")  # block index + 1 when allocated, -(index + 1) when freed
         self._live = dict.fromkeys(CATEGORIES, 0)  # by the category known now
         self._live_total = 0
         self._peak_bytes = 0
         self._peak_event = -1  # the event after which the peak was reached
-        self._by_module: dict[str, int] = {}  # bytes allocated per module (cumulative)
+        self._param_modules: dict[int, str] = {}  # id(parameter) -> the module holding it
         self._held: list[tuple[Any, str]] = []
-        self._mod_tracker = None
-        self._names: dict[str, str] = {}
+        self._in_step = False
 
     # -- entering and leaving ---------------------------------------------------------------------
     def __enter__(self) -> Tracker:
-        from torch.distributed._tools.mod_tracker import ModTracker
-
-        self._mod_tracker = ModTracker()
-        self._mod_tracker.__enter__()
+        self._stack = _ModuleStack(self.model)
+        self._stack.__enter__()
         if self.model is not None:
-            root = type(self.model).__name__
-            self._names = {f"{root}.{n}" if n else root: n for n, _ in self.model.named_modules()}
             for name, param in self.model.named_parameters():
+                self._param_modules[id(param)] = name.rpartition(".")[0]
                 self._add(param, PARAMETERS, name.rpartition(".")[0])
                 if param.grad is not None:
                     self._add(param.grad, GRADIENTS, name.rpartition(".")[0])
             for name, buffer in self.model.named_buffers():
                 self._add(buffer, BUFFERS, name.rpartition(".")[0])
             self._hook_handles = [
-                p.register_post_accumulate_grad_hook(lambda p: self._add(p.grad, GRADIENTS, None, move=True))
+                p.register_post_accumulate_grad_hook(
+                    lambda p: self._add(p.grad, GRADIENTS, self._param_modules.get(id(p)), move=True)
+                )
                 for p in self.model.parameters()
                 if p.requires_grad
             ]
         if self.optimizer is not None:
             self._classify_optimizer_state()
-            self._step_handle = self.optimizer.register_step_post_hook(
-                lambda *_: self._classify_optimizer_state()
-            )
+            self._step_handles = [
+                self.optimizer.register_step_pre_hook(lambda *_: setattr(self, "_in_step", True)),
+                self.optimizer.register_step_post_hook(lambda *_: self._end_step()),
+            ]
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
-        self._mod_tracker.__exit__(*exc)
+        self._stack.__exit__(*exc)
         for handle in getattr(self, "_hook_handles", []):
             handle.remove()
-        if getattr(self, "_step_handle", None) is not None:
-            self._step_handle.remove()
+        for handle in getattr(self, "_step_handles", []):
+            handle.remove()
 
     # -- what callers tell the tracker --------------------------------------------------------------
     def hold(self, obj: Any, category: str = KV_CACHE) -> None:
@@ -112,39 +112,34 @@ class Tracker(TorchDispatchMode):
     # -- the dispatch hook --------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        module = self._current_module()
+        in_backward = torch._C._current_graph_task_id() != -1
+        module = OPTIMIZER if self._in_step else self._stack.current(in_backward)
         # inside a module's forward: an activation; in backward, the optimizer step or between
         # modules: a temporary
-        category = ACTIVATIONS if module is not None and not self._mod_tracker.is_bw else TEMPORARY
+        category = ACTIVATIONS if module not in (None, OPTIMIZER) and not in_backward else TEMPORARY
         module = module or ""
         for tensor in _tensors(out):
             self._add(tensor, category, module)
         return out
 
     # -- bookkeeping ---------------------------------------------------------------------------------
-    def _current_module(self) -> str | None:
-        parents = [p for p in self._mod_tracker.parents if p != "Global"]
-        if not parents:
-            return None
-        innermost = max(parents, key=len)
-        return self._names.get(innermost, innermost)
-
     def _add(self, tensor: torch.Tensor, category: str, module: str | None, move: bool = False) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
         index = self._live_blocks.get(key)
         if index is not None:
             if move:
-                self._move(self._blocks[index], category)
+                self._move(index, category, module)
             return
-        block = _Block(storage.nbytes(), category, module or "")
-        index = len(self._blocks)
-        self._blocks.append(block)
+        num_bytes = storage.nbytes()
+        index = len(self._sizes)
+        self._sizes.append(num_bytes)
+        self._categories.append(_CATEGORY_INDEX[category])
+        self._modules.append(self._module_id(module or ""))
         self._live_blocks[key] = index
         self._refs[key] = weakref.ref(storage, lambda _, key=key, index=index: self._free(key, index))
-        self._live[category] += block.num_bytes
-        self._live_total += block.num_bytes
-        self._by_module[block.module] = self._by_module.get(block.module, 0) + block.num_bytes
+        self._live[category] += num_bytes
+        self._live_total += num_bytes
         self._events.append(index + 1)
         if self._live_total > self._peak_bytes:
             self._peak_bytes, self._peak_event = self._live_total, len(self._events) - 1
@@ -154,40 +149,64 @@ class Tracker(TorchDispatchMode):
             return
         del self._live_blocks[key]
         self._refs.pop(key, None)
-        block = self._blocks[index]
-        self._live[block.category] -= block.num_bytes
-        self._live_total -= block.num_bytes
+        self._live[CATEGORIES[self._categories[index]]] -= self._sizes[index]
+        self._live_total -= self._sizes[index]
         self._events.append(-(index + 1))
 
-    def _move(self, block: _Block, category: str) -> None:
-        if block.category != category:
-            self._live[block.category] -= block.num_bytes
-            self._live[category] += block.num_bytes
-            block.category = category
+    def _module_id(self, name: str) -> int:
+        if name not in self._module_ids:
+            self._module_ids[name] = len(self._module_names)
+            self._module_names.append(name)
+        return self._module_ids[name]
 
-    def _reclassify(self, tensors: Iterable[torch.Tensor], category: str) -> None:
+    def _move(self, index: int, category: str, module: str | None = None) -> None:
+        if module is not None:
+            self._modules[index] = self._module_id(module)
+        old = CATEGORIES[self._categories[index]]
+        if old != category:
+            self._live[old] -= self._sizes[index]
+            self._live[category] += self._sizes[index]
+            self._categories[index] = _CATEGORY_INDEX[category]
+
+    def _reclassify(self, tensors: Iterable[torch.Tensor], category: str, module: str | None = None) -> None:
         for tensor in tensors:
             index = self._live_blocks.get(tensor.untyped_storage()._cdata)
             if index is None:
-                self._add(tensor, category, None)
+                self._add(tensor, category, module)
             else:
-                self._move(self._blocks[index], category)
+                self._move(index, category, module)
+
+    def _end_step(self) -> None:
+        self._in_step = False
+        self._classify_optimizer_state()
 
     def _classify_optimizer_state(self) -> None:
-        for state in self.optimizer.state.values():
-            self._reclassify(_tensors(state), OPTIMIZER_STATE)
+        for param, state in self.optimizer.state.items():
+            self._reclassify(_tensors(state), OPTIMIZER_STATE, self._param_modules.get(id(param)))
 
     def _classify_held(self) -> None:
         for obj, category in self._held:
             self._reclassify(_tensors(obj), category)
 
-    def _replay(self, until: int) -> Iterator[tuple[int, dict[str, int]]]:
-        """``(event, bytes by final category)`` after each event up to ``until`` (inclusive)."""
-        live = dict.fromkeys(CATEGORIES, 0)
+    def _replay(self, until: int) -> Iterator[tuple[int, list[int]]]:
+        """``(event, bytes by final category in CATEGORIES order)`` after each event up to
+        ``until`` (inclusive); the list is reused between events."""
+        live = [0] * len(CATEGORIES)
+        sizes, categories = self._sizes, self._categories
         for event, code in enumerate(self._events[: until + 1]):
-            block = self._blocks[abs(code) - 1]
-            live[block.category] += block.num_bytes if code > 0 else -block.num_bytes
+            index = abs(code) - 1
+            live[categories[index]] += sizes[index] if code > 0 else -sizes[index]
             yield event, live
+
+    def _live_at(self, until: int) -> list[int]:
+        """Indices of the blocks live after event ``until``."""
+        live: set[int] = set()
+        for code in self._events[: until + 1]:
+            if code > 0:
+                live.add(code - 1)
+            else:
+                live.discard(-code - 1)
+        return sorted(live)
 
     # -- results -------------------------------------------------------------------------------------
     @property
@@ -209,19 +228,105 @@ class Tracker(TorchDispatchMode):
         last = len(self._events) - 1
         step = max(1, (last + 1) // points) if points else 1
         keep = lambda event: event % step == 0 or event in (self._peak_event, last)
-        return [(event, dict(live)) for event, live in self._replay(last) if keep(event)]
+        return [(event, dict(zip(CATEGORIES, live, strict=True))) for event, live in self._replay(last) if keep(event)]
 
-    def report(self, top: int | None = None) -> MemoryReport:
-        """The peak and what was live at that moment by (final) category; bytes allocated per module."""
+    def report(self, top: int | None = None, timeline_points: int | None = None) -> MemoryReport:
+        """The peak, and what was live at that moment by (final) category and by module (the
+        ``top`` ones); with ``timeline_points``, a timeline of about that many samples.
+
+        A module is charged its parameters and buffers, their gradients and optimizer state, and
+        what it allocated in forward or backward that was live at the peak.
+        """
         at_peak = dict.fromkeys(CATEGORIES, 0)
-        for _, live in self._replay(self._peak_event):
-            at_peak = live
-        ranked = sorted(self._by_module.items(), key=lambda item: (-item[1], item[0]))
+        by_module: dict[str, int] = {}
+        for index in self._live_at(self._peak_event):
+            module = self._module_names[self._modules[index]]
+            at_peak[CATEGORIES[self._categories[index]]] += self._sizes[index]
+            by_module[module] = by_module.get(module, 0) + self._sizes[index]
+        ranked = sorted(by_module.items(), key=lambda item: (-item[1], item[0]))
         return MemoryReport(
             by_category=dict(at_peak),
             by_module=ranked[:top] if top else ranked,
             peak_bytes=self._peak_bytes,
+            timeline=self.timeline(timeline_points) if timeline_points else [],
         )
+
+
+class _ModuleStack:
+    """Which module is running: a stack of forward calls, and one of modules in backward.
+
+    Forward: global pre/post forward hooks push and pop each module. Backward (only when the
+    forward recorded a graph): a hook on a module's outputs pushes it when its gradients arrive,
+    one on its inputs pops it when they are computed, and the stack empties when backward ends.
+    Nothing is registered for forwards without gradients, so inference keeps no per-call state.
+    """
+
+    def __init__(self, model: nn.Module | None) -> None:
+        self._names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
+        self._forward: list[str] = []
+        self._backward: list[str] = []
+        self._reset_queued = False
+
+    def __enter__(self) -> _ModuleStack:
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._handles = [
+            register_module_forward_pre_hook(self._pre_forward),
+            register_module_forward_hook(self._post_forward, always_call=True),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def current(self, in_backward: bool) -> str | None:
+        """The innermost running module's name ("" for the root), or None outside any."""
+        if self._forward:  # a forward, or a checkpointed layer recomputed inside backward
+            return self._forward[-1]
+        if in_backward and self._backward:
+            return self._backward[-1]
+        return None
+
+    def _name(self, module: nn.Module) -> str:
+        return self._names.get(id(module), type(module).__name__)
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        name = self._name(module)
+        self._forward.append(name)
+        if _records_graph():
+            inputs = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            if inputs:  # mode "any": the hook keeps no gradients waiting for the others
+                register_multi_grad_hook(inputs, lambda _: self._leave_backward(name), mode="any")
+
+    def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._forward:
+            self._forward.pop()
+        if _records_graph():
+            name = self._name(module)
+            outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            if outputs:
+                register_multi_grad_hook(outputs, lambda _: self._enter_backward(name), mode="any")
+
+    def _enter_backward(self, name: str) -> None:
+        self._backward.append(name)
+        if not self._reset_queued:
+            self._reset_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _leave_backward(self, name: str) -> None:
+        if name in self._backward:
+            del self._backward[len(self._backward) - 1 - self._backward[::-1].index(name)]
+
+    def _end_backward(self) -> None:
+        self._backward.clear()
+        self._reset_queued = False
+
+
+def _records_graph() -> bool:
+    """A forward that backward will traverse: gradients on, and not a recompute inside backward
+    (activation checkpointing), whose graph is consumed at once."""
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:

@@ -27,6 +27,7 @@ from memfit.plan import Mode, Workload
 from memfit.strategies.training import build_optimizer
 
 TRAIN_STEPS = 2
+TIMELINE_POINTS = 400
 
 
 def profile(model: nn.Module, workload: Workload) -> MemoryReport:
@@ -37,7 +38,8 @@ def profile(model: nn.Module, workload: Workload) -> MemoryReport:
     as with any other rate.
 
     Returns:
-        A `MemoryReport` (top 20 modules) of the peak.
+        A `MemoryReport` of the peak, with the top 20 modules and a timeline of about
+        `TIMELINE_POINTS` samples.
     """
     was_training = model.training
     model.train(workload.mode is Mode.TRAIN)
@@ -47,7 +49,7 @@ def profile(model: nn.Module, workload: Workload) -> MemoryReport:
             run_workload(model, workload, tracker, optimizer)
     finally:
         model.train(was_training)
-    return tracker.report(top=20)
+    return tracker.report(top=20, timeline_points=TIMELINE_POINTS)
 
 
 def run_workload(model: nn.Module, workload: Workload, tracker: Tracker, optimizer=None) -> None:
@@ -62,7 +64,10 @@ def run_workload(model: nn.Module, workload: Workload, tracker: Tracker, optimiz
         with torch.no_grad():
             cache = kv_cache(model, workload)
             _, token = cached_step(model, ids, cache)
-            tracker.hold(cache)  # allocated during the prompt; the report counts it from its allocation
+            # allocated during the prompt; the report counts it from its allocation. Keys and
+            # values only: the cache's position counters are bookkeeping.
+            layers = getattr(cache, "layers", None)
+            tracker.hold([(layer.keys, layer.values) for layer in layers] if layers else cache)
             for _ in range(workload.new_tokens):
                 _, token = cached_step(model, token, cache)
     else:

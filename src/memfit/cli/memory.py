@@ -1,0 +1,212 @@
+"""``memfit profile`` and ``memfit estimate``: measured and predicted memory of a workload.
+
+Both take the same options. ``profile`` loads the model, applies the recipe and runs the workload
+with every allocation tracked; ``estimate`` reads only the config and runs the same code on fake
+tensors, so it answers for models far larger than the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+from pathlib import Path
+
+from memfit.cli import console, options
+
+_WORKLOADS = """\
+workloads (--mode):
+  infer     one forward of --batch sequences of --seq tokens, no KV cache, no gradients
+  generate  a prompt of --seq tokens into a KV cache sized for prompt + --new-tokens, then
+            --new-tokens single-token steps (batch --batch)
+  train     two steps of forward, backward and optimizer step; the peak is the steady state,
+            with the optimizer state allocated
+
+categories: parameters, buffers, gradients, optimizer_state, activations (allocated in a
+module's forward), kv_cache, temporary (backward and optimizer arithmetic, work between modules)"""
+
+_RECIPES = """\
+recipe tokens: int8, int4-gN, bf16, fp16 (weights); bf16-autocast, checkpointing,
+checkpointing-K (every K-th layer), sgd, adamw (training); comma-separated"""
+
+PROFILE_EPILOG = f"""\
+{_WORKLOADS}
+
+{_RECIPES}
+
+examples:
+  memfit profile --model demo --mode train --batch 2 --seq 256
+  memfit profile --model demo --mode generate --batch 4 --seq 256 --new-tokens 256 --json
+  memfit profile --model ./smollm2-int8 --mode infer --seq 1024 --report profile.html
+
+JSON (last stdout line): {{"peak_bytes", "by_category": {{...}}, "by_module": [[name, bytes], ...top 20],
+"peak_rss_bytes", "rss_growth_bytes", "tracked_growth_bytes"}}"""
+
+ESTIMATE_EPILOG = f"""\
+models (--model): anything --model accepts elsewhere, a config.json, or a bundled config:
+  {{configs}}
+Bundled configs and bare config files are fp32; add bf16 to the recipe for bf16 weights.
+
+{_WORKLOADS}
+
+{_RECIPES}
+
+examples:
+  memfit estimate --model llama-3-70b --mode train --batch 1 --seq 4096 --json
+  memfit estimate --model llama-3-8b --mode generate --batch 8 --seq 2048 --new-tokens 512 --recipe int4-g128
+  memfit estimate --model demo --mode train --seq 256 --recipe bf16,sgd --budget 1GiB
+
+JSON (last stdout line): {{"peak_bytes", "by_category": {{...}}, "by_module": [[name, bytes], ...top 20]}},
+plus "max_batch_size" with --budget"""
+
+
+def add_parser(subparsers) -> None:
+    from memfit.models.load import bundled_configs
+
+    for name, run, epilog, summary in (
+        ("profile", run_profile, PROFILE_EPILOG, "measure the memory of a workload, by category and module"),
+        ("estimate", run_estimate, ESTIMATE_EPILOG.replace("{configs}", ", ".join(bundled_configs())),
+         "predict the memory of a workload without running it (any model size)"),
+    ):
+        parser = subparsers.add_parser(
+            name, help=summary, description=summary[0].upper() + summary[1:] + ".", epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        options.add_model(parser)
+        parser.add_argument("--mode", choices=("infer", "generate", "train"), default="infer",
+                            help="the workload (default infer)")
+        parser.add_argument("--batch", type=_positive, default=1, metavar="B", help="sequences per step (default 1)")
+        parser.add_argument("--seq", type=_positive, default=512, metavar="S",
+                            help="tokens per sequence, the prompt for generate (default 512)")
+        parser.add_argument("--new-tokens", type=_positive, default=128, metavar="N",
+                            help="tokens generated after the prompt (generate only; default 128)")
+        parser.add_argument("--recipe", default="none", metavar="R",
+                            help="strategies to apply first, e.g. int8 or bf16,checkpointing (default none)")
+        parser.add_argument("--optimizer", choices=("adamw", "sgd"), default=None,
+                            help="optimizer for train (default adamw; same as adding the token to --recipe)")
+        if name == "estimate":
+            parser.add_argument("--budget", metavar="SIZE",
+                                help="also print the largest batch whose predicted peak fits SIZE (e.g. 1GiB)")
+        parser.add_argument("--report", type=Path, metavar="FILE",
+                            help="write the tables and a timeline plot by category (.html page or .png plot)")
+        options.add_json(parser)
+        parser.set_defaults(run=run)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def _plan_and_workload(args: argparse.Namespace):
+    from memfit.errors import OutputError
+    from memfit.plan import Mode, Plan, Workload
+
+    recipe = args.recipe if args.optimizer is None else f"{args.recipe},{args.optimizer}"
+    plan = Plan.parse(recipe)  # bad recipes fail before anything is loaded
+    mode = Mode(args.mode)
+    new_tokens = args.new_tokens if mode is Mode.GENERATE else 0
+    workload = Workload(mode=mode, batch_size=args.batch, seq_len=args.seq, new_tokens=new_tokens)
+    if args.report is not None:
+        if args.report.suffix not in (".html", ".png"):
+            raise OutputError(f"report {str(args.report)!r} is neither .html nor .png", "name it report.html or .png")
+        if not args.report.parent.is_dir():
+            raise OutputError(f"the directory of report {str(args.report)!r} does not exist", "create it first")
+    return plan, workload
+
+
+def _label(args: argparse.Namespace, plan, workload) -> str:
+    sizes = f"batch {workload.batch_size}, seq {workload.seq_len}"
+    if workload.new_tokens:
+        sizes += f" + {workload.new_tokens} new"
+    return f"{args.model}: {workload.mode.value}, {sizes}, recipe {plan.recipe}"
+
+
+@contextlib.contextmanager
+def _status(text: str):
+    if console.stderr.is_terminal:
+        with console.stderr.status(text):
+            yield
+    else:
+        yield
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from memfit.memory.estimate import estimate, max_batch_size
+    from memfit.models.load import skeleton
+    from memfit.units import format_bytes, parse_bytes
+
+    plan, workload = _plan_and_workload(args)
+    budget_bytes = parse_bytes(args.budget) if args.budget is not None else None
+    with _status("reading the config"):
+        model = skeleton(args.model)
+    with _status("running the workload on fake tensors"):
+        report = estimate(model, plan, workload)
+    batch = None
+    if budget_bytes is not None:
+        with _status(f"searching the largest batch under {format_bytes(budget_bytes)}"):
+            batch = max_batch_size(model, budget_bytes, workload, plan)
+    extra = {} if batch is None else {"max_batch_size": batch}
+    summary = [] if batch is None else [(f"largest batch under {format_bytes(budget_bytes)}", str(batch))]
+    _output(args, "memfit estimate", _label(args, plan, workload), report, extra, summary)
+    return 0
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from memfit.memory.report import weight_bytes
+    from memfit.memory.rss import RssWatch, make_resident, return_freed_memory
+    from memfit.memory.workload import profile
+    from memfit.models.load import load
+    from memfit.plan import Context, apply
+    from memfit.units import format_bytes
+
+    plan, workload = _plan_and_workload(args)
+    return_freed_memory()  # so RSS follows live tensors, not the allocator's history
+    model, _ = load(args.model)
+    with console.progress_bar() as progress:
+        apply(model, plan, Context(progress=progress))
+    start_bytes = weight_bytes(model)
+    make_resident(model)  # mmap-backed weights would otherwise page in during the run
+    # one-time work (lazy imports and kernel set-up on the first forward) stays out of the run
+    profile(model, dataclasses.replace(workload, batch_size=1, new_tokens=min(workload.new_tokens, 1)))
+    with _status("running the workload"), RssWatch() as watch:
+        report = profile(model, workload)
+    tracked_growth = report.peak_bytes - start_bytes
+    extra = {
+        "peak_rss_bytes": watch.peak_bytes,
+        "rss_growth_bytes": watch.growth_bytes,
+        "tracked_growth_bytes": tracked_growth,
+    }
+    explained = f"{100 * tracked_growth / watch.growth_bytes:.1f}%" if watch.growth_bytes else "-"
+    summary = [
+        ("process peak RSS", format_bytes(watch.peak_bytes)),
+        ("RSS growth during the run", format_bytes(watch.growth_bytes)),
+        ("tracked growth (peak - weights)", f"{format_bytes(tracked_growth)} ({explained} of the RSS growth)"),
+    ]
+    _output(args, "memfit profile", _label(args, plan, workload), report, extra, summary)
+    return 0
+
+
+def _output(args, command: str, label: str, report, extra: dict, summary: list[tuple[str, str]]) -> None:
+    from memfit.io import write_atomic
+    from memfit.memory.render import category_rows, module_rows, render_html, timeline_png
+
+    title = f"{command}: {label}"
+    if args.report is not None:
+        data = render_html(report, title, summary).encode() if args.report.suffix == ".html" else timeline_png(
+            report, title)
+        write_atomic(args.report, data)
+    if args.json:
+        console.print_json({**report.to_dict(top=20), **extra})
+        return
+    console.table(title, ("category", "bytes at the peak", "share"), category_rows(report))
+    console.table("top modules (bytes held and allocated)", ("module", "bytes"), module_rows(report, top=10))
+    for key, value in summary:
+        console.stdout.print(f"{key}: {value}")
+    if args.report is not None:
+        console.stdout.print(f"report: {args.report}")
