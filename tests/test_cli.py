@@ -108,3 +108,91 @@ def test_entry_point_runs_as_a_program(tmp_path):
     assert done.stderr.count("\n") == 1 and "unknown recipe token 'int3'" in done.stderr
     helped = subprocess.run([str(memfit_bin), "optimize", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--max-ppl-increase" in helped.stdout and "examples:" in helped.stdout
+
+
+MEMORY_KEYS = {"peak_bytes", "by_category", "by_module"}
+CATEGORY_KEYS = {"parameters", "buffers", "gradients", "optimizer_state", "activations", "kv_cache", "temporary"}
+
+
+def test_estimate_json_contract_matches_profile(capsys):
+    args = ["--model", "tiny-llama", "--mode", "train", "--batch", "2", "--seq", "64", "--recipe", "checkpointing"]
+    assert main(["estimate", *args, "--json"]) == 0
+    predicted = _last_json(capsys)
+    assert set(predicted) == MEMORY_KEYS and set(predicted["by_category"]) == CATEGORY_KEYS
+    assert len(predicted["by_module"]) == 20 and all(len(row) == 2 for row in predicted["by_module"])
+    assert main(["profile", *args, "--json"]) == 0
+    measured = _last_json(capsys)
+    assert set(measured) == MEMORY_KEYS | {"peak_rss_bytes", "rss_growth_bytes", "tracked_growth_bytes"}
+    assert predicted == {k: measured[k] for k in MEMORY_KEYS}
+    assert measured["tracked_growth_bytes"] == measured["peak_bytes"] - 361_792
+
+
+def test_estimate_optimizer_flag_is_the_recipe_token(capsys):
+    base = ["estimate", "--model", "tiny-llama", "--mode", "train", "--seq", "32", "--json"]
+    assert main([*base, "--optimizer", "sgd"]) == 0
+    flag = _last_json(capsys)
+    assert main([*base, "--recipe", "sgd"]) == 0
+    assert _last_json(capsys) == flag
+    # SGD with momentum: one buffer per parameter, no step counters
+    assert flag["by_category"]["optimizer_state"] == 361_728
+    assert main([*base, "--recipe", "sgd", "--optimizer", "adamw"]) == 2
+    _one_line_error(capsys, "uses 'optimizer' twice", "keep one token per strategy")
+
+
+def test_estimate_budget_prints_the_largest_batch(capsys):
+    base = ["estimate", "--model", "tiny-llama", "--mode", "train", "--seq", "32"]
+    assert main([*base, "--budget", "6MB", "--json"]) == 0
+    batch = _last_json(capsys)["max_batch_size"]
+    at = lambda b: (main([*base, "--batch", str(b), "--json"]), _last_json(capsys)["peak_bytes"])[1]
+    assert batch > 1 and at(batch) <= 6_000_000 < at(batch + 1)
+    assert main([*base, "--budget", "6MB"]) == 0
+    assert f"largest batch under 6 MB: {batch}" in capsys.readouterr().out
+    assert main([*base, "--budget", "10KB"]) == 2
+    _one_line_error(capsys, "batch size 1 needs", "over the budget of 10 KB")
+
+
+def test_estimate_from_a_bundled_config_in_fp32_and_bf16(capsys):
+    base = ["estimate", "--model", "llama-3-8b", "--json"]
+    assert main(base) == 0
+    fp32 = _last_json(capsys)["by_category"]["parameters"]
+    assert main([*base, "--recipe", "bf16"]) == 0
+    assert _last_json(capsys)["by_category"]["parameters"] * 2 == fp32 == 4 * 8_030_261_248
+
+
+@pytest.mark.parametrize("suffix", [".html", ".png"])
+def test_report_has_the_timeline_plot(capsys, tmp_path, suffix):
+    report = tmp_path / f"memory{suffix}"
+    args = ["estimate", "--model", "tiny-llama", "--mode", "generate", "--seq", "16", "--new-tokens", "4"]
+    assert main([*args, "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "kv_cache" in out and f"report: {report}" in out
+    data = report.read_bytes()
+    if suffix == ".png":
+        assert data.startswith(b"\x89PNG")
+    else:
+        assert b"data:image/png;base64," in data and b"kv_cache" in data
+    assert list(tmp_path.iterdir()) == [report]  # no temporary file left
+
+
+def test_memory_cli_bad_input_is_one_line_exit_2(capsys, tmp_path):
+    assert main(["estimate", "--model", "llama-9"]) == 2
+    _one_line_error(capsys, "'llama-9' not found", "bundled config")
+    assert main(["profile", "--model", "tiny-llama", "--recipe", "int3"]) == 2
+    _one_line_error(capsys, "unknown recipe token 'int3'")
+    assert main(["estimate", "--model", "tiny-llama", "--report", str(tmp_path / "r.txt")]) == 2
+    _one_line_error(capsys, "neither .html nor .png")
+    assert not (tmp_path / "r.txt").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["estimate", "--model", "tiny-llama", "--batch", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_profile_tracks_nearly_all_of_the_rss_growth(tmp_path):
+    # Its own process, so the RSS is the workload's alone: a training step of tiny-llama big
+    # enough (batch 16 x 1024 tokens) that the growth is far above the noise.
+    args = ["profile", "--model", "tiny-llama", "--mode", "train", "--batch", "16", "--seq", "1024", "--json"]
+    result = subprocess.run([sys.executable, "-m", "memfit.cli.main", *args], capture_output=True, text=True,
+                            check=True, cwd=tmp_path, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["rss_growth_bytes"] > 100e6
+    assert data["tracked_growth_bytes"] >= 0.9 * data["rss_growth_bytes"]

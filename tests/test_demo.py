@@ -67,3 +67,52 @@ def test_optimize_fits_30_percent(fp32, outputs):
     reloaded = run_json("eval", "--model", str(out), "--tokens", "4096")
     assert reloaded["weight_bytes"] == result["metrics"]["weight_bytes"]
     assert reloaded["perplexity"] == pytest.approx(result["metrics"]["perplexity"], rel=1e-4)
+
+
+@pytest.mark.parametrize(("recipe", "workload"), [
+    ("none", {"batch_size": 1, "seq_len": 128}),
+    ("checkpointing", {"mode": "train", "batch_size": 2, "seq_len": 256}),
+    ("none", {"mode": "generate", "batch_size": 4, "seq_len": 64, "new_tokens": 32}),
+], ids=["infer", "train-checkpointing", "generate"])
+def test_predicted_memory_equals_tracked_memory(demo, recipe, workload):
+    import copy
+
+    import memfit
+    from memfit.memory.workload import profile
+
+    model = copy.deepcopy(demo[0])
+    work = memfit.Workload.from_dict(workload)
+    predicted = memfit.estimate(model, recipe, work)
+    tracked = profile(memfit.apply(model, recipe), work)
+    assert predicted == tracked
+    if work.mode is memfit.Mode.GENERATE:  # 30 layers, 3 KV heads of 64, fp32
+        assert tracked.by_category["kv_cache"] == 2 * 30 * 3 * 64 * (64 + 32) * 4 * 4
+
+
+def test_max_batch_size_under_1_gib_holds_when_run(demo):
+    import copy
+
+    import memfit
+    from memfit.memory.estimate import max_batch_size
+    from memfit.memory.workload import profile
+
+    recipe, budget = "bf16,sgd,checkpointing", 1 << 30
+    work = memfit.Workload(mode=memfit.Mode.TRAIN, seq_len=256)
+    batch = max_batch_size(demo[0], budget, work, recipe)
+    at = lambda b: memfit.Workload(mode=memfit.Mode.TRAIN, seq_len=256, batch_size=b)
+    assert batch >= 2
+    assert memfit.estimate(demo[0], recipe, at(batch + 1)).peak_bytes > budget
+    assert profile(memfit.apply(copy.deepcopy(demo[0]), recipe), at(batch)).peak_bytes <= budget
+
+
+def test_profile_explains_the_rss_growth_of_a_training_step(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = ["profile", "--model", "demo", "--mode", "train", "--batch", "2", "--seq", "256", "--json"]
+    result = subprocess.run([sys.executable, "-m", "memfit.cli.main", *args], capture_output=True, text=True,
+                            check=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["rss_growth_bytes"] > 1e9
+    assert data["tracked_growth_bytes"] >= 0.9 * data["rss_growth_bytes"]

@@ -19,7 +19,7 @@ def test_empty_recipe_is_the_empty_plan():
 
 
 def test_unknown_token_names_the_known_ones():
-    known = "bf16, fp16, int8, int4-g32, int4-g64, int4-g128"
+    known = "bf16, fp16, checkpointing, checkpointing-2, bf16-autocast, sgd, int8, int4-g32, int4-g64, int4-g128"
     with pytest.raises(RecipeError, match=f"unknown recipe token 'int3'; known tokens: {known}"):
         Plan.parse("int3")
 

@@ -30,8 +30,12 @@ TRAIN_STEPS = 2
 TIMELINE_POINTS = 400
 
 
-def profile(model: nn.Module, workload: Workload) -> MemoryReport:
+def profile(model: nn.Module, workload: Workload, *, decode_steps: int | None = None) -> MemoryReport:
     """Measure ``workload`` on ``model``: every allocation, tracked (see `memfit.memory.track`).
+
+    ``decode_steps`` runs only that many of a generation's single-token steps (the cache is still
+    sized for all of them). With a static cache every step allocates the same shapes, so the peak
+    is the same; `memfit.estimate` runs two.
 
     Training uses the optimizer of the model's plan (`memfit.strategies.Optimizer`; AdamW if
     none) with a learning rate of 0, so the weights are left as they were; the memory is the same
@@ -46,13 +50,15 @@ def profile(model: nn.Module, workload: Workload) -> MemoryReport:
     optimizer = build_optimizer(model) if workload.mode is Mode.TRAIN else None
     try:
         with track(model, optimizer) as tracker:
-            run_workload(model, workload, tracker, optimizer)
+            run_workload(model, workload, tracker, optimizer, decode_steps=decode_steps)
     finally:
         model.train(was_training)
     return tracker.report(top=20, timeline_points=TIMELINE_POINTS)
 
 
-def run_workload(model: nn.Module, workload: Workload, tracker: Tracker, optimizer=None) -> None:
+def run_workload(
+    model: nn.Module, workload: Workload, tracker: Tracker, optimizer=None, decode_steps: int | None = None
+) -> None:
     """Run ``workload`` on ``model`` while ``tracker`` is active (the caller enters it)."""
     vocab = model.config.vocab_size
     device = next(model.parameters()).device
@@ -68,7 +74,8 @@ def run_workload(model: nn.Module, workload: Workload, tracker: Tracker, optimiz
             # values only: the cache's position counters are bookkeeping.
             layers = getattr(cache, "layers", None)
             tracker.hold([(layer.keys, layer.values) for layer in layers] if layers else cache)
-            for _ in range(workload.new_tokens):
+            steps = workload.new_tokens if decode_steps is None else min(decode_steps, workload.new_tokens)
+            for _ in range(steps):
                 _, token = cached_step(model, token, cache)
     else:
         for _ in range(TRAIN_STEPS):
