@@ -196,3 +196,24 @@ def test_profile_tracks_nearly_all_of_the_rss_growth(tmp_path):
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["rss_growth_bytes"] > 100e6
     assert data["tracked_growth_bytes"] >= 0.9 * data["rss_growth_bytes"]
+
+
+def test_compress_with_gptq_calibrates_and_reloads(capsys, tmp_path):
+    out = tmp_path / "gptq"
+    args = ["compress", "--model", "tiny-llama", "--recipe", "int4-g32-gptq", "--calibration-windows", "4",
+            "--out", str(out), *TOKENS, "--json"]
+    assert main(args) == 0
+    compressed = _last_json(capsys)["metrics"]
+    assert main(["eval", "--model", str(out), *TOKENS, "--json"]) == 0
+    reloaded = _last_json(capsys)
+    assert reloaded["weight_bytes"] == compressed["weight_bytes"]
+    assert reloaded["perplexity"] == pytest.approx(compressed["perplexity"], rel=1e-6)
+
+
+def test_missing_calibration_text_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path):
+    out = tmp_path / "out"
+    args = ["compress", "--model", "tiny-llama", "--recipe", "int8-gptq", "--calibration-text",
+            str(tmp_path / "none.txt"), "--out", str(out)]
+    assert main(args) == 2
+    _one_line_error(capsys, "none.txt' does not exist")
+    assert not out.exists()

@@ -16,6 +16,7 @@ from memfit.cli.main import main
 pytestmark = pytest.mark.slow
 
 FP32_PARAMETERS = 134_515_008  # SmolLM2-135M, tied embedding counted once
+COMPRESSED: dict[str, dict] = {}  # recipe -> metrics, filled by the compress test
 
 
 def run_json(*args: str) -> dict:
@@ -47,11 +48,21 @@ def test_fp32_perplexity_and_bytes(fp32):
 def test_compress_meets_bytes_and_quality_and_reloads_identically(fp32, outputs, recipe, max_bytes, max_increase):
     out = outputs / recipe
     compressed = run_json("compress", "--model", "demo", "--recipe", recipe, "--out", str(out))["metrics"]
+    COMPRESSED[recipe] = compressed
     assert compressed["weight_bytes"] <= max_bytes * fp32["weight_bytes"]
     assert compressed["perplexity"] <= (1 + max_increase) * fp32["perplexity"]
     reloaded = run_json("eval", "--model", str(out))
     assert reloaded["weight_bytes"] == compressed["weight_bytes"]
     assert reloaded["perplexity"] == pytest.approx(compressed["perplexity"], rel=1e-4)
+
+
+def test_gptq_int4_loses_at_most_half_of_round_to_nearest(fp32, outputs):
+    rtn = COMPRESSED.get("int4-g128") or run_json(
+        "compress", "--model", "demo", "--recipe", "int4-g128", "--out", str(outputs / "rtn"))["metrics"]
+    gptq = run_json("compress", "--model", "demo", "--recipe", "int4-g128-gptq", "--out", str(outputs / "gptq"))
+    increase = lambda m: m["perplexity"] / fp32["perplexity"] - 1
+    assert gptq["metrics"]["weight_bytes"] == rtn["weight_bytes"]
+    assert increase(gptq["metrics"]) <= 0.5 * increase(rtn)
 
 
 def test_optimize_fits_30_percent(fp32, outputs):

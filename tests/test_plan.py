@@ -19,7 +19,8 @@ def test_empty_recipe_is_the_empty_plan():
 
 
 def test_unknown_token_names_the_known_ones():
-    known = "bf16, fp16, checkpointing, checkpointing-2, bf16-autocast, sgd, int8, int4-g32, int4-g64, int4-g128"
+    known = ("bf16, fp16, checkpointing, checkpointing-2, bf16-autocast, sgd, int8, int8-gptq, int4-g32, int4-g64, "
+             "int4-g128, int4-g128-gptq")
     with pytest.raises(RecipeError, match=f"unknown recipe token 'int3'; known tokens: {known}"):
         Plan.parse("int3")
 
@@ -61,7 +62,7 @@ def test_nested_targets_round_trip():
 def test_unknown_setting_fails_and_lists_the_allowed():
     data = Plan.parse("int8").to_dict()
     data["strategies"][0]["bits"] = 3
-    with pytest.raises(RecipeError, match=r"unknown setting\(s\) \['bits'\].*allowed: \['targets'\]"):
+    with pytest.raises(RecipeError, match=r"unknown setting\(s\) \['bits'\].*allowed: \['method', 'targets'\]"):
         Plan.from_dict(data)
 
 

@@ -14,8 +14,8 @@ TOKENS = 1024
 def test_space_has_every_option_once_and_the_empty_plan_first():
     recipes = [p.recipe for p in candidate_plans()]
     assert recipes[0] == "none"
-    assert len(recipes) == len(set(recipes)) == 10  # {none, int8, int4-g32/64/128} x {none, bf16}
-    assert "int4-g128,bf16" in recipes and "fp16" not in recipes
+    assert len(recipes) == len(set(recipes)) == 10  # {none, int8, int4-g32/64, int4-g128-gptq} x {none, bf16}
+    assert "int4-g128-gptq,bf16" in recipes and "int4-g128" not in recipes and "fp16" not in recipes
     assert "fp16" in [p.recipe for p in candidate_plans(memfit.Workload(device="cuda"))]
 
 

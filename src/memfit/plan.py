@@ -105,6 +105,11 @@ class Plan:
         return dataclasses.replace(self, strategies=ordered)
 
     @property
+    def needs_calibration(self) -> bool:
+        """True if a strategy needs calibration windows in `Context.calibration`."""
+        return any(s.needs_calibration for s in self.strategies)
+
+    @property
     def recipe(self) -> str:
         """The plan as a recipe string; ``"none"`` for the empty plan."""
         return ",".join(s.token for s in self.strategies) or "none"

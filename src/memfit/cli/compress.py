@@ -12,6 +12,8 @@ recipe tokens (comma-separated, or a .json/.yaml recipe file):
   int8         weight-only int8 per output channel: Linear layers, embedding and head
   int4-gN      weight-only 4-bit, groups of N in {32, 64, 128, 256}, asymmetric;
                embedding and head kept at int8
+  int4-gN-gptq, int8-gptq
+               the same grids and bytes, codes chosen by GPTQ on calibration text
   bf16, fp16   cast what is still floating point
 
 examples:
@@ -30,6 +32,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--recipe", required=True, metavar="R", help="recipe tokens (int8, int4-g128, bf16) or a file")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (written atomically)")
     options.add_eval(parser)
+    options.add_calibration(parser)
     options.add_json(parser)
     parser.set_defaults(run=run)
 
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     text = options.eval_text_of(args)
     model, tokenizer = load(args.model)
     with console.progress_bar() as progress:
-        ctx = Context(progress=progress)
+        ctx = Context(progress=progress, calibration=options.calibration_of(args, tokenizer, plan))
         apply(model, plan, ctx)
         metrics = evaluate(model, tokenizer, text=text, num_tokens=args.tokens, progress=progress)
     save(model, tokenizer, args.out, notes=ctx.notes)

@@ -33,6 +33,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--report", type=Path, metavar="FILE",
                         help="also write the report here (FILE.html and FILE.md); it is always in DIR")
     options.add_eval(parser)
+    options.add_calibration(parser)
     options.add_json(parser)
     parser.set_defaults(run=run)
 
@@ -48,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model)
     limit = None if args.max_ppl_increase is None else args.max_ppl_increase / 100
     with console.progress_bar() as progress:
+        custom = args.calibration_text is not None or args.calibration_windows != options.CALIBRATION_WINDOWS
+        calibration = options.calibration_of(args, tokenizer) if custom else None  # else made if needed
         result = optimize(model, tokenizer, args.budget, max_quality_loss=limit, text=text,
-                          num_tokens=args.tokens, progress=progress)
+                          num_tokens=args.tokens, calibration=calibration, progress=progress)
     reports = write_reports(result)
     save(result.model, tokenizer, args.out, extra_files=reports, notes=result.best.notes)
     if args.report is not None:

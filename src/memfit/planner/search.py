@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import logging
 
+import torch
 from torch import nn
 
 from memfit.errors import BudgetError
@@ -85,6 +86,7 @@ def optimize(
     text: str | None = None,
     num_tokens: int = DEFAULT_TOKENS,
     measure_speed: bool = True,
+    calibration: torch.Tensor | None = None,
     progress: ProgressFn | None = None,
 ) -> OptimizeResult:
     """Search for the plan with the lowest perplexity whose weights fit ``budget``.
@@ -100,6 +102,8 @@ def optimize(
         text: evaluation text (the built-in evaluation part if None).
         num_tokens: evaluation tokens per candidate.
         measure_speed: also time prefill and decode of each candidate (ties go to faster decode).
+        calibration: token windows for calibrated plans (GPTQ); by default 32 windows of 512
+            tokens of the built-in calibration text, made only if a fitting plan needs them.
         progress: ``progress(description, done, total)`` callback.
 
     Returns:
@@ -130,13 +134,17 @@ def optimize(
             f"({100 * smallest.predicted_weight_bytes / original_bytes:.1f}% of the original)",
         )
 
+    if calibration is None and any(c.plan.needs_calibration for c in fitting):
+        from memfit.calibration import calibration_windows
+
+        calibration = calibration_windows(tokenizer)
     evaluate_kw = dict(text=text, num_tokens=num_tokens, measure_speed=measure_speed)
     baseline = evaluate(model, tokenizer, **evaluate_kw, progress=_stage(progress, "baseline"))
     for i, candidate in enumerate(fitting):
         if not candidate.plan.strategies:
             candidate.metrics = baseline
             continue
-        work, ctx = _applied_copy(model, candidate.plan, progress)
+        work, ctx = _applied_copy(model, candidate.plan, progress, calibration)
         candidate.notes = ctx.notes
         candidate.metrics = evaluate(work, tokenizer, **evaluate_kw, progress=_stage(progress, candidate.plan.recipe))
         del work
@@ -150,7 +158,7 @@ def optimize(
             progress("candidates", i + 1, len(fitting))
 
     best = _choose(candidates, baseline, max_quality_loss)
-    optimized, _ = _applied_copy(model, best.plan, None)
+    optimized, _ = _applied_copy(model, best.plan, None, calibration)
     return OptimizeResult(budget_bytes, baseline, best, candidates, optimized, max_quality_loss)
 
 
@@ -169,9 +177,11 @@ def _choose(candidates: list[Candidate], baseline: Metrics, max_quality_loss: fl
     return min(eligible, key=lambda c: (c.metrics.perplexity, -(c.metrics.decode_tokens_per_s or 0.0)))
 
 
-def _applied_copy(model: nn.Module, plan: Plan, progress: ProgressFn | None) -> tuple[nn.Module, Context]:
+def _applied_copy(
+    model: nn.Module, plan: Plan, progress: ProgressFn | None, calibration: torch.Tensor | None
+) -> tuple[nn.Module, Context]:
     work = copy.deepcopy(model)
-    ctx = Context(progress=progress)
+    ctx = Context(progress=progress, calibration=calibration)
     apply(work, plan, ctx)
     return work, ctx
 

@@ -67,6 +67,11 @@ class Strategy:
         """The recipe token that `from_token` parses back into this strategy."""
         raise NotImplementedError
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True if applying needs calibration token windows in ``Context.calibration``."""
+        return False
+
     @classmethod
     def from_token(cls, token: str) -> Strategy | None:
         """Parse a recipe token, or return ``None`` if the token is not this class's."""

@@ -1,0 +1,154 @@
+"""Decoder layer by decoder layer: capture the first layer's inputs, then for each layer let a
+method observe and change it, and pass its outputs on.
+
+Inputs of a layer are computed by the layers before it *after* they were changed (quantized), so
+each layer is fitted to the inputs it will see, as GPTQ prescribes. Only one layer's activations
+for the calibration windows are held at a time (plus the next layer's, while they are computed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from memfit.models.arch import decoder_parts
+
+if TYPE_CHECKING:
+    from memfit.plan import Context
+
+LayerInputs = list[tuple[torch.Tensor, dict[str, Any]]]
+"""One ``(hidden_states, keyword arguments)`` pair per calibration batch, as the layer receives them."""
+
+CALIBRATION_WINDOWS = 32
+CALIBRATION_WINDOW = 512
+
+
+def calibration_windows(
+    tokenizer, text: str | None = None, windows: int = CALIBRATION_WINDOWS, window: int = CALIBRATION_WINDOW
+) -> torch.Tensor:
+    """Token windows [windows, window] for calibration, from ``text`` or the built-in calibration
+    half (never the evaluation half).
+
+    Example:
+        >>> memfit.apply(model, "int4-g128-gptq", memfit.Context(calibration=calibration_windows(tokenizer)))
+    """
+    from memfit.data import calibration_text, token_windows
+
+    return token_windows(tokenizer, calibration_text() if text is None else text, windows * window, window)
+
+
+class _Captured(Exception):
+    """Raised by the first layer's hook once its inputs are recorded: nothing after it needs to run."""
+
+
+def capture_first_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> LayerInputs:
+    """Run each batch up to the first decoder layer and record what that layer receives."""
+    first = decoder_parts(model).layers[0]
+    captured: LayerInputs = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
+        captured.append((hidden.detach(), kwargs))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                with contextlib.suppress(_Captured):
+                    model(batch, use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
+    """The layer's outputs for every batch, paired with the same keyword arguments."""
+    outputs = []
+    with torch.no_grad():
+        for hidden, kwargs in inputs:
+            out = layer(hidden, **kwargs)
+            outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
+    return outputs
+
+
+def calibrate_layers(
+    model: nn.Module,
+    calibration: torch.Tensor | Sequence[torch.Tensor],
+    process: Callable[[int, nn.Module, LayerInputs], None],
+    ctx: Context,
+    label: str,
+) -> None:
+    """Call ``process(index, layer, inputs)`` on every decoder layer in order, where ``inputs``
+    are what the layer receives given the (already processed) layers before it.
+
+    Args:
+        calibration: token windows [N, T] (one batch per window) or a sequence of batches [B, T].
+        process: observes the layer on ``inputs`` and changes it in place.
+        label: progress bar description.
+    """
+    batches = [w[None] for w in calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = capture_first_layer_inputs(model, batches)
+        layers = decoder_parts(model).layers
+        for index, layer in enumerate(layers):
+            process(index, layer, inputs)
+            inputs = run_layer(layer, inputs)
+            ctx.report(label, index + 1, len(layers))
+    finally:
+        model.train(was_training)
+
+
+class InputStatistics:
+    """Accumulates X^T X of the inputs of chosen Linear layers while a layer runs.
+
+    Linears fed the same tensor (q, k and v; gate and up) share one product.
+
+    Example:
+        >>> with InputStatistics(linears) as stats:
+        ...     run_layer(layer, inputs)
+        >>> stats.hessian("self_attn.q_proj")
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear]) -> None:
+        self.linears = linears
+        self._sums: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, int] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (input, its X^T X, rows)
+
+    def __enter__(self) -> InputStatistics:
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._last = None
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                product, rows = self._last[1], self._last[2]
+            else:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                product, rows = flat.t() @ flat, flat.shape[0]
+                self._last = (x, product, rows)
+            if name in self._sums:
+                self._sums[name] += product
+            else:
+                self._sums[name] = product.clone()
+            self._rows[name] = self._rows.get(name, 0) + rows
+
+        return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """2 X^T X / rows: the Hessian of the layer's squared output error, for GPTQ."""
+        return 2 * self._sums[name] / self._rows[name]
