@@ -94,3 +94,92 @@ def test_calibrated_recipe_without_calibration_text_says_how_to_get_it(make_tiny
     model, _ = make_tiny("tiny-llama")
     with pytest.raises(memfit.RecipeError, match=r"int4-g128-gptq needs calibration text; .*calibration_windows"):
         memfit.apply(model, "int4-g128-gptq")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_awq_scales_fold_exactly_and_change_the_weights(make_tiny, name):
+    from memfit.calibration.awq import awq_scale_layer, scale_groups
+    from memfit.calibration.layerwise import capture_first_layer_inputs, run_layer
+    from memfit.strategies import Int4WeightOnly
+
+    model, _ = make_tiny(name)
+    layer = model.model.layers[0]
+    with torch.no_grad():  # make some input channels far more active, as in trained models
+        model.model.embed_tokens.weight[:, :4] *= 20
+    inputs = capture_first_layer_inputs(model, [torch.randint(0, 256, (1, 64)) for _ in range(4)])
+    before = run_layer(layer, inputs)
+    q_before = layer.self_attn.q_proj.weight.clone()
+    assert [g.name for g in scale_groups(layer)] == ["qkv", "gate_up", "down"]  # o skipped: GQA widths differ
+    chosen = awq_scale_layer(layer, inputs, Int4WeightOnly(group_size=32)._fake_quantize)
+    after = run_layer(layer, inputs)
+    assert set(chosen) == {"qkv", "gate_up", "down"} and max(chosen.values()) > 0
+    assert not torch.equal(layer.self_attn.q_proj.weight, q_before)
+    for (a, _), (b, _) in zip(before, after, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_beats_round_to_nearest_when_channels_are_uneven(make_tiny):
+    calibration = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(5))
+    held_out = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(6))
+
+    def uneven():
+        model, _ = make_tiny("tiny-llama")
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, :4] *= 20
+        return model
+
+    reference_model = uneven()
+    with torch.no_grad():
+        reference = reference_model(held_out).logits
+    scores = {}
+    for recipe in ("int4-g32", "int4-g32-awq"):
+        model = uneven()
+        memfit.apply(model, recipe, memfit.Context(calibration=calibration))
+        with torch.no_grad():
+            scores[recipe] = sqnr_db(reference, model(held_out).logits)
+        assert memfit.weight_bytes(model) == memfit.estimate(reference_model, recipe).weight_bytes
+    assert scores["int4-g32-awq"] > scores["int4-g32"]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("recipe", ["int4-g32-gptq", "int4-g32-awq", "int8-gptq"])
+def test_streamed_calibration_equals_calibrating_the_loaded_model(make_tiny, tmp_path, name, recipe):
+    from memfit.models.load import load_lazy
+
+    model, tokenizer = make_tiny(name)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    calibration = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(7))
+    full, _ = memfit.load(tmp_path)
+    memfit.apply(full, recipe, memfit.Context(calibration=calibration))
+
+    lazy, _, source = load_lazy(tmp_path)
+    assert all(p.is_meta for p in lazy.parameters())
+    memfit.apply(lazy, recipe, memfit.Context(calibration=calibration, source=source))
+    assert not any(t.is_meta for t in [*lazy.parameters(), *lazy.buffers()])
+    assert lazy.state_dict().keys() == full.state_dict().keys()
+    for key, tensor in lazy.state_dict().items():
+        assert torch.equal(tensor, full.state_dict()[key]), key
+    assert memfit.weight_bytes(lazy) == memfit.weight_bytes(full)
+    if model.config.tie_word_embeddings:
+        assert lazy.get_output_embeddings().qweight is lazy.get_input_embeddings().qweight
+
+
+def test_streaming_never_holds_the_whole_float_model(make_tiny, tmp_path):
+    from memfit.memory.tracker import track
+    from memfit.models.load import load_lazy
+
+    model, tokenizer = make_tiny("tiny-qwen2")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    calibration = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
+    full, _ = memfit.load(tmp_path)
+    with track(full) as tracker:
+        memfit.apply(full, "int4-g32-gptq", memfit.Context(calibration=calibration))
+    full_peak = tracker.report().peak_bytes
+    lazy, _, source = load_lazy(tmp_path)
+    with track() as tracker:
+        memfit.apply(lazy, "int4-g32-gptq", memfit.Context(calibration=calibration, source=source))
+    # the second layer's float weights are read only after the first layer's were packed and freed
+    layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    assert tracker.report().peak_bytes <= full_peak - layer_bytes

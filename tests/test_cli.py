@@ -198,9 +198,18 @@ def test_profile_tracks_nearly_all_of_the_rss_growth(tmp_path):
     assert data["tracked_growth_bytes"] >= 0.9 * data["rss_growth_bytes"]
 
 
-def test_compress_with_gptq_calibrates_and_reloads(capsys, tmp_path):
+@pytest.mark.parametrize("streamed", [False, True], ids=["loaded", "streamed"])
+def test_compress_with_gptq_calibrates_and_reloads(capsys, tmp_path, streamed):
+    ref = "tiny-llama"
+    if streamed:  # a safetensors directory is read layer by layer
+        from memfit.models import tiny
+
+        model, tokenizer = tiny.tiny_model("tiny-llama")
+        ref = str(tmp_path / "hf")
+        model.save_pretrained(ref)
+        tokenizer.save_pretrained(ref)
     out = tmp_path / "gptq"
-    args = ["compress", "--model", "tiny-llama", "--recipe", "int4-g32-gptq", "--calibration-windows", "4",
+    args = ["compress", "--model", ref, "--recipe", "int4-g32-gptq", "--calibration-windows", "4",
             "--out", str(out), *TOKENS, "--json"]
     assert main(args) == 0
     compressed = _last_json(capsys)["metrics"]

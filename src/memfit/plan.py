@@ -186,6 +186,8 @@ class Context:
 
     Args:
         calibration: token batches (``LongTensor [B, T]``) for calibrated methods.
+        source: a `memfit.calibration.stream.CheckpointSource` when the model's weights are still
+            on the meta device and are read layer by layer as calibration reaches them.
         device: where new tensors go.
         progress: progress callback; the CLI draws a bar on stderr.
         notes: what strategies report doing beyond their settings (for example a group size
@@ -193,6 +195,7 @@ class Context:
     """
 
     calibration: Sequence[Any] | None = None
+    source: Any = None
     device: str = "cpu"
     progress: ProgressFn | None = None
     notes: list[str] = dataclasses.field(default_factory=list)

@@ -83,6 +83,7 @@ def calibrate_layers(
     process: Callable[[int, nn.Module, LayerInputs], None],
     ctx: Context,
     label: str,
+    finish: Callable[[int, nn.Module], None] | None = None,
 ) -> None:
     """Call ``process(index, layer, inputs)`` on every decoder layer in order, where ``inputs``
     are what the layer receives given the (already processed) layers before it.
@@ -91,17 +92,30 @@ def calibrate_layers(
         calibration: token windows [N, T] (one batch per window) or a sequence of batches [B, T].
         process: observes the layer on ``inputs`` and changes it in place.
         label: progress bar description.
+        finish: called on each layer once its outputs are computed (to pack what is left).
+
+    With ``ctx.source`` (a streamed checkpoint), everything but the decoder layers and an untied
+    head is read first, each layer just before it is processed, and the rest at the end.
     """
     batches = [w[None] for w in calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
     was_training = model.training
     model.eval()
+    parts = decoder_parts(model)
+    source = ctx.source
     try:
+        if source is not None:
+            source.materialize_outside(model, parts.layers_fqn)
         inputs = capture_first_layer_inputs(model, batches)
-        layers = decoder_parts(model).layers
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(parts.layers):
+            if source is not None:
+                source.materialize(model, f"{parts.layers_fqn}.{index}")
             process(index, layer, inputs)
             inputs = run_layer(layer, inputs)
-            ctx.report(label, index + 1, len(layers))
+            if finish is not None:
+                finish(index, layer)
+            ctx.report(label, index + 1, len(parts.layers))
+        if source is not None:
+            source.materialize(model)
     finally:
         model.train(was_training)
 

@@ -14,6 +14,9 @@ recipe tokens (comma-separated, or a .json/.yaml recipe file):
                embedding and head kept at int8
   int4-gN-gptq, int8-gptq
                the same grids and bytes, codes chosen by GPTQ on calibration text
+  int4-gN-awq, int4-gN-awq-gptq
+               activation-aware scales folded in before rounding (then RTN or GPTQ)
+calibrated recipes read a safetensors model directory layer by layer (streamed)
   bf16, fp16   cast what is still floating point
 
 examples:
@@ -40,16 +43,20 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from memfit.evaluate import evaluate
     from memfit.io import check_output_dir, save
-    from memfit.models.load import load
+    from memfit.models.load import load, load_lazy
     from memfit.plan import Context, Plan, apply
 
     plan = Plan.parse(args.recipe)  # bad recipes fail before anything is loaded or written
     check_output_dir(args.out)
     text = options.eval_text_of(args)
-    model, tokenizer = load(args.model)
+    # a calibrated first strategy reads the checkpoint layer by layer: the float model is never whole
+    lazy = load_lazy(args.model) if plan.strategies and plan.strategies[0].needs_calibration else None
+    model, tokenizer, source = lazy if lazy is not None else (*load(args.model), None)
     with console.progress_bar() as progress:
-        ctx = Context(progress=progress, calibration=options.calibration_of(args, tokenizer, plan))
+        ctx = Context(progress=progress, calibration=options.calibration_of(args, tokenizer, plan), source=source)
         apply(model, plan, ctx)
+        if source is not None:
+            source.materialize(model)  # whatever no strategy reached
         metrics = evaluate(model, tokenizer, text=text, num_tokens=args.tokens, progress=progress)
     save(model, tokenizer, args.out, notes=ctx.notes)
     if args.json:

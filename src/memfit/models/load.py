@@ -215,3 +215,34 @@ def _meta_model(config: PretrainedConfig, dtype: str | torch.dtype = torch.float
             "check the config's fields",
         ) from None
     return model.eval()
+
+
+def load_lazy(ref: str | Path):
+    """``(model, tokenizer, source)`` with the weights still on the meta device, to be read from
+    the checkpoint part by part (`memfit.calibration.stream.CheckpointSource`); None when ``ref``
+    is not a safetensors model directory (or ``demo``), which `load` then reads whole.
+
+    The model matches what `load` returns once every part is read: same modules, dtypes, ties.
+    """
+    from accelerate import init_empty_weights
+
+    from memfit.calibration.stream import CheckpointSource
+
+    text = str(ref)
+    if text == "demo":
+        from memfit.models.demo import demo_dir
+
+        path = demo_dir()
+    else:
+        path = Path(text).expanduser()
+        if not (path.is_dir() and (path / "config.json").is_file()) or (path / "memfit.json").is_file():
+            return None
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        return None
+    config = _read_config(path / "config.json")
+    dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with init_empty_weights(include_buffers=False):  # rotary frequencies are computed, not stored
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer, CheckpointSource(path, dtype)

@@ -29,16 +29,23 @@ if TYPE_CHECKING:
 
 
 # -- the arithmetic -----------------------------------------------------------------------------
+_CHUNK_VALUES = 1 << 22  # rows are rounded in chunks of about this many values (16 MB of fp32)
+
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: weight [N, K] -> (int8 [N, K], bf16 scales [N]).
 
     The scale is rounded to bf16 before the weights are rounded against it, so the stored pair
     reproduces exactly the grid the weights were rounded to.
     """
-    w = weight.detach().float()
-    absmax = w.abs().amax(dim=1)
-    scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax)).to(torch.bfloat16)
-    q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    weight = weight.detach()
+    rows = max(1, _CHUNK_VALUES // max(1, weight.shape[1]))  # bounded float temporaries
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start : start + rows].float()
+        absmax = w.abs().amax(dim=1)
+        scale[start : start + rows] = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+        q[start : start + rows] = (w / scale[start : start + rows].float()[:, None]).round().clamp(-127, 127)
     return q, scale
 
 
@@ -174,11 +181,24 @@ class Method(enum.Enum):
     GPTQ = "gptq"
 
 
-def gptq_layers_(model: nn.Module, ctx: Context, targets: Targets, quantize_linear, label: str) -> None:
-    """Replace the targeted Linears inside the decoder layers with ``quantize_linear(layer,
-    hessian)``, one decoder layer at a time, each fitted to the inputs the already quantized
-    layers before it produce on the calibration windows."""
-    from memfit.calibration.layerwise import InputStatistics, calibrate_layers
+def calibrated_layers_(
+    model: nn.Module,
+    ctx: Context,
+    targets: Targets,
+    label: str,
+    *,
+    awq_fake_quantize=None,
+    gptq_quantize=None,
+    rtn_quantize=None,
+) -> None:
+    """Calibrate the decoder layers one at a time, each on the inputs the already processed
+    layers before it produce: with ``awq_fake_quantize``, search and fold activation-aware scales
+    (`memfit.calibration.awq`); with ``gptq_quantize(linear, hessian)``, replace the targeted
+    Linears by GPTQ-rounded modules. Targeted Linears left in float are then packed with
+    ``rtn_quantize(linear)`` as soon as their layer is done, so a streamed model never holds more
+    than one float layer."""
+    from memfit.calibration.awq import awq_scale_layer, scale_groups
+    from memfit.calibration.layerwise import InputStatistics, calibrate_layers, run_layer
     from memfit.models.arch import decoder_parts
 
     if ctx.calibration is None:
@@ -188,20 +208,33 @@ def gptq_layers_(model: nn.Module, ctx: Context, targets: Targets, quantize_line
             "memfit.Context(calibration=memfit.calibration.calibration_windows(tokenizer))",
         )
     prefix = decoder_parts(model).layers_fqn
+    unscaled: set[str] = set()
 
     def process(index: int, layer: nn.Module, inputs) -> None:
-        from memfit.calibration.layerwise import run_layer
+        names = {id(m): f"{prefix}.{index}.{n}" for n, m in layer.named_modules()}
+        if awq_fake_quantize is not None:
+            groups = [g for g in scale_groups(layer) if all(targets.matches(names[id(m)]) for m in g.linears)]
+            chosen = awq_scale_layer(layer, inputs, awq_fake_quantize, groups)
+            unscaled.update(g.name for g in groups if g.name not in chosen)
+        if gptq_quantize is not None:
+            linears = {
+                name: m for name, m in layer.named_modules()
+                if isinstance(m, nn.Linear) and targets.matches(f"{prefix}.{index}.{name}")
+            }
+            with InputStatistics(linears) as stats:
+                run_layer(layer, inputs)
+            for name, linear in linears.items():
+                _set_submodule(layer, name, gptq_quantize(linear, stats.hessian(name)))
 
-        linears = {
-            name: m for name, m in layer.named_modules()
-            if isinstance(m, nn.Linear) and targets.matches(f"{prefix}.{index}.{name}")
-        }
-        with InputStatistics(linears) as stats:
-            run_layer(layer, inputs)
-        for name, linear in linears.items():
-            _set_submodule(layer, name, quantize_linear(linear, stats.hessian(name)))
+    def finish(index: int, layer: nn.Module) -> None:
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, nn.Linear) and targets.matches(f"{prefix}.{index}.{name}"):
+                _set_submodule(layer, name, rtn_quantize(module))
 
-    calibrate_layers(model, ctx.calibration, process, ctx, f"{label}: calibrating layers")
+    calibrate_layers(model, ctx.calibration, process, ctx, f"{label}: calibrating layers", finish)
+    if unscaled:
+        ctx.note(f"{label}: groups {sorted(unscaled)} not scaled (their input comes from a norm that does not "
+                 "multiply by its weight)")
 
 
 def _has_values(model: nn.Module) -> bool:
@@ -261,12 +294,13 @@ class Int8WeightOnly(Strategy):
         return [cls(), cls(method=Method.GPTQ)]
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
-        if self.method is Method.GPTQ and _has_values(model):
-            gptq_layers_(model, ctx, self.targets, int8_linear_from, self.token)
+        if self.method is Method.GPTQ and (_has_values(model) or ctx.source is not None):
+            calibrated_layers_(model, ctx, self.targets, self.token, gptq_quantize=int8_linear_from,
+                               rtn_quantize=int8_linear_from)
         return quantize_model_(model, ctx, self.targets, int8_linear_from, self.token)
 
 
-_INT4_TOKEN = re.compile(r"int4-g(\d+)(-gptq)?")
+_INT4_TOKEN = re.compile(r"int4-g(\d+)(-awq)?(-gptq)?")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -301,6 +335,7 @@ class Int4WeightOnly(Strategy):
 
     group_size: int = 128
     method: Method = Method.RTN
+    awq: bool = False
     targets: Targets = Targets()
 
     def __post_init__(self) -> None:
@@ -309,11 +344,11 @@ class Int4WeightOnly(Strategy):
 
     @property
     def token(self) -> str:
-        return f"int4-g{self.group_size}{_METHOD_SUFFIX[self.method]}"
+        return f"int4-g{self.group_size}{'-awq' if self.awq else ''}{_METHOD_SUFFIX[self.method]}"
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method is Method.GPTQ
+        return self.method is Method.GPTQ or self.awq
 
     @classmethod
     def space(cls, workload: Workload) -> list[Strategy]:
@@ -332,11 +367,22 @@ class Int4WeightOnly(Strategy):
                 f"recipe token {token!r} asks for groups of {group_size}",
                 f"use one of {', '.join(f'int4-g{g}' for g in INT4_GROUP_SIZES)}",
             )
-        return cls(group_size=group_size, method=Method.GPTQ if match.group(2) else Method.RTN)
+        method = Method.GPTQ if match.group(3) else Method.RTN
+        return cls(group_size=group_size, awq=bool(match.group(2)), method=method)
 
     @classmethod
     def examples(cls) -> list[Strategy]:
-        return [cls(group_size=g) for g in (32, 64, 128)] + [cls(group_size=128, method=Method.GPTQ)]
+        return [cls(group_size=g) for g in (32, 64, 128)] + [
+            cls(group_size=128, method=Method.GPTQ), cls(group_size=128, awq=True)
+        ]
+
+    def _fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        """Round ``weight`` to this strategy's grid and back (min-max grid: AWQ's search needs
+        only to rank scales, and the least-squares fit would cost twenty times more)."""
+        size = int4_group_size(weight.shape[1], self.group_size)
+        q, scale, zero = quantize_int4_groups(weight, size, shrink=(1.0,), refits=0)
+        columns = torch.arange(weight.shape[1]) // size
+        return (q.float() - zero.float().t()[:, columns]) * scale.float().t()[:, columns]
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         widths = sorted({m.in_features for m in model.modules() if isinstance(m, nn.Linear)})
@@ -346,8 +392,13 @@ class Int4WeightOnly(Strategy):
                 continue
             what = f"groups of {size}" if width % size == 0 else f"a shorter last group of {width % size}"
             ctx.note(f"{self.token}: layers with input width {width} (not a multiple of {self.group_size}) use {what}")
-        if self.method is Method.GPTQ and _has_values(model):
-            calibrated = lambda linear, hessian: int4_linear_from(linear, self.group_size, hessian)
-            gptq_layers_(model, ctx, self.targets, calibrated, self.token)
         quantize = lambda linear: int4_linear_from(linear, self.group_size)
+        if self.needs_calibration and (_has_values(model) or ctx.source is not None):
+            gptq = lambda linear, hessian: int4_linear_from(linear, self.group_size, hessian)
+            calibrated_layers_(
+                model, ctx, self.targets, self.token,
+                awq_fake_quantize=self._fake_quantize if self.awq else None,
+                gptq_quantize=gptq if self.method is Method.GPTQ else None,
+                rtn_quantize=quantize,
+            )
         return quantize_model_(model, ctx, self.targets, quantize, self.token)

@@ -1,0 +1,148 @@
+"""Activation-aware scaling in the manner of AWQ: before rounding, scale up the weight columns
+that meet large activations and fold the inverse scale into the operation feeding them.
+
+Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration"
+(2023). For a group of Linears sharing one input x (q/k/v after the input norm; gate/up after the
+post-attention norm; down after up; o after v when their widths match), the output
+``x @ W.T = (x / s) @ (W * s).T`` is unchanged for any per-channel s > 0, but rounding ``W * s``
+loses less on channels with large s. s = mean|x|^alpha, with alpha searched on a grid to minimise
+the groups' output error after rounding on the calibration inputs. The 1/s is folded into the
+preceding norm's weight or Linear's rows, so nothing is added to the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from memfit.calibration.layerwise import LayerInputs, run_layer
+
+ALPHAS = tuple(i / 20 for i in range(20))
+MAX_TOKENS = 4096  # calibration rows kept per group for the search
+
+
+@dataclasses.dataclass
+class ScaleGroup:
+    """Linears sharing one input, and the module whose output that input is."""
+
+    name: str
+    previous: nn.Module
+    linears: list[nn.Linear]
+
+
+def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
+    """The groups AWQ can scale in a Llama-style decoder layer (attribute names of Llama, Mistral,
+    Qwen2 and relatives); a group whose parts are missing or whose widths do not match is left out."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    get = lambda owner, *names: [getattr(owner, n, None) for n in names] if owner is not None else [None] * len(names)
+    q, k, v, o = get(attn, "q_proj", "k_proj", "v_proj", "o_proj")
+    gate, up, down = get(mlp, "gate_proj", "up_proj", "down_proj")
+    candidates = [
+        ScaleGroup("qkv", getattr(layer, "input_layernorm", None), [q, k, v]),
+        ScaleGroup("o", v, [o]),
+        ScaleGroup("gate_up", getattr(layer, "post_attention_layernorm", None), [gate, up]),
+        ScaleGroup("down", up, [down]),
+    ]
+    groups = []
+    for group in candidates:
+        if group.previous is None or any(not isinstance(m, nn.Linear) for m in group.linears):
+            continue
+        width = group.linears[0].in_features
+        feeds = group.previous.out_features if isinstance(group.previous, nn.Linear) else _norm_width(group.previous)
+        if feeds == width and all(m.in_features == width for m in group.linears):
+            groups.append(group)
+    return groups
+
+
+def _norm_width(module: nn.Module) -> int | None:
+    weight = getattr(module, "weight", None)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+
+
+def awq_scale_layer(
+    layer: nn.Module,
+    inputs: LayerInputs,
+    fake_quantize: Callable[[torch.Tensor], torch.Tensor],
+    groups: list[ScaleGroup] | None = None,
+) -> dict[str, float]:
+    """Search and apply AWQ scales to ``layer`` in place; returns the chosen alpha per group.
+
+    Args:
+        inputs: the layer's calibration inputs.
+        fake_quantize: rounds a weight [N, K] to the target grid and back to float.
+        groups: the groups to scale (default: `scale_groups(layer)`).
+    """
+    groups = scale_groups(layer) if groups is None else groups
+    captured: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
+    rows = dict.fromkeys(captured, 0)
+
+    def capture(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if rows[name] < MAX_TOKENS:
+                x = args[0].detach().reshape(-1, args[0].shape[-1])[: MAX_TOKENS - rows[name]].float()
+                captured[name].append(x)
+                rows[name] += x.shape[0]
+
+        return hook
+
+    handles = [g.linears[0].register_forward_pre_hook(capture(g.name)) for g in groups]
+    try:
+        run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    chosen = {}
+    for group in groups:
+        x = torch.cat(captured[group.name])
+        scale, alpha = _search(x, group.linears, fake_quantize)
+        if _folds_into(group.previous, scale):
+            _apply(group, scale)
+            chosen[group.name] = alpha
+    return chosen
+
+
+@torch.no_grad()
+def _folds_into(previous: nn.Module, scale: torch.Tensor) -> bool:
+    """True if dividing ``previous``'s weight by ``scale`` divides its output by ``scale`` (a
+    Linear, or a norm that multiplies by its weight; not one that adds 1 to it, as Gemma's do)."""
+    if isinstance(previous, nn.Linear):
+        return True
+    weight = previous.weight
+    x = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    before = previous(x)
+    original = weight.detach().clone()
+    weight.div_(scale.to(weight.dtype))
+    after = previous(x)
+    weight.copy_(original)
+    expected = before.float() / scale
+    return torch.allclose(after.float(), expected, rtol=1e-2, atol=1e-3 * expected.abs().max().item())
+
+
+def _search(x: torch.Tensor, linears: list[nn.Linear], fake_quantize) -> tuple[torch.Tensor, float]:
+    weight = torch.cat([m.weight.detach().float() for m in linears])  # [sum N, K]
+    reference = x @ weight.t()
+    activity = x.abs().mean(0).clamp(min=1e-6)
+    best_error, best_scale, best_alpha = None, torch.ones_like(activity), 0.0
+    for alpha in ALPHAS:
+        scale = activity.pow(alpha)
+        scale = scale / (scale.max() * scale.min()).sqrt()
+        error = (x @ (fake_quantize(weight * scale) / scale).t() - reference).pow(2).mean().item()
+        if best_error is None or error < best_error:
+            best_error, best_scale, best_alpha = error, scale, alpha
+    return best_scale, best_alpha
+
+
+@torch.no_grad()
+def _apply(group: ScaleGroup, scale: torch.Tensor) -> None:
+    previous = group.previous
+    if isinstance(previous, nn.Linear):
+        previous.weight.div_(scale.to(previous.weight.dtype)[:, None])
+        if previous.bias is not None:
+            previous.bias.div_(scale.to(previous.bias.dtype))
+    else:
+        previous.weight.div_(scale.to(previous.weight.dtype))
+    for linear in group.linears:
+        linear.weight.mul_(scale.to(linear.weight.dtype)[None, :])
