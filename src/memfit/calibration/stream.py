@@ -61,12 +61,12 @@ class CheckpointSource:
             tensor = tensor.to(self.dtype)
         return tensor.clone() if tensor.untyped_storage().data_ptr() % 64 else tensor
 
-    def materialize(self, model: nn.Module, prefix: str = "") -> None:
+    def materialize(self, model: nn.Module, prefix: str = "", recurse: bool = True) -> None:
         """Give every parameter and buffer still on the meta device under ``prefix`` (a module
-        fqn; all of them if empty) its tensor from the checkpoint; a tied head gets the
-        embedding's parameter itself."""
+        fqn; all of them if empty; only the module's own with ``recurse=False``) its tensor from
+        the checkpoint; a tied head gets the embedding's parameter itself."""
         root = model.get_submodule(prefix) if prefix else model
-        for fqn, module in root.named_modules():
+        for fqn, module in root.named_modules() if recurse else [("", root)]:
             full = f"{prefix}.{fqn}".strip(".")
             for name, param in list(module._parameters.items()):
                 if param is None or not param.is_meta:
@@ -105,18 +105,6 @@ class CheckpointSource:
                 for child_fqn, _ in module.named_children():
                     if f"{fqn}.{child_fqn}" != prefix:
                         self.materialize(model, f"{fqn}.{child_fqn}")
-                self._materialize_own(model, fqn)
+                self.materialize(model, fqn, recurse=False)
             elif module is not head or tied:
                 self.materialize(model, fqn)
-
-    def _materialize_own(self, model: nn.Module, fqn: str) -> None:
-        module = model.get_submodule(fqn)
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.is_meta:
-                real = nn.Parameter(self.read(f"{fqn}.{name}"), requires_grad=False)
-                self._done[id(param)] = (param, weakref.ref(real))
-                module._parameters[name] = real
-
-
-def has_meta_tensors(module: nn.Module) -> bool:
-    return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
