@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from memfit.strategies.quantize import kernels
-from memfit.strategies.quantize.rtn import quantize_int4_groups, quantize_int8_rows
+from memfit.strategies.quantize.grids import quantize_int4_groups, quantize_int8_rows
 
 SHAPES = {"q_proj 576x576": (576, 576), "gate_proj 1536x576": (1536, 576), "down_proj 576x1536": (576, 1536)}
 ROWS = (1, 4, 16, 32, 64, 512)

@@ -233,3 +233,35 @@ def test_missing_calibration_text_is_one_line_exit_2_and_writes_nothing(capsys, 
     assert main(args) == 2
     _one_line_error(capsys, "none.txt' does not exist")
     assert not out.exists()
+
+
+def test_calibration_memory_is_predicted_and_max_memory_refuses_to_start(capsys, tmp_path):
+    out = tmp_path / "out"
+    args = ["compress", "--model", "tiny-llama", "--recipe", "int4-g32-gptq", "--calibration-windows", "4",
+            "--out", str(out), *TOKENS]
+    assert main([*args, "--max-memory", "100KB"]) == 2
+    _one_line_error(capsys, "calibrating 'int4-g32-gptq' is predicted to need ", "more than --max-memory 100 KB",
+                    "fewer --calibration-windows")
+    assert not out.exists()
+    assert main([*args, "--max-memory", "1GB", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "calibration: 4 windows of 512 tokens, model loaded; predicted peak" in err
+    assert (out / "memfit.json").exists()
+
+
+def test_export_format_target_is_checked_before_any_work(capsys, tmp_path):
+    out = tmp_path / "model.bin"
+    assert main(["compress", "--model", "tiny-llama", "--recipe", "int8", "--format", "gguf-q8_0",
+                 "--out", str(out)]) == 2
+    _one_line_error(capsys, "does not end in .gguf", "name the file")
+    assert not out.exists()
+
+
+def test_compress_exports_gguf(capsys, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "tiny.gguf"
+    assert main(["compress", "--model", "tiny-llama", "--recipe", "int8", "--format", "gguf-q8_0",
+                 "--out", str(out), *TOKENS, "--json"]) == 0
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"

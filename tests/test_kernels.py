@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from memfit.strategies.quantize import kernels
+from memfit.strategies.quantize.grids import int4_group_size, quantize_int4_groups, quantize_int8_rows
 from memfit.strategies.quantize.kernels import PLAIN, Int4Layout, cpu_int4_layout
-from memfit.strategies.quantize.rtn import int4_group_size, quantize_int4_groups, quantize_int8_rows
 from memfit.testing import sqnr_db
 
 needs_int4_kernel = pytest.mark.skipif(cpu_int4_layout() is None, reason="no CPU int4 kernel layout on this build")

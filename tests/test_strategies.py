@@ -36,18 +36,23 @@ def test_strategy_conformance(make_tiny, tokens, name, cls, strategy, tmp_path):
     before_bytes = weight_report(model).weight_bytes
     with torch.no_grad():
         baseline = model(tokens).logits
-    predicted = memfit.estimate(model, memfit.Plan((strategy,)))
     dry = meta_copy(model)
-    memfit.apply(dry, memfit.Plan((strategy,)))
 
     # calibrated methods fit on other text than the tokens they are scored on
     calibration = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(2))
-    memfit.apply(model, memfit.Plan((strategy,)), memfit.Context(calibration=calibration))
+    ctx = memfit.Context(calibration=calibration)
+    memfit.apply(model, memfit.Plan((strategy,)), ctx)
     with torch.no_grad():
         out = model(tokens).logits
+    # a strategy that settles choices on data (mixed-bits' widths) records them; the recorded plan
+    # is what a dry run, a prediction and a reload must reproduce exactly
+    recorded = memfit.Plan(model.memfit_plan.strategies)
+    predicted = memfit.estimate(dry, recorded)
+    memfit.apply(dry, recorded)
 
     # 1. it happened
-    assert model.memfit_plan.strategies == (strategy,)
+    assert model.memfit_plan.strategies == (ctx.resolved.get(strategy, strategy),)
+    assert (ctx.resolved != {}) == (isinstance(strategy, memfit.MixedBits) and not strategy.widths)
     if isinstance(strategy, (memfit.Int8WeightOnly, memfit.Int4WeightOnly)):
         assert not any(type(m) is nn.Linear for m in model.modules())
         assert isinstance(model.get_input_embeddings(), Int8Embedding)

@@ -29,7 +29,17 @@ from memfit.memory.report import MemoryReport, weight_bytes
 from memfit.models.load import load
 from memfit.plan import Context, Mode, Plan, Workload, apply
 from memfit.planner.search import Candidate, OptimizeResult, optimize
-from memfit.strategies import Cast, Int4WeightOnly, Int8WeightOnly, Precision, Strategy, Targets
+from memfit.strategies import (
+    W8A8,
+    Cast,
+    Fp8Weights,
+    Int4WeightOnly,
+    Int8WeightOnly,
+    MixedBits,
+    Precision,
+    Strategy,
+    Targets,
+)
 
 __version__ = "0.1.0"
 
@@ -40,9 +50,11 @@ __all__ = [
     "CheckpointError",
     "Context",
     "DataError",
+    "Fp8Weights",
     "Int4WeightOnly",
     "Int8WeightOnly",
     "MemfitError",
+    "MixedBits",
     "MemoryReport",
     "Metrics",
     "Mode",
@@ -54,6 +66,7 @@ __all__ = [
     "RecipeError",
     "Strategy",
     "Targets",
+    "W8A8",
     "Workload",
     "apply",
     "estimate",

@@ -16,10 +16,12 @@ safetensors only: nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -63,9 +65,7 @@ def save(
     """
     out = Path(out_dir)
     check_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         tensors, tied = _unique_state_dict(model)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = model.config
@@ -78,12 +78,22 @@ def save(
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
                 f.write(content)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a new hidden sibling directory of ``out`` to fill; when the block succeeds it replaces
+    ``out`` in one rename, when it fails it is removed (``out`` is left as it was)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
         _use_umask(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def check_output_dir(out: Path) -> None:

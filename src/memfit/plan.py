@@ -199,6 +199,12 @@ class Context:
     device: str = "cpu"
     progress: ProgressFn | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    resolved: dict[Any, Any] = dataclasses.field(default_factory=dict)
+
+    def resolve(self, strategy: Any, resolved: Any) -> None:
+        """Record that ``strategy`` settled choices it makes on data (mixed-bits' widths) as
+        ``resolved``, which `apply` records in the model's plan so a saved model rebuilds exactly."""
+        self.resolved[strategy] = resolved
 
     def report(self, description: str, completed: int, total: int) -> None:
         if self.progress is not None:
@@ -233,5 +239,6 @@ def apply(model: Any, plan: Plan | str, ctx: Context | None = None) -> Any:
     combined = Plan(previous.strategies + plan.strategies, plan.workload).validate()
     for strategy in plan.strategies:
         strategy.apply(model, ctx)
-    model.memfit_plan = combined
+    strategies = tuple(ctx.resolved.get(s, s) for s in combined.strategies)
+    model.memfit_plan = dataclasses.replace(combined, strategies=strategies)
     return model

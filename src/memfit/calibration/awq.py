@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from memfit.calibration.layerwise import LayerInputs, run_layer
+from memfit.calibration.layerwise import LayerInputs, observe_inputs
 
 ALPHAS = tuple(i / 20 for i in range(20))
 MAX_TOKENS = 4096  # calibration rows kept per group for the search
@@ -80,32 +80,27 @@ def awq_scale_layer(
     rows = dict.fromkeys(captured, 0)
 
     def capture(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
+        def keep(x: torch.Tensor) -> None:
             if rows[name] < MAX_TOKENS:
-                x = args[0].detach().reshape(-1, args[0].shape[-1])[: MAX_TOKENS - rows[name]].float()
+                x = x.reshape(-1, x.shape[-1])[: MAX_TOKENS - rows[name]].float()
                 captured[name].append(x)
                 rows[name] += x.shape[0]
 
-        return hook
+        return keep
 
-    handles = [g.linears[0].register_forward_pre_hook(capture(g.name)) for g in groups]
-    try:
-        run_layer(layer, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_inputs(layer, inputs, {g.linears[0]: capture(g.name) for g in groups})
     chosen = {}
     for group in groups:
         x = torch.cat(captured[group.name])
         scale, alpha = _search(x, group.linears, fake_quantize)
-        if _folds_into(group.previous, scale):
-            _apply(group, scale)
+        if folds_into(group.previous, scale):
+            fold_scale(group, scale)
             chosen[group.name] = alpha
     return chosen
 
 
 @torch.no_grad()
-def _folds_into(previous: nn.Module, scale: torch.Tensor) -> bool:
+def folds_into(previous: nn.Module, scale: torch.Tensor) -> bool:
     """True if dividing ``previous``'s weight by ``scale`` divides its output by ``scale`` (a
     Linear, or a norm that multiplies by its weight; not one that adds 1 to it, as Gemma's do)."""
     if isinstance(previous, nn.Linear):
@@ -136,7 +131,8 @@ def _search(x: torch.Tensor, linears: list[nn.Linear], fake_quantize) -> tuple[t
 
 
 @torch.no_grad()
-def _apply(group: ScaleGroup, scale: torch.Tensor) -> None:
+def fold_scale(group: ScaleGroup, scale: torch.Tensor) -> None:
+    """Multiply the group's weight columns by ``scale`` and divide ``previous``'s output by it."""
     previous = group.previous
     if isinstance(previous, nn.Linear):
         previous.weight.div_(scale.to(previous.weight.dtype)[:, None])

@@ -65,8 +65,9 @@ def gptq_round(
     order = torch.argsort(torch.diagonal(h), descending=True) if settings.act_order else torch.arange(k)
     w, h = w[:, order], h[order][:, order]
     column_group = order // group_size  # the grid each visited column keeps
-    h += settings.damp * torch.diagonal(h).mean() * torch.eye(k)
+    torch.diagonal(h).add_(settings.damp * torch.diagonal(h).mean())
     hinv = _upper_cholesky_of_inverse(h)
+    del h
     codes = torch.zeros_like(w)
     for start in range(0, k, settings.block):
         end = min(start + settings.block, k)
@@ -87,13 +88,15 @@ def gptq_round(
 
 
 def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1, adding more damping if H is not positive definite."""
-    eye = torch.eye(h.shape[0])
+    """Upper Cholesky factor of H^-1, adding more damping if H is not positive definite (``h`` is
+    damped in place)."""
     extra = torch.diagonal(h).mean() * 0.01
     for _ in range(8):
         lower, info = torch.linalg.cholesky_ex(h)
         if info == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-        h = h + extra * eye
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            return torch.linalg.cholesky(inverse, upper=True)
+        torch.diagonal(h).add_(extra)
         extra *= 4
     raise ValueError("the calibration Hessian is not positive definite even after damping")

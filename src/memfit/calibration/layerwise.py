@@ -77,6 +77,20 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
     return outputs
 
 
+def observe_inputs(
+    layer: nn.Module, inputs: LayerInputs, observers: dict[nn.Module, Callable[[torch.Tensor], None]]
+) -> None:
+    """Run ``layer`` on ``inputs``, calling ``observers[module](x)`` with the input ``x`` of each
+    listed submodule every time it runs."""
+    hook = lambda observe: lambda module, args: observe(args[0].detach())
+    handles = [module.register_forward_pre_hook(hook(observe)) for module, observe in observers.items()]
+    try:
+        run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def calibrate_layers(
     model: nn.Module,
     calibration: torch.Tensor | Sequence[torch.Tensor],
@@ -84,6 +98,7 @@ def calibrate_layers(
     ctx: Context,
     label: str,
     finish: Callable[[int, nn.Module], None] | None = None,
+    after_capture: Callable[[], None] | None = None,
 ) -> None:
     """Call ``process(index, layer, inputs)`` on every decoder layer in order, where ``inputs``
     are what the layer receives given the (already processed) layers before it.
@@ -93,6 +108,8 @@ def calibrate_layers(
         process: observes the layer on ``inputs`` and changes it in place.
         label: progress bar description.
         finish: called on each layer once its outputs are computed (to pack what is left).
+        after_capture: called once the first layer's inputs are captured, when the embedding
+            and output head are no longer needed (to pack them early).
 
     With ``ctx.source`` (a streamed checkpoint), everything but the decoder layers and an untied
     head is read first, each layer just before it is processed, and the rest at the end.
@@ -106,6 +123,8 @@ def calibrate_layers(
         if source is not None:
             source.materialize_outside(model, parts.layers_fqn)
         inputs = capture_first_layer_inputs(model, batches)
+        if after_capture is not None:
+            after_capture()
         for index, layer in enumerate(parts.layers):
             if source is not None:
                 source.materialize(model, f"{parts.layers_fqn}.{index}")
@@ -123,7 +142,7 @@ def calibrate_layers(
 class InputStatistics:
     """Accumulates X^T X of the inputs of chosen Linear layers while a layer runs.
 
-    Linears fed the same tensor (q, k and v; gate and up) share one product.
+    Linears fed the same tensor (q, k and v; gate and up) share one sum.
 
     Example:
         >>> with InputStatistics(linears) as stats:
@@ -135,7 +154,8 @@ class InputStatistics:
         self.linears = linears
         self._sums: dict[str, torch.Tensor] = {}
         self._rows: dict[str, int] = {}
-        self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (input, its X^T X, rows)
+        self._key: dict[str, str] = {}  # Linear -> the Linear whose sum it shares
+        self._last: tuple[torch.Tensor, str] | None = None  # (the last input seen, whose sum holds it)
 
     def __enter__(self) -> InputStatistics:
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.linears.items()]
@@ -149,20 +169,21 @@ class InputStatistics:
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0]
-            if self._last is not None and self._last[0] is x:
-                product, rows = self._last[1], self._last[2]
-            else:
-                flat = x.detach().reshape(-1, x.shape[-1]).float()
-                product, rows = flat.t() @ flat, flat.shape[0]
-                self._last = (x, product, rows)
+            if self._last is not None and self._last[0] is x:  # the previous Linear's input: share its sum
+                self._key[name] = self._last[1]
+                return
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            product = flat.t() @ flat
+            self._last, self._key[name] = (x, name), name
             if name in self._sums:
                 self._sums[name] += product
             else:
-                self._sums[name] = product.clone()
-            self._rows[name] = self._rows.get(name, 0) + rows
+                self._sums[name] = product
+            self._rows[name] = self._rows.get(name, 0) + flat.shape[0]
 
         return hook
 
     def hessian(self, name: str) -> torch.Tensor:
         """2 X^T X / rows: the Hessian of the layer's squared output error, for GPTQ."""
-        return 2 * self._sums[name] / self._rows[name]
+        key = self._key[name]
+        return 2 * self._sums[key] / self._rows[key]

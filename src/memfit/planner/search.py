@@ -21,7 +21,7 @@ from memfit.evaluate import DEFAULT_TOKENS, Metrics, evaluate
 from memfit.memory.estimate import estimate
 from memfit.memory.report import weight_bytes
 from memfit.plan import Context, Plan, ProgressFn, Workload, apply
-from memfit.planner.space import candidate_plans
+from memfit.planner.space import budget_plans, candidate_plans
 from memfit.units import format_bytes, parse_budget
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ def optimize(
     """
     original_bytes = weight_bytes(model)
     budget_bytes = parse_budget(budget, original_bytes) if isinstance(budget, str) else int(budget)
-    plans = plans if plans is not None else candidate_plans(workload)
+    if plans is None:
+        plans = candidate_plans(workload) + budget_plans(model, budget_bytes, workload)
     candidates = []
     for plan in plans:
         predicted = original_bytes if not plan.strategies else estimate(model, plan).weight_bytes

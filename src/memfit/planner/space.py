@@ -2,7 +2,8 @@
 
 Each registered class declares its options (`Strategy.space`). A candidate plan takes at most one
 option per phase (the empty choice included), so the space grows as the product of the phases'
-option counts; combinations that `Plan.validate` rejects are dropped.
+option counts; combinations that `Plan.validate` rejects are dropped. Strategies that size
+themselves to the budget (mixed bit-widths) add one plan each (`budget_plans`).
 """
 
 from __future__ import annotations
@@ -36,3 +37,13 @@ def candidate_plans(workload: Workload | None = None) -> list[Plan]:
         except RecipeError:
             continue
     return plans
+
+
+def budget_plans(model, budget_bytes: int, workload: Workload | None = None) -> list[Plan]:
+    """One-strategy plans that size themselves to ``budget_bytes`` (`Strategy.budget_options`)."""
+    workload = workload or Workload()
+    return [
+        Plan((option,), workload).validate()
+        for cls in strategy_classes()
+        for option in cls.budget_options(model, budget_bytes, workload)
+    ]

@@ -3,8 +3,10 @@
 from memfit.strategies import precision, training
 from memfit.strategies.base import Phase, Strategy
 from memfit.strategies.precision import Cast, Precision
-from memfit.strategies.quantize import rtn
+from memfit.strategies.quantize import mixed, rtn, w8a8
+from memfit.strategies.quantize.mixed import MixedBits
 from memfit.strategies.quantize.rtn import Int4WeightOnly, Int8WeightOnly
+from memfit.strategies.quantize.w8a8 import W8A8, Fp8Weights
 from memfit.strategies.registry import known_tokens, parse_token, strategy_classes
 from memfit.strategies.targets import Targets
 from memfit.strategies.training import Autocast, Checkpointing, Optimizer, OptimizerKind
@@ -13,8 +15,10 @@ __all__ = [
     "Autocast",
     "Cast",
     "Checkpointing",
+    "Fp8Weights",
     "Int4WeightOnly",
     "Int8WeightOnly",
+    "MixedBits",
     "Optimizer",
     "OptimizerKind",
     "Phase",
@@ -22,9 +26,12 @@ __all__ = [
     "Strategy",
     "Targets",
     "known_tokens",
+    "mixed",
     "parse_token",
     "precision",
     "rtn",
     "strategy_classes",
     "training",
+    "W8A8",
+    "w8a8",
 ]

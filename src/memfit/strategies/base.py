@@ -87,6 +87,11 @@ class Strategy:
         """The options the planner tries for ``workload``; by default the `examples`."""
         return cls.examples()
 
+    @classmethod
+    def budget_options(cls, model: nn.Module, budget_bytes: int, workload: Workload) -> list[Strategy]:
+        """Options sized to a budget (mixed-bits sets its bits from it); by default none."""
+        return []
+
     def to_dict(self) -> dict[str, Any]:
         """``{"strategy": name, "version": n, **fields}``, with enums as their values."""
         fields = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

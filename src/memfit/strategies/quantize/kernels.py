@@ -55,9 +55,42 @@ def int8_linear(
     return out if bias is None else out + bias.to(out.dtype)
 
 
+def int8_dynamic_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8: ``x`` rounded to int8 per row (token) on the fly, times the int8 weight [N, K] in
+    integer arithmetic (``torch._int_mm``, int32 accumulation), rescaled by both scales.
+
+    Up to `INT8_KERNEL_MAX_ROWS` rows the weight-only kernel is faster (decode is bound by reading
+    the weight, which both read as int8) and rounds only the weight, so those rows take it.
+    """
+    if x.device.type == "meta" or _rows(x) <= INT8_KERNEL_MAX_ROWS:
+        return int8_linear(x, qweight, scale, bias)
+    x2 = x.reshape(-1, x.shape[-1]).float()  # x2: [M, K]
+    x_scale = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # [M, 1]
+    xq = (x2 / x_scale).round_().to(torch.int8)
+    out = torch._int_mm(xq, qweight.t()).float()  # [M, N] int32 -> fp32
+    out = (out * x_scale * scale.float()).to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+    return out if bias is None else out + bias.to(out.dtype)
+
+
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 [N, K] and scales [N] -> float [N, K] in ``dtype``."""
+    """int8 (or float8) [N, K] and scales [N] -> float [N, K] in ``dtype``."""
     return qweight.to(dtype) * scale.to(dtype)[:, None]
+
+
+# -- float8 -------------------------------------------------------------------------------------
+def fp8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x @ (qweight * scale[:, None]).T + bias`` for a float8 weight [N, K] with per-row scales [N].
+
+    The CPU has no float8 arithmetic, so the weight is widened to the activation dtype for the
+    matmul (the bytes held stay float8); PyTorch's float8 matmul (``torch._scaled_mm``) would also
+    round the activations to float8.
+    """
+    out = F.linear(x, dequantize_int8(qweight, scale, x.dtype))
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 # -- int4 layouts -------------------------------------------------------------------------------

@@ -67,6 +67,30 @@ class Int8Linear(PackedModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int8DynamicLinear(Int8Linear):
+    """An `Int8Linear` whose inputs are also rounded to int8, per token, when it runs (W8A8).
+
+    Same tensors as `Int8Linear`; the matmul of long inputs (prefill) runs in integer arithmetic
+    (`kernels.int8_dynamic_linear`).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        return kernels.int8_dynamic_linear(x, self.qweight, self.scale, self.bias)
+
+
+class Fp8Linear(Int8Linear):
+    """A Linear whose weight is float8 (e4m3) per output channel: ``W = q * scale[:, None]``.
+
+    Args:
+        qweight: float8_e4m3fn [N, K].
+        scale: bf16 [N].
+        bias: float [N] or None.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        return kernels.fp8_linear(x, self.qweight, self.scale, self.bias)
+
+
 class Int8Embedding(PackedModule):
     """An Embedding whose table is int8 per row: ``E[v] = q[v] * scale[v]``.
 
