@@ -42,13 +42,15 @@ def measure_recipe(model_ref: str, recipe: str, tokens: int) -> dict:
     plan = memfit.Plan() if recipe == "fp32" else memfit.Plan.parse(recipe)
     predicted = None
     start = time.perf_counter()
+    lazy = load_lazy(model_ref) if plan.needs_calibration else None
     if plan.needs_calibration:
-        model, tokenizer, source = load_lazy(model_ref)
+        model, tokenizer, source = lazy if lazy is not None else (*load(model_ref), None)
         calibration = calibration_windows(tokenizer)
-        predicted = predict_calibration_memory(model, plan, *calibration.shape, streamed=True).peak_bytes
-        with track() as tracker:
+        predicted = predict_calibration_memory(model, plan, *calibration.shape, streamed=source is not None).peak_bytes
+        with track(None if source is not None else model) as tracker:
             memfit.apply(model, plan, memfit.Context(calibration=calibration, source=source))
-            source.materialize(model)
+            if source is not None:
+                source.materialize(model)
     else:
         model, tokenizer = load(model_ref)
         with track(model) as tracker:

@@ -31,12 +31,15 @@ from memfit.memory.estimate import meta_copy
 from memfit.memory.report import weight_bytes
 from memfit.models.arch import decoder_parts
 from memfit.plan import Context, Plan, apply
+from memfit.strategies.quantize.grids import CHUNK_VALUES
 
 # fp32 K x K matrices GPTQ holds for a Linear with K inputs at its peak: the Hessian handed over,
 # its working copy, and the Cholesky factor and inverse (see memfit.calibration.gptq)
 GPTQ_SQUARES = 4
 # fp32 N x K matrices it holds: the float weight, its permuted copy and the codes
 GPTQ_WEIGHTS = 3
+# float temporaries of a chunk being rounded to int8 (the scaled, rounded and clamped values)
+PACK_TEMPORARIES = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,9 @@ def predict_calibration_memory(
             (`memfit.models.load.load_lazy`), so float layers are held one at a time.
     """
     float_model = meta_copy(model)
-    packed = meta_copy(model)
+    if getattr(model.config, "tie_word_embeddings", False):  # a lazy model ties only as it is read
+        float_model.tie_weights()
+    packed = meta_copy(float_model)
     with torch.no_grad():
         apply(packed, plan, Context())
     parts_f, parts_p = decoder_parts(float_model), decoder_parts(packed)
@@ -76,9 +81,16 @@ def predict_calibration_memory(
     rotary = windows * 2 * window * head_dim * act
     phases = []
 
-    # capture: the float embedding and head, and the first layer's inputs
+    forward = window * (3 * getattr(config, "intermediate_size", 4 * config.hidden_size)
+                        + 4 * config.hidden_size) * act  # one batch through a layer
+
+    # capture, then packing the embedding and head while their float weights are still held
     resident = float_outside + (0 if streamed else sum(float_layers))
-    phases.append(("capture", {"weights": resident, "hidden states": hidden, "rotary tables": rotary}))
+    packing = min(CHUNK_VALUES, _largest(float_model)) * 4 * PACK_TEMPORARIES
+    phases.append(("packing the embedding", {
+        "weights": resident + packed_outside, "hidden states": hidden, "rotary tables": rotary,
+        "working set": packing,
+    }))
 
     gptq = any(getattr(s, "method", None) is not None and s.method.value == "gptq" for s in plan.strategies)
     awq = any(getattr(s, "awq", False) for s in plan.strategies)
@@ -87,13 +99,16 @@ def predict_calibration_memory(
         if not streamed:
             weights += sum(float_layers[index + 1 :])
         hessians, work = (_gptq_bytes(layer) if gptq else (0, 0))
-        forward = window * (3 * getattr(config, "intermediate_size", 4 * config.hidden_size)
-                            + 4 * config.hidden_size) * act
         if awq:
             work = max(work, _awq_bytes(layer, min(tokens, AWQ_ROWS)))
+        # the layer is fitted on its inputs (sums, searches), then run to produce the next inputs
+        fitting = hidden + hessians + max(work, forward)
+        running = 2 * hidden + forward
         phases.append((f"layer {index}", {
-            "weights": weights, "hidden states": 2 * hidden, "rotary tables": rotary,
-            "hessians": hessians, "working set": max(work, forward),
+            "weights": weights, "rotary tables": rotary,
+            "hidden states": hidden if fitting > running else 2 * hidden,
+            "hessians": hessians if fitting > running else 0,
+            "working set": max(work, forward) if fitting > running else forward,
         }))
     if any(s.name == "mixed-bits" and not getattr(s, "widths", ()) for s in plan.strategies):
         # sensitivity runs: the whole float model, every layer's inputs and the reference log-probs
@@ -106,6 +121,10 @@ def predict_calibration_memory(
     phases.append(("end", {"weights": weight_bytes(packed)}))
     phase, parts = max(phases, key=lambda item: sum(item[1].values()))
     return CalibrationMemory(sum(parts.values()), phase, parts)
+
+
+def _largest(model: nn.Module) -> int:
+    return max((p.numel() for p in model.parameters()), default=0)
 
 
 def _activation_size(model: nn.Module) -> int:

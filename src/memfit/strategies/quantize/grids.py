@@ -15,7 +15,7 @@ import math
 
 import torch
 
-_CHUNK_VALUES = 1 << 22  # rows are rounded in chunks of about this many values (16 MB of fp32)
+CHUNK_VALUES = 1 << 22  # rows are rounded in chunks of about this many values (16 MB of fp32)
 
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: weight [N, K] -> (int8 [N, K], bf16 scales [N])."""
@@ -39,7 +39,7 @@ def _per_row(weight: torch.Tensor, dtype: torch.dtype, top: float, round_fn) -> 
     """Scale each row of ``weight`` so its absmax maps to ``top``, round with ``round_fn`` and cast
     to ``dtype``; rows go in chunks so the float temporaries stay bounded on large weights."""
     weight = weight.detach()
-    rows = max(1, _CHUNK_VALUES // max(1, weight.shape[1]))
+    rows = max(1, CHUNK_VALUES // max(1, weight.shape[1]))
     q = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
     for start in range(0, weight.shape[0], rows):
