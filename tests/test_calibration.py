@@ -184,3 +184,27 @@ def test_streaming_never_holds_the_whole_float_model(make_tiny, tmp_path):
     # about one float layer less at the peak (less the rotary and norm tensors read up front)
     layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     assert tracker.report().peak_bytes <= full_peak - 0.9 * layer_bytes
+
+
+@pytest.mark.parametrize("recipe", ["int4-g32-gptq", "int8-gptq", "int4-g32-awq", "w8a8-smooth", "mixed-bits-6"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["loaded", "streamed"])
+def test_calibration_peak_is_predicted_within_10_percent(make_tiny, tmp_path, recipe, streamed):
+    from memfit.calibration.memory import predict_calibration_memory
+    from memfit.memory.tracker import track
+    from memfit.models.load import load_lazy
+
+    model, tokenizer = make_tiny("tiny-qwen2")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    calibration = torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(7))
+    if streamed:
+        model, _, source = load_lazy(tmp_path)
+    else:
+        source = None
+    plan = memfit.Plan.parse(recipe)
+    predicted = predict_calibration_memory(model, plan, 8, 128, streamed=streamed)
+    with track(None if streamed else model) as tracker:
+        memfit.apply(model, plan, memfit.Context(calibration=calibration, source=source))
+    peak = tracker.report().peak_bytes
+    assert abs(predicted.peak_bytes / peak - 1) <= 0.10, (predicted, peak)
+    assert sum(predicted.parts.values()) == predicted.peak_bytes

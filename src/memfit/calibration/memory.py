@@ -27,17 +27,22 @@ from torch import nn
 
 from memfit.calibration.awq import MAX_TOKENS as AWQ_ROWS
 from memfit.calibration.awq import scale_groups
+from memfit.calibration.sensitivity import CHUNK_ROWS
 from memfit.memory.estimate import meta_copy
 from memfit.memory.report import weight_bytes
 from memfit.models.arch import decoder_parts
 from memfit.plan import Context, Plan, apply
 from memfit.strategies.quantize.grids import CHUNK_VALUES
+from memfit.strategies.quantize.mixed import SENSITIVITY_TOKENS
 
 # fp32 K x K matrices GPTQ holds for a Linear with K inputs at its peak: the Hessian handed over,
 # its working copy, and the Cholesky factor and inverse (see memfit.calibration.gptq)
 GPTQ_SQUARES = 4
 # fp32 N x K matrices it holds: the float weight, its permuted copy and the codes
 GPTQ_WEIGHTS = 3
+# vocabulary-wide fp32 tensors per chunk of rows while a sensitivity run scores it (logits,
+# log-probabilities, KL terms)
+SENSITIVITY_CHUNKS = 4
 # float temporaries of a chunk being rounded to int8 (the scaled, rounded and clamped values)
 PACK_TEMPORARIES = 3
 
@@ -111,12 +116,15 @@ def predict_calibration_memory(
             "working set": max(work, forward) if fitting > running else forward,
         }))
     if any(s.name == "mixed-bits" and not getattr(s, "widths", ()) for s in plan.strategies):
-        # sensitivity runs: the whole float model, every layer's inputs and the reference log-probs
-        scored = min(tokens, 512)
+        # sensitivity runs: the whole float model, every layer's inputs, the reference
+        # log-probabilities and a chunk's logits, log-probabilities and KL terms
+        scored = min(tokens, SENSITIVITY_TOKENS)
+        chunk = min(scored, CHUNK_ROWS) * config.vocab_size * 4
         phases.append(("sensitivity", {
             "weights": weight_bytes(float_model),
             "hidden states": (len(float_layers) + 2) * scored * config.hidden_size * act,
-            "log-probs": 3 * scored * config.vocab_size * 4,
+            "log-probs": scored * config.vocab_size * 4 + SENSITIVITY_CHUNKS * chunk,
+            "working set": max(float_layers, default=0),  # one layer's rounded weights
         }))
     phases.append(("end", {"weights": weight_bytes(packed)}))
     phase, parts = max(phases, key=lambda item: sum(item[1].values()))

@@ -9,7 +9,8 @@ the head, not the whole model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,10 @@ from memfit.calibration.layerwise import capture_first_layer_inputs, run_layer
 from memfit.errors import RecipeError
 from memfit.models.arch import decoder_parts
 
+CHUNK_ROWS = 128  # tokens whose vocabulary-wide log-probabilities are computed at once
+
 Unit = tuple[int, list[nn.Linear]]
-"""A decoder layer index and the Linears of that layer rounded together."""
+"""The first decoder layer a unit touches, and its Linears (rounded together; they may span layers)."""
 
 
 def unit_sensitivities(
@@ -38,23 +41,32 @@ def unit_sensitivities(
         inputs = [capture_first_layer_inputs(model, batches)]
         for layer in parts.layers:
             inputs.append(run_layer(layer, inputs[-1]))
-        reference = [F.log_softmax(_logits(norm, head, h), dim=-1) for h, _ in inputs[-1]]
+        reference = [_log_probs(norm, head, h) for h, _ in inputs[-1]]
+        members = [{id(m) for m in layer.modules()} for layer in parts.layers]
         out = []
         for done, (index, linears) in enumerate(units):
-            originals = [m.weight.data for m in linears]
-            try:
-                for m in linears:
-                    m.weight.data = fake_quantize(m.weight.data).to(m.weight.dtype)
-                hidden = inputs[index]
-                for layer in parts.layers[index:]:
-                    hidden = run_layer(layer, hidden)
-            finally:
-                for m, weight in zip(linears, originals, strict=True):
-                    m.weight.data = weight
-            out.append(_kl(reference, [_logits(norm, head, h) for h, _ in hidden]))
+            hidden = inputs[index]
+            for j in range(index, len(parts.layers)):
+                # a unit may span layers (the whole model at once): round one layer's share at a time
+                with _rounded([m for m in linears if id(m) in members[j]], fake_quantize):
+                    hidden = run_layer(parts.layers[j], hidden)
+            out.append(_kl(reference, [h for h, _ in hidden], norm, head))
             if progress:
                 progress(done + 1, len(units))
     return out
+
+
+@contextlib.contextmanager
+def _rounded(linears: list[nn.Linear], fake_quantize: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the weights of ``linears`` by ``fake_quantize(weight)`` inside the block."""
+    originals = [m.weight.data for m in linears]
+    try:
+        for m in linears:
+            m.weight.data = fake_quantize(m.weight.data).to(m.weight.dtype)
+        yield
+    finally:
+        for m, weight in zip(linears, originals, strict=True):
+            m.weight.data = weight
 
 
 def _tail(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -68,14 +80,21 @@ def _tail(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return norm, head
 
 
-def _logits(norm: nn.Module, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    return head(norm(hidden)).float()
+def _log_probs(norm: nn.Module, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [tokens, vocab] of ``hidden`` [B, T, D], in chunks of rows."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    return torch.cat([F.log_softmax(head(norm(chunk)).float(), dim=-1) for chunk in rows.split(CHUNK_ROWS)])
 
 
-def _kl(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> float:
+def _kl(reference: list[torch.Tensor], hidden: list[torch.Tensor], norm: nn.Module, head: nn.Module) -> float:
+    """Mean KL(reference || model) per token, the model's log-probabilities computed from
+    ``hidden`` a chunk of rows at a time (a vocabulary-wide float tensor per row is the large part)."""
     total, count = 0.0, 0
-    for ref, out in zip(reference, logits, strict=True):
-        log_q = F.log_softmax(out, dim=-1)
-        total += (ref.exp() * (ref - log_q)).sum().item()
-        count += ref.numel() // ref.shape[-1]
+    for ref, h in zip(reference, hidden, strict=True):
+        rows = h.reshape(-1, h.shape[-1])
+        for start in range(0, rows.shape[0], CHUNK_ROWS):
+            log_q = F.log_softmax(head(norm(rows[start : start + CHUNK_ROWS])).float(), dim=-1)
+            log_p = ref[start : start + CHUNK_ROWS]
+            total += F.kl_div(log_q, log_p, reduction="sum", log_target=True).item()
+        count += rows.shape[0]
     return total / count
