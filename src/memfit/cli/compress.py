@@ -21,9 +21,10 @@ recipe tokens (comma-separated, or a .json/.yaml recipe file):
                long inputs (prefill); w8a8-smooth[A]: SmoothQuant smoothing, alpha A
                (default 0.5)
   fp8          float8 (e4m3) weights per output channel
-  mixed-bits[-B]
+  mixed-bits[-B][-rtn]
                int4, int8 or float per attention/MLP block, chosen by measured
-               sensitivity to average B bits per weight (default 5)
+               sensitivity to average B bits per weight (default 5); GPTQ codes,
+               or round to nearest with -rtn
   bf16, fp16   cast what is still floating point
 calibrated recipes read a safetensors model directory layer by layer (streamed);
 their predicted peak memory is printed before they start (--max-memory caps it)

@@ -36,7 +36,7 @@ FLOAT = 16
 WIDTHS = (4, 8, FLOAT)
 SENSITIVITY_TOKENS = 512  # calibration tokens the sensitivity runs score
 
-_TOKEN = re.compile(r"mixed-bits(?:-(\d+(?:\.\d+)?))?")
+_TOKEN = re.compile(r"mixed-bits(?:-(\d+(?:\.\d+)?))?(-rtn)?")
 
 
 def units_of(model: nn.Module, targets: Targets) -> list[tuple[int, list[tuple[str, nn.Linear]]]]:
@@ -104,7 +104,8 @@ class MixedBits(Strategy):
             (between int4's 4.2-4.4 and int8's 8.0; above, some units stay in float). Token
             ``mixed-bits`` is 5 bits; ``mixed-bits-6.5`` sets it. The planner sets it from the budget.
         group_size: groups of the int4 units.
-        method: how the int4 and int8 codes are chosen (GPTQ by default; RTN skips the Hessians).
+        method: how the int4 and int8 codes are chosen (GPTQ by default; RTN, token suffix
+            ``-rtn``, skips the Hessians).
         widths: the chosen width of each unit (see `units_of`), filled in when the strategy is
             applied with calibration text, and recorded in the saved recipe; empty until then.
         targets: which modules to quantize (default: every Linear, the embedding and the head; the
@@ -133,7 +134,8 @@ class MixedBits(Strategy):
 
     @property
     def token(self) -> str:
-        return "mixed-bits" if self.bits == 5.0 else f"mixed-bits-{self.bits:g}"
+        bits = "" if self.bits == 5.0 else f"-{self.bits:g}"
+        return f"mixed-bits{bits}{'-rtn' if self.method is Method.RTN else ''}"
 
     @property
     def needs_calibration(self) -> bool:
@@ -148,7 +150,7 @@ class MixedBits(Strategy):
         if not 4 <= bits <= 16:
             raise RecipeError(f"recipe token {token!r} asks for {bits:g} bits per weight",
                               "use between 4 and 16, as in mixed-bits-6")
-        return cls(bits=bits)
+        return cls(bits=bits, method=Method.RTN if match.group(2) else Method.GPTQ)
 
     @classmethod
     def examples(cls) -> list[Strategy]:
