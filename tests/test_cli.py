@@ -265,3 +265,11 @@ def test_compress_exports_gguf(capsys, tmp_path):
     reader = gguf.GGUFReader(out)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_unreadable_max_memory_is_one_line_exit_2_before_loading(capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(tmp_path / "nope"), "--recipe", "int8-gptq", "--max-memory", "lots",
+                 "--out", str(out)]) == 2
+    _one_line_error(capsys, "cannot read size 'lots'")  # not the missing model: nothing was loaded
+    assert not out.exists()

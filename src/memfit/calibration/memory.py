@@ -6,16 +6,15 @@ processed the run holds:
 - the packed embedding and head (packed as soon as the first layer's inputs are captured), the
   layers before i packed, layer i in float, and, unless the checkpoint is streamed, the float
   layers after i;
-- the calibration hidden states twice (the layer's inputs and the outputs being produced) and each
-  batch's rotary tables;
-- one X^T X sum per distinct Linear input of the layer (fp32, in_features squared);
-- the larger of one batch's forward temporaries and GPTQ's working set for the layer's largest
-  Linear (its weight, codes and Hessian copies in fp32).
+- each batch's rotary tables, and the larger of two moments: fitting the layer (its inputs, one
+  X^T X sum per distinct Linear input, and GPTQ's or AWQ's working set for the largest Linear or
+  group) and running it (its inputs and the outputs being produced, with one batch's forward
+  temporaries).
 
-Before the layers, the capture holds the float embedding and head with the first hidden states;
-mixed bit-widths first score sensitivities on the whole float model. The predicted peak is the
-largest of these phases; `memfit compress` prints it and ``--max-memory`` refuses a run that
-would not fit.
+Before the layers, the first layer's inputs are captured and the embedding and head are rounded
+to int8 while their float weights are still held; mixed bit-widths first score sensitivities on
+the whole float model. The predicted peak is the largest of these phases; `memfit compress`
+prints it and ``--max-memory`` refuses a run that would not fit.
 """
 
 from __future__ import annotations
@@ -32,8 +31,9 @@ from memfit.memory.estimate import meta_copy
 from memfit.memory.report import weight_bytes
 from memfit.models.arch import decoder_parts
 from memfit.plan import Context, Plan, apply
+from memfit.strategies.quantize.calibrated import Method
 from memfit.strategies.quantize.grids import CHUNK_VALUES
-from memfit.strategies.quantize.mixed import SENSITIVITY_TOKENS
+from memfit.strategies.quantize.mixed import SENSITIVITY_TOKENS, MixedBits
 
 # fp32 K x K matrices GPTQ holds for a Linear with K inputs at its peak: the Hessian handed over,
 # its working copy, and the Cholesky factor and inverse (see memfit.calibration.gptq)
@@ -97,7 +97,7 @@ def predict_calibration_memory(
         "working set": packing,
     }))
 
-    gptq = any(getattr(s, "method", None) is not None and s.method.value == "gptq" for s in plan.strategies)
+    gptq = any(getattr(s, "method", None) is Method.GPTQ for s in plan.strategies)
     awq = any(getattr(s, "awq", False) for s in plan.strategies)
     for index, layer in enumerate(parts_f.layers):
         weights = packed_outside + sum(packed_layers[:index]) + float_layers[index]
@@ -107,15 +107,11 @@ def predict_calibration_memory(
         if awq:
             work = max(work, _awq_bytes(layer, min(tokens, AWQ_ROWS)))
         # the layer is fitted on its inputs (sums, searches), then run to produce the next inputs
-        fitting = hidden + hessians + max(work, forward)
-        running = 2 * hidden + forward
-        phases.append((f"layer {index}", {
-            "weights": weights, "rotary tables": rotary,
-            "hidden states": hidden if fitting > running else 2 * hidden,
-            "hessians": hessians if fitting > running else 0,
-            "working set": max(work, forward) if fitting > running else forward,
-        }))
-    if any(s.name == "mixed-bits" and not getattr(s, "widths", ()) for s in plan.strategies):
+        fitting = {"hidden states": hidden, "hessians": hessians, "working set": max(work, forward)}
+        running = {"hidden states": 2 * hidden, "working set": forward}
+        moment = max(fitting, running, key=lambda part: sum(part.values()))
+        phases.append((f"layer {index}", {"weights": weights, "rotary tables": rotary, **moment}))
+    if any(isinstance(s, MixedBits) and not s.widths for s in plan.strategies):
         # sensitivity runs: the whole float model, every layer's inputs, the reference
         # log-probabilities and a chunk's logits, log-probabilities and KL terms
         scored = min(tokens, SENSITIVITY_TOKENS)

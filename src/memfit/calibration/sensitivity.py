@@ -82,8 +82,15 @@ def _tail(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def _log_probs(norm: nn.Module, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities [tokens, vocab] of ``hidden`` [B, T, D], in chunks of rows."""
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    return torch.cat([F.log_softmax(head(norm(chunk)).float(), dim=-1) for chunk in rows.split(CHUNK_ROWS)])
+    return torch.cat([_chunk_log_probs(norm, head, chunk) for chunk in _rows(hidden).split(CHUNK_ROWS)])
+
+
+def _chunk_log_probs(norm: nn.Module, head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(head(norm(rows)).float(), dim=-1)
+
+
+def _rows(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.reshape(-1, hidden.shape[-1])
 
 
 def _kl(reference: list[torch.Tensor], hidden: list[torch.Tensor], norm: nn.Module, head: nn.Module) -> float:
@@ -91,10 +98,8 @@ def _kl(reference: list[torch.Tensor], hidden: list[torch.Tensor], norm: nn.Modu
     ``hidden`` a chunk of rows at a time (a vocabulary-wide float tensor per row is the large part)."""
     total, count = 0.0, 0
     for ref, h in zip(reference, hidden, strict=True):
-        rows = h.reshape(-1, h.shape[-1])
-        for start in range(0, rows.shape[0], CHUNK_ROWS):
-            log_q = F.log_softmax(head(norm(rows[start : start + CHUNK_ROWS])).float(), dim=-1)
-            log_p = ref[start : start + CHUNK_ROWS]
+        for log_p, rows in zip(ref.split(CHUNK_ROWS), _rows(h).split(CHUNK_ROWS), strict=True):
+            log_q = _chunk_log_probs(norm, head, rows)
             total += F.kl_div(log_q, log_p, reduction="sum", log_target=True).item()
-        count += rows.shape[0]
+        count += ref.shape[0]
     return total / count

@@ -68,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from memfit.io import check_output_dir, save
     from memfit.models.load import load, load_lazy
     from memfit.plan import Context, Plan, apply
+    from memfit.units import parse_bytes
 
-    plan = Plan.parse(args.recipe)  # bad recipes and outputs fail before anything is loaded or written
+    plan = Plan.parse(args.recipe)  # bad recipes, sizes and outputs fail before anything is loaded or written
+    max_memory = None if args.max_memory is None else parse_bytes(args.max_memory)
     if args.format == "memfit":
         check_output_dir(args.out)
     else:
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = options.calibration_of(args, tokenizer, plan)
     predicted = None
     if calibration is not None:
-        predicted = _check_calibration_memory(model, plan, calibration, source is not None, args.max_memory)
+        predicted = _check_calibration_memory(model, plan, calibration, source is not None, max_memory)
     with console.progress_bar() as progress:
         ctx = Context(progress=progress, calibration=calibration, source=source)
         apply(model, plan, ctx)
@@ -103,18 +105,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_calibration_memory(model, plan, calibration, streamed: bool, max_memory: str | None) -> int:
+def _check_calibration_memory(model, plan, calibration, streamed: bool, max_memory: int | None) -> int:
     """Print the predicted peak of the calibration run; raise `BudgetError` if over ``max_memory``."""
     from memfit.calibration.memory import predict_calibration_memory
     from memfit.errors import BudgetError
-    from memfit.units import format_bytes, parse_bytes
+    from memfit.units import format_bytes
 
     windows, window = len(calibration), calibration[0].shape[-1]
     predicted = predict_calibration_memory(model, plan, windows, window, streamed=streamed)
-    if max_memory is not None and predicted.peak_bytes > (limit := parse_bytes(max_memory)):
+    if max_memory is not None and predicted.peak_bytes > max_memory:
         raise BudgetError(
             f"calibrating {plan.recipe!r} is predicted to need {format_bytes(predicted.peak_bytes)} "
-            f"(at {predicted.phase}), more than --max-memory {format_bytes(limit)}",
+            f"(at {predicted.phase}), more than --max-memory {format_bytes(max_memory)}",
             "raise --max-memory, use fewer --calibration-windows, or choose a recipe without calibration",
         )
     parts = ", ".join(f"{name} {format_bytes(n)}" for name, n in predicted.parts.items() if n)

@@ -47,11 +47,8 @@ def units_of(model: nn.Module, targets: Targets) -> list[tuple[int, list[tuple[s
     for index, layer in enumerate(parts.layers):
         for child_name, child in layer.named_children():
             prefix = f"{parts.layers_fqn}.{index}.{child_name}"
-            linears = [
-                (f"{prefix}.{name}" if name else prefix, m)
-                for name, m in child.named_modules()
-                if isinstance(m, nn.Linear) and targets.matches(f"{prefix}.{name}" if name else prefix)
-            ]
+            named = ((f"{prefix}.{name}" if name else prefix, m) for name, m in child.named_modules())
+            linears = [(fqn, m) for fqn, m in named if isinstance(m, nn.Linear) and targets.matches(fqn)]
             if linears:
                 units.append((index, linears))
     return units

@@ -20,19 +20,14 @@ from memfit.calibration.smooth import smooth_layer
 from memfit.errors import RecipeError
 from memfit.strategies.base import Phase, Strategy
 from memfit.strategies.quantize.calibrated import calibrated_layers_, has_values
-from memfit.strategies.quantize.grids import quantize_fp8_rows, quantize_int8_rows
-from memfit.strategies.quantize.packed import Fp8Linear, Int8DynamicLinear, Int8Linear
-from memfit.strategies.quantize.walk import quantize_model_
+from memfit.strategies.quantize.grids import quantize_fp8_rows
+from memfit.strategies.quantize.packed import Fp8Linear, Int8DynamicLinear
+from memfit.strategies.quantize.walk import packed_rows, quantize_model_
 from memfit.strategies.registry import register
 from memfit.strategies.targets import Targets
 
 if TYPE_CHECKING:
     from memfit.plan import Context, Workload
-
-
-def _packed(cls: type[Int8Linear], rounding, linear: nn.Linear) -> Int8Linear:
-    bias = None if linear.bias is None else linear.bias.detach()
-    return cls(*rounding(linear.weight), bias)
 
 
 _W8A8_TOKEN = re.compile(r"w8a8(-smooth(\d*\.?\d+)?)?")
@@ -103,7 +98,7 @@ class W8A8(Strategy):
         return [cls(), cls(smoothing=DEFAULT_SMOOTHING)]
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
-        quantize = lambda fqn, linear: _packed(Int8DynamicLinear, quantize_int8_rows, linear)
+        quantize = lambda fqn, linear: packed_rows(linear, Int8DynamicLinear)
         if self.smoothing is not None and (has_values(model) or ctx.source is not None):
             smooth = lambda layer, inputs, groups: smooth_layer(layer, inputs, self.smoothing, groups)
             calibrated_layers_(model, ctx, self.targets, self.token, rtn_quantize=quantize, scale_layer=smooth,
@@ -150,5 +145,5 @@ class Fp8Weights(Strategy):
         return [cls()]
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
-        quantize = lambda fqn, linear: _packed(Fp8Linear, quantize_fp8_rows, linear)
+        quantize = lambda fqn, linear: packed_rows(linear, Fp8Linear, quantize_fp8_rows)
         return quantize_model_(model, ctx, self.targets, quantize, self.token)

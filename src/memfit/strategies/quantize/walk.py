@@ -21,6 +21,15 @@ def set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def packed_rows(
+    linear: nn.Linear, cls: type[Int8Linear] = Int8Linear, rounding: Callable = quantize_int8_rows
+) -> Int8Linear:
+    """``linear`` as ``cls`` (int8 per row by default; any per-row format, such as float8) with its
+    bias kept."""
+    bias = None if linear.bias is None else linear.bias.detach()
+    return cls(*rounding(linear.weight), bias)
+
+
 def quantize_model_(
     model: nn.Module,
     ctx: Context,
@@ -68,5 +77,4 @@ def pack_embeddings_(
         if tied:  # one copy of the packed table serves both
             set_submodule(model, head_fqn, head_class(q, scale, head.bias))
     if do_head and not tied:
-        bias = None if head.bias is None else head.bias.detach()
-        set_submodule(model, head_fqn, head_class(*quantize_int8_rows(head.weight), bias))
+        set_submodule(model, head_fqn, packed_rows(head, head_class))
