@@ -31,8 +31,9 @@ HERE = Path(__file__).resolve().parent
 TOLERANCE = 1e-3  # perplexity within 0.1% counts as no higher
 
 
-def measure_recipe(model_ref: str, recipe: str, tokens: int) -> dict:
-    """Quantize ``model_ref`` with ``recipe`` (streamed when calibrated) and measure it."""
+def measure_recipe(model_ref: str, recipe: str, tokens: int, extra=None) -> dict:
+    """Quantize ``model_ref`` with ``recipe`` (streamed when calibrated) and measure it;
+    ``extra(model)`` may add figures to the row."""
     import memfit
     from memfit.calibration import calibration_windows
     from memfit.calibration.memory import predict_calibration_memory
@@ -64,6 +65,7 @@ def measure_recipe(model_ref: str, recipe: str, tokens: int) -> dict:
         "bits_per_weight": 8 * metrics.weight_bytes / params, "quantize_s": seconds, "peak_bytes": peak,
         "predicted_peak_bytes": predicted, "prefill_tokens_per_s": metrics.prefill_tokens_per_s,
         "decode_tokens_per_s": metrics.decode_tokens_per_s, "eval_tokens": metrics.eval_tokens, "error": None,
+        **(extra(model) if extra else {}),
     }
 
 

@@ -52,7 +52,7 @@ def test_optimize_json_contract_and_report(capsys, tmp_path):
     data = _last_json(capsys)
     assert set(data) == {"budget_bytes", "plan", "out", "metrics", "candidates"}
     assert data["metrics"]["weight_bytes"] <= data["budget_bytes"]
-    assert {"plan", "predicted_weight_bytes", "fits", "metrics"} == set(data["candidates"][0])
+    assert {"plan", "predicted_weight_bytes", "fits", "metrics", "skipped"} == set(data["candidates"][0])
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     assert report.is_file() and report.with_suffix(".md").is_file()
 
@@ -254,6 +254,15 @@ def test_export_format_target_is_checked_before_any_work(capsys, tmp_path):
     assert main(["compress", "--model", "tiny-llama", "--recipe", "int8", "--format", "gguf-q8_0",
                  "--out", str(out)]) == 2
     _one_line_error(capsys, "does not end in .gguf", "name the file")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["gguf-q8_0", "compressed-tensors"])
+def test_exports_refuse_sparse_layers_before_any_work(capsys, tmp_path, fmt):
+    out = tmp_path / ("m.gguf" if fmt.startswith("gguf") else "m")
+    assert main(["compress", "--model", "tiny-llama", "--recipe", "prune-50-magnitude,int8", "--format", fmt,
+                 "--out", str(out)]) == 2
+    _one_line_error(capsys, f"{fmt} cannot hold the layers 'prune-50-magnitude' makes", "--format memfit")
     assert not out.exists()
 
 

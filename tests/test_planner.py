@@ -6,6 +6,7 @@ from memfit.evaluate import Metrics
 from memfit.planner.report import render_markdown, write_reports
 from memfit.planner.search import Candidate, _choose
 from memfit.planner.space import candidate_plans
+from memfit.strategies.base import Phase
 from memfit.units import format_bytes
 
 TOKENS = 1024
@@ -14,8 +15,13 @@ TOKENS = 1024
 def test_space_has_every_option_once_and_the_empty_plan_first():
     recipes = [p.recipe for p in candidate_plans()]
     assert recipes[0] == "none"
-    assert len(recipes) == len(set(recipes)) == 10  # {none, int8, int4-g32/64, int4-g128-gptq} x {none, bf16}
+    # {none, prune-50-sparsegpt, prune-mlp-25, lowrank-mlp-50-act} x {none, int8, int4-g32/64, int4-g128-gptq}
+    # x {none, bf16}
+    assert len(recipes) == len(set(recipes)) == 40
     assert "int4-g128-gptq,bf16" in recipes and "int4-g128" not in recipes and "fp16" not in recipes
+    assert "prune-50-sparsegpt,int8" in recipes and "prune-mlp-25,int4-g128-gptq,bf16" in recipes
+    assert not any("prune-heads" in r for r in recipes)  # heads are a generation option (the KV cache)
+    assert len(candidate_plans(memfit.Workload(mode=memfit.Mode.GENERATE))) == 50
     assert "fp16" in [p.recipe for p in candidate_plans(memfit.Workload(device="cuda"))]
 
 
@@ -24,7 +30,7 @@ def test_optimize_fits_the_budget_and_picks_the_lowest_perplexity(make_tiny):
     before = memfit.weight_bytes(model)
     result = memfit.optimize(model, tokenizer, "30%", num_tokens=TOKENS, measure_speed=False)
     assert memfit.weight_bytes(model) == before  # input left unchanged
-    fitting = [c for c in result.candidates if c.fits]
+    fitting = [c for c in result.candidates if c.fits and c.skipped is None]
     assert all(c.metrics.weight_bytes <= result.budget_bytes for c in fitting)
     assert all(c.metrics is None for c in result.candidates if not c.fits)
     assert result.best.metrics.perplexity == min(c.metrics.perplexity for c in fitting)
@@ -55,10 +61,45 @@ def test_a_larger_budget_never_gives_a_worse_plan(make_tiny):
 
 def test_impossible_budget_names_the_smallest_reachable_plan(make_tiny):
     model, tokenizer = make_tiny("tiny-llama")
-    smallest_bytes, smallest = min((memfit.estimate(model, p).weight_bytes, p.recipe) for p in candidate_plans())
+    sizes = [(memfit.estimate(model, p).weight_bytes, p.recipe) for p in candidate_plans()]
+    smallest_bytes, smallest = min(sizes, key=lambda size: size[0])  # ties: the first in search order
     with pytest.raises(BudgetError, match=f"below the smallest reachable plan: '{smallest}' holds") as info:
         memfit.optimize(model, tokenizer, "1KB", num_tokens=TOKENS, measure_speed=False)
     assert f"raise the budget to at least {format_bytes(smallest_bytes)}" in str(info.value)
+
+
+def _structure(plan: memfit.Plan) -> list[str]:
+    return [s.token for s in plan.strategies if s.phase is Phase.STRUCTURE]
+
+
+def test_a_budget_only_pruning_meets_gets_a_pruned_plan(make_tiny):
+    model, tokenizer = make_tiny("tiny-llama")
+    plans = candidate_plans()
+    unpruned = min(memfit.estimate(model, p).weight_bytes for p in plans if not _structure(p))
+    pruned = min(memfit.estimate(model, p).weight_bytes for p in plans if _structure(p))
+    budget = (unpruned + pruned) // 2  # below every plan without pruning or factors
+    result = memfit.optimize(model, tokenizer, budget, num_tokens=TOKENS, measure_speed=False)
+    assert _structure(result.best.plan)
+    assert memfit.weight_bytes(result.model) == result.best.metrics.weight_bytes <= budget
+    evaluated = [c for c in result.candidates if c.metrics is not None]
+    assert len(evaluated) >= 3 and all(_structure(c.plan) for c in evaluated)
+    for c in evaluated:
+        assert c.metrics.weight_bytes == c.predicted_weight_bytes
+    assert result.best.metrics.perplexity == min(c.metrics.perplexity for c in evaluated)
+
+
+def test_pruning_is_skipped_where_the_plan_without_it_fits(make_tiny):
+    model, tokenizer = make_tiny("tiny-llama")
+    result = memfit.optimize(model, tokenizer, "30%", num_tokens=TOKENS, measure_speed=False)
+    by_recipe = {c.plan.recipe: c for c in result.candidates}
+    assert not _structure(result.best.plan)
+    skipped = by_recipe["prune-50-sparsegpt,int8"]
+    assert skipped.fits and skipped.metrics is None
+    assert skipped.skipped == "'int8' fits without prune-50-sparsegpt"
+    assert by_recipe["int8"].metrics is not None
+    for c in result.candidates:
+        assert (c.skipped is not None) == (c.fits and bool(_structure(c.plan)))
+    assert "plans with pruning or low-rank factors were skipped" in render_markdown(result)
 
 
 def _candidate(recipe: str, ppl: float, decode: float, fits: bool = True) -> Candidate:

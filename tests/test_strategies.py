@@ -52,7 +52,7 @@ def test_strategy_conformance(make_tiny, tokens, name, cls, strategy, tmp_path):
 
     # 1. it happened
     assert model.memfit_plan.strategies == (ctx.resolved.get(strategy, strategy),)
-    assert (ctx.resolved != {}) == (isinstance(strategy, memfit.MixedBits) and not strategy.widths)
+    assert (ctx.resolved != {}) == strategy.resolves
     if isinstance(strategy, (memfit.Int8WeightOnly, memfit.Int4WeightOnly)):
         assert not any(type(m) is nn.Linear for m in model.modules())
         assert isinstance(model.get_input_embeddings(), Int8Embedding)

@@ -7,11 +7,12 @@ A saved model is a directory holding:
 - ``memfit.json``: the format version, the recipe (plan) and the tied names;
 - any extra files (the planner's report).
 
-When the recipe changes no module types (an empty plan or a precision cast), the state dict keys
-are the Hugging Face names, so ``transformers.AutoModelForCausalLM.from_pretrained`` loads the
-directory directly. Everything is written to a temporary sibling directory that is renamed into
-place at the end, so a crash never leaves a half-written model that looks complete. Loading uses
-safetensors only: nothing is unpickled.
+When the recipe changes no module types (an empty plan, a precision cast, structured pruning that
+shrinks shapes and writes them into ``config.json``), the state dict keys are the Hugging Face
+names, so ``transformers.AutoModelForCausalLM.from_pretrained`` loads the directory directly.
+Everything is written to a temporary sibling directory that is renamed into place at the end, so
+a crash never leaves a half-written model that looks complete. Loading uses safetensors only:
+nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -194,7 +195,9 @@ def load_saved(path: Path):
     # the packed modules on meta, and the checkpoint's tensors are assigned in place.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    apply(model, plan, Context())
+    # strategies that shrank the config (fewer layers, heads, channels) are already in its shapes
+    apply(model, Plan(tuple(s for s in plan.strategies if not s.in_config), plan.workload), Context())
+    model.memfit_plan = plan
     state = _read_tensors(weights)
     for alias, source in manifest.get("tied", {}).items():
         if source not in state:

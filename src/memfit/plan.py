@@ -89,7 +89,7 @@ class Plan:
         Raises:
             RecipeError: two strategies of the same kind, or a declared conflict.
         """
-        ordered = tuple(sorted(self.strategies, key=lambda s: s.phase))  # stable within a phase
+        ordered = tuple(sorted(self.strategies, key=lambda s: (s.phase, s.order)))  # stable otherwise
         names = [s.name for s in ordered]
         for strategy in ordered:
             if names.count(strategy.name) > 1:
@@ -205,6 +205,20 @@ class Context:
         """Record that ``strategy`` settled choices it makes on data (mixed-bits' widths) as
         ``resolved``, which `apply` records in the model's plan so a saved model rebuilds exactly."""
         self.resolved[strategy] = resolved
+
+    def calibration_for(self, label: str) -> Sequence[Any]:
+        """The calibration windows, for ``label`` (a recipe token) that needs them.
+
+        Raises:
+            RecipeError: there are none.
+        """
+        if self.calibration is None:
+            raise RecipeError(
+                f"{label} needs calibration text",
+                "memfit compress and optimize supply it; in Python pass "
+                "memfit.Context(calibration=memfit.calibration.calibration_windows(tokenizer))",
+            )
+        return self.calibration
 
     def report(self, description: str, completed: int, total: int) -> None:
         if self.progress is not None:

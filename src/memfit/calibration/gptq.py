@@ -66,7 +66,7 @@ def gptq_round(
     w, h = w[:, order], h[order][:, order]
     column_group = order // group_size  # the grid each visited column keeps
     torch.diagonal(h).add_(settings.damp * torch.diagonal(h).mean())
-    hinv = _upper_cholesky_of_inverse(h)
+    hinv = upper_cholesky_of_inverse(h)
     del h
     codes = torch.zeros_like(w)
     for start in range(0, k, settings.block):
@@ -87,7 +87,7 @@ def gptq_round(
     return codes[:, torch.argsort(order)]
 
 
-def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
+def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of H^-1, adding more damping if H is not positive definite (``h`` is
     damped in place)."""
     extra = torch.diagonal(h).mean() * 0.01

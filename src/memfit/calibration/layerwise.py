@@ -82,7 +82,12 @@ def observe_inputs(
 ) -> None:
     """Run ``layer`` on ``inputs``, calling ``observers[module](x)`` with the input ``x`` of each
     listed submodule every time it runs."""
-    hook = lambda observe: lambda module, args: observe(args[0].detach())
+    def hook(observe: Callable[[torch.Tensor], None]):
+        def pre_hook(module: nn.Module, args: tuple) -> None:  # returns None: the input stays as it was
+            observe(args[0].detach())
+
+        return pre_hook
+
     handles = [module.register_forward_pre_hook(hook(observe)) for module, observe in observers.items()]
     try:
         run_layer(layer, inputs)
@@ -182,6 +187,10 @@ class InputStatistics:
             self._rows[name] = self._rows.get(name, 0) + flat.shape[0]
 
         return hook
+
+    def observed(self, name: str) -> bool:
+        """True if Linear ``name`` ran while the statistics were taken."""
+        return name in self._key
 
     def hessian(self, name: str) -> torch.Tensor:
         """2 X^T X / rows: the Hessian of the layer's squared output error, for GPTQ."""

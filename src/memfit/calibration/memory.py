@@ -31,12 +31,14 @@ from memfit.memory.estimate import meta_copy
 from memfit.memory.report import weight_bytes
 from memfit.models.arch import decoder_parts
 from memfit.plan import Context, Plan, apply
+from memfit.strategies.prune.sparse import PruneMethod
 from memfit.strategies.quantize.calibrated import Method
 from memfit.strategies.quantize.grids import CHUNK_VALUES
 from memfit.strategies.quantize.mixed import SENSITIVITY_TOKENS, MixedBits
 
-# fp32 K x K matrices GPTQ holds for a Linear with K inputs at its peak: the Hessian handed over,
-# its working copy, and the Cholesky factor and inverse (see memfit.calibration.gptq)
+# fp32 K x K matrices GPTQ (and SparseGPT, the same loop) holds for a Linear with K inputs at its
+# peak: the Hessian handed over, its working copy, and the Cholesky factor and inverse (see
+# memfit.calibration.gptq)
 GPTQ_SQUARES = 4
 # fp32 N x K matrices it holds: the float weight, its permuted copy and the codes
 GPTQ_WEIGHTS = 3
@@ -97,7 +99,7 @@ def predict_calibration_memory(
         "working set": packing,
     }))
 
-    gptq = any(getattr(s, "method", None) is Method.GPTQ for s in plan.strategies)
+    gptq = any(getattr(s, "method", None) in (Method.GPTQ, PruneMethod.SPARSEGPT) for s in plan.strategies)
     awq = any(getattr(s, "awq", False) for s in plan.strategies)
     for index, layer in enumerate(parts_f.layers):
         weights = packed_outside + sum(packed_layers[:index]) + float_layers[index]

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "memfit":
         check_output_dir(args.out)
     else:
-        check_target(args.format, args.out)
+        check_target(args.format, args.out, plan)
     text = options.eval_text_of(args)
     # a calibrated first strategy reads the checkpoint layer by layer: the float model is never whole
     lazy = load_lazy(args.model) if plan.strategies and plan.strategies[0].needs_calibration else None

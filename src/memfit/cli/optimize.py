@@ -17,7 +17,9 @@ examples:
   memfit optimize --model demo --budget 80MB --max-ppl-increase 40 --out small --json
 
 JSON (last stdout line): {"budget_bytes", "plan", "out", "metrics": {...},
-"candidates": [{"plan", "predicted_weight_bytes", "fits", "metrics" (null if not evaluated)}]}"""
+"candidates": [{"plan", "predicted_weight_bytes", "fits", "metrics" (null if not evaluated),
+"skipped" (why a plan that fits was not evaluated: pruning or low-rank factors are tried only
+where the same plan without them does not fit)}]}"""
 
 
 def add_parser(subparsers) -> None:

@@ -18,16 +18,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from memfit.errors import OutputError
 from memfit.export import compressed_tensors, gguf
 from memfit.export.compressed_tensors import Int4Strategy, export_compressed_tensors
 from memfit.export.gguf import GgufKind, export_gguf
+from memfit.plan import Plan
 
 FORMATS = ("memfit", "compressed-tensors", *(f"gguf-{kind.value.lower()}" for kind in GgufKind))
 """What ``memfit compress --format`` writes: memfit's own directory, or one of the exports."""
 
 
-def check_target(fmt: str, out: str | Path) -> None:
-    """Fail now (`memfit.errors.OutputError`) if exporting as ``fmt`` to ``out`` cannot work."""
+# strategies whose layers (kept values plus a bitmask, two factors) neither format can describe
+UNEXPORTABLE = ("prune", "lowrank")
+
+
+def check_target(fmt: str, out: str | Path, plan: Plan | None = None) -> None:
+    """Fail now (`memfit.errors.OutputError`) if exporting ``plan``'s result as ``fmt`` to ``out``
+    cannot work."""
+    for strategy in plan.strategies if plan is not None else ():
+        if strategy.name in UNEXPORTABLE:
+            raise OutputError(
+                f"{fmt} cannot hold the layers {strategy.token!r} makes (sparse or factored Linears)",
+                "save in memfit's format (--format memfit), or use structured pruning (prune-mlp-25), "
+                "which exports as plain layers",
+            )
     if fmt == "compressed-tensors":
         compressed_tensors.check_target(out)
     elif fmt.startswith("gguf-"):

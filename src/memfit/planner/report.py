@@ -29,7 +29,7 @@ def candidate_rows(result: OptimizeResult) -> list[tuple[str, ...]]:
                 format_bytes(c.predicted_weight_bytes),
                 format_bytes(m.weight_bytes) if m else "-",
                 "yes" if c.fits else "no",
-                f"{m.perplexity:.3f}" if m else "-",
+                f"{m.perplexity:.3f}" if m else ("skipped" if c.skipped else "-"),
                 f"{100 * (m.perplexity / base - 1):+.2f}%" if m else "-",
                 f"{m.decode_tokens_per_s:.1f}" if m and m.decode_tokens_per_s else "-",
             )
@@ -47,6 +47,12 @@ def _summary(result: OptimizeResult) -> list[str]:
         f"({100 * (best.metrics.perplexity / result.baseline.perplexity - 1):+.2f}%).",
         f"Evaluated on {best.metrics.eval_tokens} tokens. Candidates over budget were predicted, not evaluated.",
     ]
+    skipped = [c for c in result.candidates if c.skipped]
+    if skipped:
+        lines.append(
+            f"{len(skipped)} plans with pruning or low-rank factors were skipped: the same plan without them fits, "
+            "and they only add loss."
+        )
     if result.max_quality_loss is not None:
         lines.append(f"Quality limit: perplexity at most +{100 * result.max_quality_loss:g}%.")
     notes = sorted({n for c in result.candidates for n in c.notes})

@@ -5,6 +5,11 @@ Planner v0. It enumerates `candidate_plans`, predicts each one's weight bytes wi
 on a copy of the model, and returns the lowest measured perplexity within budget (and within the
 quality limit, if one is given), ties broken by decode speed. Predictions are checked against the
 measured bytes of every evaluated candidate.
+
+Structural compression (pruning, low-rank factors: `Phase.STRUCTURE`) always costs quality on top
+of what the rest of its plan costs, so a plan with it is evaluated only where the same plan without
+it does not fit: it is there to reach budgets that quantization alone cannot. This keeps the number
+of evaluations (each a calibrated run) near what it is without those options.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from memfit.memory.estimate import estimate
 from memfit.memory.report import weight_bytes
 from memfit.plan import Context, Plan, ProgressFn, Workload, apply
 from memfit.planner.space import budget_plans, candidate_plans
+from memfit.strategies.base import Phase
 from memfit.units import format_bytes, parse_budget
 
 log = logging.getLogger(__name__)
@@ -35,8 +41,10 @@ class Candidate:
         plan: the plan.
         predicted_weight_bytes: bytes `estimate` predicted.
         fits: predicted (and, once evaluated, measured) weight bytes within the budget.
-        metrics: measured by `evaluate`; None if the plan was not evaluated (it did not fit).
+        metrics: measured by `evaluate`; None if the plan was not evaluated (it did not fit, or
+            ``skipped`` says why).
         notes: what the strategies reported doing.
+        skipped: why a plan that fits was not evaluated, else None.
     """
 
     plan: Plan
@@ -44,6 +52,7 @@ class Candidate:
     fits: bool
     metrics: Metrics | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    skipped: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -51,6 +60,7 @@ class Candidate:
             "predicted_weight_bytes": self.predicted_weight_bytes,
             "fits": self.fits,
             "metrics": self.metrics.to_dict() if self.metrics else None,
+            "skipped": self.skipped,
         }
 
 
@@ -135,6 +145,8 @@ def optimize(
             f"({100 * smallest.predicted_weight_bytes / original_bytes:.1f}% of the original)",
         )
 
+    _skip_needless_structure(fitting)
+    fitting = [c for c in fitting if c.skipped is None]
     if calibration is None and any(c.plan.needs_calibration for c in fitting):
         from memfit.calibration import calibration_windows
 
@@ -161,6 +173,16 @@ def optimize(
     best = _choose(candidates, baseline, max_quality_loss)
     optimized, _ = _applied_copy(model, best.plan, None, calibration)
     return OptimizeResult(budget_bytes, baseline, best, candidates, optimized, max_quality_loss)
+
+
+def _skip_needless_structure(fitting: list[Candidate]) -> None:
+    """Mark the fitting plans whose plan without its structural strategies also fits."""
+    fits = {c.plan.strategies for c in fitting}
+    for c in fitting:
+        rest = tuple(s for s in c.plan.strategies if s.phase is not Phase.STRUCTURE)
+        if rest != c.plan.strategies and rest in fits:
+            without = Plan(rest, c.plan.workload).recipe
+            c.skipped = f"{without!r} fits without {', '.join(s.token for s in c.plan.strategies if s not in rest)}"
 
 
 def _choose(candidates: list[Candidate], baseline: Metrics, max_quality_loss: float | None) -> Candidate:

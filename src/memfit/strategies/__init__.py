@@ -2,7 +2,11 @@
 
 from memfit.strategies import precision, training
 from memfit.strategies.base import Phase, Strategy
+from memfit.strategies.lowrank import LowRank
 from memfit.strategies.precision import Cast, Precision
+from memfit.strategies.prune import sparse
+from memfit.strategies.prune.sparse import Prune, PruneMethod
+from memfit.strategies.prune.structured import DropLayers, PruneHeads, PruneMlp
 from memfit.strategies.quantize import mixed, rtn, w8a8
 from memfit.strategies.quantize.mixed import MixedBits
 from memfit.strategies.quantize.rtn import Int4WeightOnly, Int8WeightOnly
@@ -15,14 +19,20 @@ __all__ = [
     "Autocast",
     "Cast",
     "Checkpointing",
+    "DropLayers",
     "Fp8Weights",
     "Int4WeightOnly",
     "Int8WeightOnly",
+    "LowRank",
     "MixedBits",
     "Optimizer",
     "OptimizerKind",
     "Phase",
     "Precision",
+    "Prune",
+    "PruneHeads",
+    "PruneMethod",
+    "PruneMlp",
     "Strategy",
     "Targets",
     "known_tokens",
@@ -30,6 +40,7 @@ __all__ = [
     "parse_token",
     "precision",
     "rtn",
+    "sparse",
     "strategy_classes",
     "training",
     "W8A8",

@@ -49,6 +49,10 @@ class Strategy:
             ``None`` for lossless strategies, whose outputs must be bit-identical.
         saves: the memory categories (`memfit.memory.CATEGORIES`) the strategy shrinks; the
             conformance suite checks that the bytes of each fall.
+        order: position within the phase (structure changes: layers are dropped before heads and
+            MLP channels are pruned, and those before single Linears are factored or sparsified).
+        in_config: the change is written into the model's config (fewer layers, heads or channels),
+            so a model rebuilt from a saved config already has it and loading skips it.
     """
 
     name: ClassVar[str]
@@ -57,6 +61,8 @@ class Strategy:
     conflicts: ClassVar[tuple[str, ...]] = ()
     sqnr_floor_db: ClassVar[float | None] = None
     saves: ClassVar[frozenset[str]] = frozenset({"parameters"})
+    order: ClassVar[int] = 0
+    in_config: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Change ``model`` in place and return it. Must also work on meta tensors."""
@@ -86,6 +92,13 @@ class Strategy:
     def space(cls, workload: Workload) -> list[Strategy]:
         """The options the planner tries for ``workload``; by default the `examples`."""
         return cls.examples()
+
+    @property
+    def resolves(self) -> bool:
+        """True if applying it to real weights settles choices that it records in the model's plan
+        (`Context.resolve`: mixed-bits' widths, low-rank energy mode's ranks); a prediction made
+        before that is approximate, one from the recorded plan exact."""
+        return False
 
     @classmethod
     def budget_options(cls, model: nn.Module, budget_bytes: int, workload: Workload) -> list[Strategy]:

@@ -16,7 +16,6 @@ from torch import nn
 
 from memfit.calibration.awq import ScaleGroup, scale_groups
 from memfit.calibration.layerwise import InputStatistics, LayerInputs, calibrate_layers, run_layer
-from memfit.errors import RecipeError
 from memfit.models.arch import decoder_parts
 from memfit.strategies.base import register_field_type
 from memfit.strategies.quantize.packed import Int8Linear
@@ -59,14 +58,10 @@ def calibrated_layers_(
         head_class: the int8 module of the output head; the embedding and head are packed as soon
             as the first layer's inputs are captured (`memfit.strategies.quantize.walk.pack_embeddings_`).
     """
-    if ctx.calibration is None:
-        raise RecipeError(
-            f"{label} needs calibration text",
-            "memfit compress and optimize supply it; in Python pass "
-            "memfit.Context(calibration=memfit.calibration.calibration_windows(tokenizer))",
-        )
+    calibration = ctx.calibration_for(label)
     prefix = decoder_parts(model).layers_fqn
     unscaled: set[str] = set()
+    unobserved: set[str] = set()
 
     def targeted(index: int, layer: nn.Module) -> dict[str, nn.Linear]:
         return {
@@ -85,14 +80,19 @@ def calibrated_layers_(
             with InputStatistics(linears) as stats:
                 run_layer(layer, inputs)
             for name, linear in linears.items():
+                if not stats.observed(name):  # held as storage, never called (a pruned layer's kept values)
+                    unobserved.add(name)
+                    continue
                 set_submodule(layer, name, gptq_quantize(f"{prefix}.{index}.{name}", linear, stats.hessian(name)))
 
     def finish(index: int, layer: nn.Module) -> None:
         for name, linear in targeted(index, layer).items():
             set_submodule(layer, name, rtn_quantize(f"{prefix}.{index}.{name}", linear))
 
-    calibrate_layers(model, ctx.calibration, process, ctx, f"{label}: calibrating layers", finish,
+    calibrate_layers(model, calibration, process, ctx, f"{label}: calibrating layers", finish,
                      after_capture=lambda: pack_embeddings_(model, targets, head_class, loaded_only=True))
+    if unobserved:
+        ctx.note(f"{label}: {sorted(unobserved)} are the kept values of pruned layers and are rounded to nearest")
     if unscaled:
         ctx.note(f"{label}: groups {sorted(unscaled)} not scaled (their input comes from a norm that does not "
                  "multiply by its weight)")

@@ -42,11 +42,16 @@ def _kernel_ok(x: torch.Tensor, max_rows: int) -> bool:
 
 
 # -- int8 ---------------------------------------------------------------------------------------
+def int8_kernel_applies(x: torch.Tensor) -> bool:
+    """True if `int8_linear` runs the packed int8 kernel for input ``x`` (few rows, on the CPU)."""
+    return _kernel_ok(x, INT8_KERNEL_MAX_ROWS)
+
+
 def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``x @ (qweight * scale[:, None]).T + bias`` for an int8 weight [N, K] with per-row scales [N]."""
-    if _kernel_ok(x, INT8_KERNEL_MAX_ROWS):
+    if int8_kernel_applies(x):
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # x2: [M, K]
         out = torch._weight_int8pack_mm(x2, qweight, scale.to(torch.bfloat16))
         out = out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])

@@ -138,6 +138,10 @@ class MixedBits(Strategy):
     def needs_calibration(self) -> bool:
         return not self.widths or self.method is Method.GPTQ
 
+    @property
+    def resolves(self) -> bool:
+        return not self.widths
+
     @classmethod
     def from_token(cls, token: str) -> MixedBits | None:
         match = _TOKEN.fullmatch(token)

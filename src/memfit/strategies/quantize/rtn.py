@@ -47,9 +47,14 @@ def int8_linear_from(linear: nn.Linear, hessian: torch.Tensor | None = None) -> 
     return Int8Linear(q, scale, bias)
 
 
-def int4_linear_from(linear: nn.Linear, group_size: int, hessian: torch.Tensor | None = None) -> Int4Linear:
+def int4_linear_from(
+    linear: nn.Linear, group_size: int, hessian: torch.Tensor | None = None
+) -> Int4Linear | Int8Linear:
     """``linear`` as 4-bit groups; with a calibration ``hessian``, GPTQ chooses the codes on the
-    grids fitted to the original weights."""
+    grids fitted to the original weights. An odd input width (a low-rank factor of odd rank, the
+    kept values of an odd row) cannot pair its 4-bit values into bytes: such a layer is int8."""
+    if linear.in_features % 2:
+        return int8_linear_from(linear, hessian)
     group_size = int4_group_size(linear.in_features, group_size)
     q, scale, zero_point = quantize_int4_groups(linear.weight, group_size)
     if hessian is not None:
@@ -200,6 +205,9 @@ class Int4WeightOnly(Strategy):
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         widths = sorted({m.in_features for m in model.modules() if isinstance(m, nn.Linear)})
         for width in widths:
+            if width % 2:
+                ctx.note(f"{self.token}: layers with odd input width {width} are int8 (4-bit values pair into bytes)")
+                continue
             size = int4_group_size(width, self.group_size)
             if width % self.group_size == 0:
                 continue

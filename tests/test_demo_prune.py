@@ -1,0 +1,90 @@
+"""Pruning acceptance on the demo model (SmolLM2-135M-Instruct): quality against dense, bytes held,
+and SparseGPT's calibration memory. Marked slow; the full-size figures are in docs/benchmarks.md.
+
+Perplexity is scored on 2,048 evaluation tokens and the calibration statistics come from 16
+windows of 512 tokens of the calibration half (the benchmark uses 32 and 4,096).
+"""
+
+import copy
+
+import pytest
+
+import memfit
+from memfit.calibration import calibration_windows
+from memfit.calibration.memory import predict_calibration_memory
+from memfit.memory.report import weight_bytes
+from memfit.memory.tracker import track
+from memfit.models.arch import decoder_parts
+
+pytestmark = pytest.mark.slow
+
+TOKENS = 2048
+WINDOWS = 16
+
+
+def _linear_bytes(model) -> int:
+    return sum(weight_bytes(layer.self_attn) + weight_bytes(layer.mlp) for layer in decoder_parts(model).layers)
+
+
+@pytest.fixture(scope="module")
+def pruned(demo):
+    """recipe -> (perplexity, decoder Linear bytes), and the dense figures under "dense"."""
+    model, tokenizer = demo
+    calibration = calibration_windows(tokenizer, windows=WINDOWS)
+    score = lambda m: memfit.evaluate(m, tokenizer, num_tokens=TOKENS, measure_speed=False).perplexity
+    results = {"dense": (score(model), _linear_bytes(model))}
+    for recipe in ("prune-50-magnitude", "prune-50-wanda", "prune-50-sparsegpt",
+                   "prune-2of4-wanda", "prune-2of4-sparsegpt"):
+        work = copy.deepcopy(model)
+        memfit.apply(work, recipe, memfit.Context(calibration=calibration))
+        results[recipe] = (score(work), _linear_bytes(work))
+        del work
+    return results
+
+
+def test_calibrated_pruning_keeps_perplexity_within_twice_dense_and_sparsegpt_leads(pruned):
+    dense = pruned["dense"][0]
+    ratio = {recipe: perplexity / dense for recipe, (perplexity, _) in pruned.items()}
+    assert ratio["prune-50-magnitude"] > 10  # far above: zeroing the smallest weights is not enough
+    assert ratio["prune-50-wanda"] <= 2.0, ratio
+    assert ratio["prune-50-sparsegpt"] <= min(2.0, ratio["prune-50-wanda"]), ratio
+    assert ratio["prune-2of4-sparsegpt"] <= min(5.0, ratio["prune-2of4-wanda"]), ratio
+
+
+def test_pruned_linears_hold_at_most_56_percent_of_their_dense_bytes(pruned):
+    dense_bytes = pruned["dense"][1]
+    for recipe, (_, held) in pruned.items():
+        if recipe != "dense":
+            assert held / dense_bytes <= 0.56, (recipe, held / dense_bytes)
+
+
+def test_sparse_int8_holds_at_most_16_percent_of_dense_fp32(demo):
+    model, _ = demo
+    predicted = memfit.estimate(model, "prune-50-magnitude,int8")
+    work = copy.deepcopy(model)
+    memfit.apply(work, "prune-50-magnitude,int8")
+    assert weight_bytes(work) == predicted.weight_bytes
+    assert _linear_bytes(work) / _linear_bytes(model) <= 0.16
+
+
+def test_streamed_sparsegpt_peak_stays_under_the_model_plus_two_layers(demo):
+    """The whole fp32 model plus two decoder layers' working set (weights, calibration inputs and
+    outputs, X^T X sums) bounds the tracked peak; the prediction made before the run is within 10%."""
+    from memfit.models.load import load_lazy
+
+    dense, _ = demo
+    model, tokenizer, source = load_lazy("demo")
+    calibration = calibration_windows(tokenizer, windows=WINDOWS)
+    plan = memfit.Plan.parse("prune-50-sparsegpt")
+    predicted = predict_calibration_memory(model, plan, *calibration.shape, streamed=True).peak_bytes
+    with track() as tracker:
+        memfit.apply(model, plan, memfit.Context(calibration=calibration, source=source))
+        source.materialize(model)
+    peak = tracker.report().peak_bytes
+    config = dense.config
+    layer = weight_bytes(decoder_parts(dense).layers[0])
+    hidden = 2 * calibration.numel() * config.hidden_size * 4  # one layer's inputs and outputs
+    sums = 4 * (3 * config.hidden_size**2 + config.intermediate_size**2)  # q/k/v, o, gate/up, down
+    bound = weight_bytes(dense) + 2 * (layer + hidden + sums)
+    assert peak < bound, (peak, bound)
+    assert abs(predicted / peak - 1) <= 0.10, (predicted, peak)
