@@ -186,7 +186,12 @@ def test_streaming_never_holds_the_whole_float_model(make_tiny, tmp_path):
     assert tracker.report().peak_bytes <= full_peak - 0.9 * layer_bytes
 
 
-@pytest.mark.parametrize("recipe", ["int4-g32-gptq", "int8-gptq", "int4-g32-awq", "w8a8-smooth", "mixed-bits-6"])
+@pytest.mark.parametrize("recipe", [
+    "int4-g32-gptq", "int8-gptq", "int4-g32-awq", "w8a8-smooth", "mixed-bits-6",
+    # pruning and factoring, alone and followed by quantization (a second pass over the whole model)
+    "prune-50-sparsegpt", "prune-50-wanda,int8", "prune-2of4-sparsegpt,int4-g32-gptq", "prune-mlp-25,int8",
+    "drop-layers-1", "lowrank-mlp-50-act,int8",
+])
 @pytest.mark.parametrize("streamed", [False, True], ids=["loaded", "streamed"])
 def test_calibration_peak_is_predicted_within_10_percent(make_tiny, tmp_path, recipe, streamed):
     from memfit.calibration.memory import predict_calibration_memory

@@ -88,3 +88,53 @@ def test_streamed_sparsegpt_peak_stays_under_the_model_plus_two_layers(demo):
     bound = weight_bytes(dense) + 2 * (layer + hidden + sums)
     assert peak < bound, (peak, bound)
     assert abs(predicted / peak - 1) <= 0.10, (predicted, peak)
+
+
+_PLAIN_PERPLEXITY = """
+import math, sys
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+windows = load_file(sys.argv[1])["windows"]
+model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32).eval()
+nll, count = 0.0, 0
+with torch.no_grad():
+    for ids in windows:
+        logits = model(ids[None], use_cache=False).logits[0]
+        nll += F.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum").item()
+        count += len(ids) - 1
+assert "memfit" not in sys.modules
+print(math.exp(nll / count), model.config.num_hidden_layers, model.config.num_key_value_heads,
+      model.config.intermediate_size)
+"""
+
+
+def test_structurally_pruned_demo_is_a_plain_checkpoint_with_the_same_perplexity(demo, tmp_path):
+    """Layers, key/value groups and MLP channels removed: bytes as predicted, and plain transformers
+    (no memfit imported) loads the saved directory and scores the same perplexity as memfit."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from memfit.data import eval_text, token_windows
+
+    model, tokenizer = demo
+    recipe = "drop-layers-4,prune-heads-25,prune-mlp-25"
+    predicted = memfit.estimate(model, recipe).weight_bytes
+    work = copy.deepcopy(model)
+    memfit.apply(work, recipe, memfit.Context(calibration=calibration_windows(tokenizer, windows=4)))
+    assert weight_bytes(work) == predicted
+    assert (work.config.num_hidden_layers, work.config.num_key_value_heads) == (26, 2)
+    assert work.config.intermediate_size == 1536 - 384
+    ours = memfit.evaluate(work, tokenizer, num_tokens=TOKENS, measure_speed=False).perplexity
+    memfit.save(work, tokenizer, tmp_path / "pruned")
+    save_file({"windows": token_windows(tokenizer, eval_text(), TOKENS, 512)}, str(tmp_path / "windows.safetensors"))
+    script = tmp_path / "plain.py"
+    script.write_text(_PLAIN_PERPLEXITY)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "windows.safetensors"), str(tmp_path / "pruned")],
+                         check=True, capture_output=True, text=True).stdout.split()
+    assert [int(x) for x in out[1:]] == [26, 2, 1152]
+    assert float(out[0]) == pytest.approx(ours, rel=1e-5)

@@ -1,4 +1,4 @@
-"""The memory a calibrated quantization run will need, predicted before it starts.
+"""The memory a calibrated run (quantization, pruning, factoring) will need, predicted before it starts.
 
 Calibration goes decoder layer by decoder layer (`memfit.calibration.layerwise`). While layer i is
 processed the run holds:
@@ -64,69 +64,115 @@ def predict_calibration_memory(
     """Predict the peak bytes of applying ``plan`` with ``windows`` calibration windows of
     ``window`` tokens to ``model`` (real or meta tensors; it is not changed).
 
+    The strategies run one after another over the whole model (`memfit.plan.apply`), so the run
+    is predicted strategy by strategy: a calibrated one goes layer by layer from the model the
+    strategies before it left (only the first reads a streamed checkpoint as it goes), any other
+    rewrites the loaded model in one walk.
+
     Args:
         streamed: the model's weights are read from its checkpoint layer by layer
             (`memfit.models.load.load_lazy`), so float layers are held one at a time.
     """
-    float_model = meta_copy(model)
+    current = meta_copy(model)
     if getattr(model.config, "tie_word_embeddings", False):  # a lazy model ties only as it is read
-        float_model.tie_weights()
-    packed = meta_copy(float_model)
-    with torch.no_grad():
-        apply(packed, plan, Context())
-    parts_f, parts_p = decoder_parts(float_model), decoder_parts(packed)
-    float_layers = [weight_bytes(layer) for layer in parts_f.layers]
-    packed_layers = [weight_bytes(layer) for layer in parts_p.layers]
-    float_outside = weight_bytes(float_model) - sum(float_layers)
-    packed_outside = weight_bytes(packed) - sum(packed_layers)
-
-    config = model.config
-    act = _activation_size(float_model)
-    tokens = windows * window
-    hidden = tokens * config.hidden_size * act
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rotary = windows * 2 * window * head_dim * act
-    phases = []
-
-    forward = window * (3 * getattr(config, "intermediate_size", 4 * config.hidden_size)
-                        + 4 * config.hidden_size) * act  # one batch through a layer
-
-    # capture, then packing the embedding and head while their float weights are still held
-    resident = float_outside + (0 if streamed else sum(float_layers))
-    packing = min(CHUNK_VALUES, _largest(float_model)) * 4 * PACK_TEMPORARIES
-    phases.append(("packing the embedding", {
-        "weights": resident + packed_outside, "hidden states": hidden, "rotary tables": rotary,
-        "working set": packing,
-    }))
-
-    gptq = any(getattr(s, "method", None) in (Method.GPTQ, PruneMethod.SPARSEGPT) for s in plan.strategies)
-    awq = any(getattr(s, "awq", False) for s in plan.strategies)
-    for index, layer in enumerate(parts_f.layers):
-        weights = packed_outside + sum(packed_layers[:index]) + float_layers[index]
-        if not streamed:
-            weights += sum(float_layers[index + 1 :])
-        hessians, work = (_gptq_bytes(layer) if gptq else (0, 0))
-        if awq:
-            work = max(work, _awq_bytes(layer, min(tokens, AWQ_ROWS)))
-        # the layer is fitted on its inputs (sums, searches), then run to produce the next inputs
-        fitting = {"hidden states": hidden, "hessians": hessians, "working set": max(work, forward)}
-        running = {"hidden states": 2 * hidden, "working set": forward}
-        moment = max(fitting, running, key=lambda part: sum(part.values()))
-        phases.append((f"layer {index}", {"weights": weights, "rotary tables": rotary, **moment}))
-    if any(isinstance(s, MixedBits) and not s.widths for s in plan.strategies):
-        # sensitivity runs: the whole float model, every layer's inputs, the reference
-        # log-probabilities and a chunk's logits, log-probabilities and KL terms
-        scored = min(tokens, SENSITIVITY_TOKENS)
-        chunk = min(scored, CHUNK_ROWS) * config.vocab_size * 4
-        phases.append(("sensitivity", {
-            "weights": weight_bytes(float_model),
-            "hidden states": (len(float_layers) + 2) * scored * config.hidden_size * act,
-            "log-probs": scored * config.vocab_size * 4 + SENSITIVITY_CHUNKS * chunk,
-            "working set": max(float_layers, default=0),  # one layer's rounded weights
-        }))
-    phases.append(("end", {"weights": weight_bytes(packed)}))
+        current.tie_weights()
+    shape = _RunShape.of(current, windows, window)
+    phases: list[tuple[str, dict[str, int]]] = []
+    for index, strategy in enumerate(plan.validate().strategies):
+        after = meta_copy(current)
+        with torch.no_grad():
+            apply(after, Plan((strategy,), plan.workload), Context())
+        first_read = streamed and index == 0
+        if strategy.needs_calibration:
+            phases += _layer_phases(current, after, strategy, shape, streamed=first_read)
+        else:  # one walk over the loaded model: the larger of before and after, and one layer's temporaries
+            phases.append((strategy.token, {
+                "weights": max(weight_bytes(current), weight_bytes(after)),
+                "working set": min(CHUNK_VALUES, _largest(current)) * 4 * PACK_TEMPORARIES,
+            }))
+        current = after
+    phases.append(("end", {"weights": weight_bytes(current)}))
     phase, parts = max(phases, key=lambda item: sum(item[1].values()))
     return CalibrationMemory(sum(parts.values()), phase, parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunShape:
+    """The calibration run's activation sizes, in bytes."""
+
+    tokens: int
+    hidden: int  # every window's hidden states for one layer
+    rotary: int  # each batch's rotary tables
+    forward: int  # one batch through a layer
+    logits_row: int  # one token's fp32 logits
+    act: int  # bytes per activation value
+
+    @classmethod
+    def of(cls, model: nn.Module, windows: int, window: int) -> _RunShape:
+        config = model.config
+        act = _activation_size(model)
+        tokens = windows * window
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        forward = window * (3 * getattr(config, "intermediate_size", 4 * config.hidden_size)
+                            + 4 * config.hidden_size) * act
+        return cls(tokens, tokens * config.hidden_size * act, windows * 2 * window * head_dim * act, forward,
+                   config.vocab_size * 4, act)
+
+
+def _layer_phases(
+    before: nn.Module, after: nn.Module, strategy, shape: _RunShape, *, streamed: bool
+) -> list[tuple[str, dict[str, int]]]:
+    """The phases of one calibrated strategy going layer by layer from ``before`` to ``after``."""
+    parts_b, parts_a = decoder_parts(before), decoder_parts(after)
+    layers_b = [weight_bytes(layer) for layer in parts_b.layers]
+    # layers dropped at the end of a pass (drop-layers) are all held through it, as they were
+    layers_a = [weight_bytes(layer) for layer in parts_a.layers] if len(parts_a.layers) == len(layers_b) else layers_b
+    outside_b = weight_bytes(before) - sum(layers_b)
+    outside_a = weight_bytes(after) - sum(weight_bytes(layer) for layer in parts_a.layers)
+    phases = []
+    if outside_a != outside_b:
+        # quantization packs the embedding and head once the first layer's inputs are captured,
+        # while their float weights are still held
+        resident = outside_b + (0 if streamed else sum(layers_b))
+        packing = min(CHUNK_VALUES, _largest(before)) * 4 * PACK_TEMPORARIES
+        phases.append(("packing the embedding", {
+            "weights": resident + outside_a, "hidden states": shape.hidden, "rotary tables": shape.rotary,
+            "working set": packing,
+        }))
+    # a streamed run that leaves the head alone reads it only at the end (tied: with the embedding)
+    head = before.get_output_embeddings()
+    embedding = before.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    unread = weight_bytes(head) if streamed and outside_a == outside_b and head is not None and not tied else 0
+    method = getattr(strategy, "method", None)
+    second_order = method in (Method.GPTQ, PruneMethod.SPARSEGPT) or getattr(strategy, "activation_aware", False)
+    awq = getattr(strategy, "awq", False)
+    for index, layer in enumerate(parts_b.layers):
+        weights = outside_a - unread + sum(layers_a[:index]) + layers_b[index]
+        if not streamed:
+            weights += sum(layers_b[index + 1 :])
+        hessians, work = (_gptq_bytes(layer) if second_order else (0, 0))
+        if awq:
+            work = max(work, _awq_bytes(layer, min(shape.tokens, AWQ_ROWS)))
+        # the layer is fitted on its inputs (sums, searches), then run to produce the next inputs
+        fitting = {"hidden states": shape.hidden, "hessians": hessians, "working set": max(work, shape.forward)}
+        running = {"hidden states": 2 * shape.hidden, "working set": shape.forward}
+        moment = max(fitting, running, key=lambda part: sum(part.values()))
+        label = f"{strategy.token}: layer {index}"
+        phases.append((label, {"weights": weights, "rotary tables": shape.rotary, **moment}))
+    if isinstance(strategy, MixedBits) and not strategy.widths:
+        # sensitivity runs: the whole float model, every layer's inputs, the reference
+        # log-probabilities and a chunk's logits, log-probabilities and KL terms
+        scored = min(shape.tokens, SENSITIVITY_TOKENS)
+        chunk = min(scored, CHUNK_ROWS) * shape.logits_row
+        hidden_size = shape.hidden // (shape.tokens * shape.act)
+        phases.append(("sensitivity", {
+            "weights": weight_bytes(before),
+            "hidden states": (len(layers_b) + 2) * scored * hidden_size * shape.act,
+            "log-probs": scored * shape.logits_row + SENSITIVITY_CHUNKS * chunk,
+            "working set": max(layers_b, default=0),  # one layer's rounded weights
+        }))
+    return phases
 
 
 def _largest(model: nn.Module) -> int:

@@ -45,7 +45,8 @@ def scatter_rows(kept: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The dense [N, K] matrix with ``kept`` [N, kept] at the 1s of ``keep`` (uint8 [N, K]) in
     column order and zeros elsewhere: each position takes the value its running count of kept
     columns points at, times its own 0/1."""
-    index = keep.cumsum(dim=1, dtype=torch.int64).sub_(1).clamp_(min=0)  # [N, K]
+    # the running count in int32, widened for gather: an int64 cumsum measured 3x slower here
+    index = keep.cumsum(dim=1, dtype=torch.int32).sub_(1).clamp_(min=0).long()  # [N, K]
     return kept.gather(1, index).mul_(keep)
 
 

@@ -152,9 +152,20 @@ class _Shrink(Strategy):
             raise RecipeError(f"recipe token {token!r}: {exc}", f"use for example {cls.examples()[0].token}") from None
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _ShrinkShare(_Shrink):
+    """A share of every layer's channels or heads removed: ``percent`` from 1 to 90."""
+
+    percent: int = 25
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.percent <= 90:
+            raise ValueError(f"percent must be from 1 to 90, got {self.percent}")
+
+
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PruneMlp(_Shrink):
+class PruneMlp(_ShrinkShare):
     """Remove a share of the MLP's intermediate channels, the same number in every decoder layer.
 
     Channel j is row j of gate_proj and up_proj and column j of down_proj. Its importance is its
@@ -179,12 +190,6 @@ class PruneMlp(_Shrink):
     name = "prune-mlp"
     order = 2
     sqnr_floor_db = 15.0  # tiny models: 23.6 dB (Llama), 22.5 dB (Qwen2) at 25%
-
-    percent: int = 25
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.percent <= 90:
-            raise ValueError(f"percent must be from 1 to 90, got {self.percent}")
 
     @classmethod
     def examples(cls) -> list[Strategy]:
@@ -220,7 +225,7 @@ class PruneMlp(_Shrink):
 
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PruneHeads(_Shrink):
+class PruneHeads(_ShrinkShare):
     """Remove whole key/value groups of attention heads, the same number in every decoder layer.
 
     Under grouped-query attention a group is one key/value head and the query heads sharing it,
@@ -248,12 +253,6 @@ class PruneHeads(_Shrink):
     name = "prune-heads"
     order = 1
     sqnr_floor_db = 5.0  # tiny models: 7.1 dB (Llama), 7.6 dB (Qwen2) at 50%
-
-    percent: int = 25
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.percent <= 90:
-            raise ValueError(f"percent must be from 1 to 90, got {self.percent}")
 
     @classmethod
     def examples(cls) -> list[Strategy]:
