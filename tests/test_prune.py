@@ -45,6 +45,27 @@ def test_every_row_keeps_exactly_the_predicted_count(sparsity, group):
     assert (highest_pruned <= lowest_kept).all()
 
 
+@pytest.mark.parametrize("recipe", [
+    "prune-50-magnitude", "prune-50-wanda", "prune-50-sparsegpt", "prune-70-sparsegpt",
+    "prune-2of4-magnitude", "prune-2of4-wanda", "prune-2of4-sparsegpt", "prune-4of8-sparsegpt",
+])
+def test_every_method_reaches_the_declared_sparsity_in_every_linear(make_tiny, recipe):
+    model, _ = make_tiny("tiny-llama")
+    strategy = memfit.Plan.parse(recipe).strategies[0]
+    memfit.apply(model, recipe, memfit.Context(calibration=CALIBRATION))
+    sparse = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    assert len(sparse) == 2 * 7  # every decoder Linear of both layers, never the head
+    for name, layer in sparse.items():
+        keep = layer.keep_mask()  # [N, K]
+        expected = kept_per_row(layer.in_features, strategy.sparsity, strategy.group)
+        assert (keep.sum(dim=1) == expected).all(), name
+        if strategy.group:  # N kept in every group of M consecutive inputs
+            kept = strategy.group * (100 - strategy.sparsity) // 100
+            assert (keep.view(keep.shape[0], -1, strategy.group).sum(-1) == kept).all(), name
+        dense = layer.dense_weight()
+        assert not dense[~keep].any() and layer.kept == expected
+
+
 def test_kept_count_with_a_partial_group_and_rounding():
     assert kept_per_row(576, 50) == 288
     assert kept_per_row(10, 25) == 7  # 2.5 pruned rounds half up to 3
