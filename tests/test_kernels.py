@@ -86,6 +86,16 @@ def test_int8_kernel_path_matches_dequantized_matmul(rows):
     assert sqnr_db(reference, out) > 35
 
 
+@pytest.mark.parametrize("width", [21, 40])
+def test_int8_widths_the_kernel_cannot_take_run_the_exact_path(width):
+    # a low-rank factor's rank: torch._weight_int8pack_mm crashed the process on such widths
+    q, scale = quantize_int8_rows(torch.randn(64, width))
+    x = torch.randn(1, 64, width)
+    assert not kernels.int8_kernel_applies(x) and kernels.int8_kernel_applies(torch.randn(1, 64, 32))
+    out = kernels.int8_linear(x, q, scale, None)
+    assert torch.equal(out, x @ kernels.dequantize_int8(q, scale, torch.float32).t())
+
+
 @needs_int4_kernel
 @pytest.mark.parametrize("rows", [1, 3, 16, 512])
 def test_int4_kernel_path_matches_dequantized_matmul(rows):

@@ -43,8 +43,10 @@ def _kernel_ok(x: torch.Tensor, max_rows: int) -> bool:
 
 # -- int8 ---------------------------------------------------------------------------------------
 def int8_kernel_applies(x: torch.Tensor) -> bool:
-    """True if `int8_linear` runs the packed int8 kernel for input ``x`` (few rows, on the CPU)."""
-    return _kernel_ok(x, INT8_KERNEL_MAX_ROWS)
+    """True if `int8_linear` runs the packed int8 kernel for input ``x`` (few rows, on the CPU, and
+    an input width that is a multiple of 16: with others, such as a low-rank factor's rank,
+    ``torch._weight_int8pack_mm`` crashed the process on torch 2.13's CPU build)."""
+    return x.shape[-1] % 16 == 0 and _kernel_ok(x, INT8_KERNEL_MAX_ROWS)
 
 
 def int8_linear(
