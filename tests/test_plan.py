@@ -19,7 +19,8 @@ def test_empty_recipe_is_the_empty_plan():
 
 
 def test_unknown_token_names_the_known_ones():
-    known = ("bf16, fp16, checkpointing, checkpointing-2, bf16-autocast, sgd, lowrank-mlp-50, lowrank-mlp-e50, "
+    known = ("bf16, fp16, checkpointing, checkpointing-2, bf16-autocast, adamw-8bit, adafactor, sgd, bf16-master, "
+             "lora-8, grad-accum-2, ddp, fsdp, lowrank-mlp-50, lowrank-mlp-e50, "
              "lowrank-mlp-50-act, lowrank-mlp-e50-act, prune-50-magnitude, prune-50-wanda, prune-50-sparsegpt, "
              "prune-2of4-wanda, prune-2of4-sparsegpt, prune-2of8-magnitude, prune-mlp-25, prune-heads-50, "
              "drop-layers-1, int8, int8-gptq, int4-g32, int4-g64, int4-g128, int4-g128-gptq")

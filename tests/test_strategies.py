@@ -13,6 +13,7 @@ from memfit.memory.estimate import meta_copy
 from memfit.memory.report import weight_report
 from memfit.strategies import strategy_classes
 from memfit.strategies.quantize.packed import Int4Linear, Int8Embedding, Int8Linear, PackedModule
+from memfit.strategies.training import LoRA
 from memfit.testing import sqnr_db
 
 EXAMPLES = [(cls, s) for cls in strategy_classes() for s in cls.examples()]
@@ -77,6 +78,8 @@ def test_strategy_conformance(make_tiny, tokens, name, cls, strategy, tmp_path):
     measured = weight_report(model)
     if "parameters" in cls.saves:
         assert measured.weight_bytes < before_bytes
+    elif isinstance(strategy, LoRA):  # adds its adapters: rank 8 on 64-wide layers, about a quarter
+        assert before_bytes < measured.weight_bytes < 1.3 * before_bytes
     else:
         assert measured.weight_bytes == before_bytes
     assert measured.by_category == predicted.by_category

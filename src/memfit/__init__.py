@@ -1,7 +1,8 @@
 """memfit: fit large models into the memory you have.
 
 The verbs: `load` a model, `estimate` what a plan would hold, `apply` a plan, `evaluate` the
-result, `optimize` (search for the best plan under a budget) and `save`.
+result, `optimize` (search for the best plan under a budget), `train` (fine-tune under a budget)
+and `save`.
 
 Example:
     >>> import memfit
@@ -41,6 +42,9 @@ from memfit.strategies import (
     Targets,
 )
 
+# `memfit.train` is the function; its subpackage stays importable as `memfit.train.loop` etc.
+from memfit.train.loop import StepInfo, TrainResult, train  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -74,5 +78,8 @@ __all__ = [
     "load",
     "optimize",
     "save",
+    "StepInfo",
+    "TrainResult",
+    "train",
     "weight_bytes",
 ]

@@ -195,8 +195,10 @@ def load_saved(path: Path):
     # the packed modules on meta, and the checkpoint's tensors are assigned in place.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    # strategies that shrank the config (fewer layers, heads, channels) are already in its shapes
-    apply(model, Plan(tuple(s for s in plan.strategies if not s.in_config), plan.workload), Context())
+    # strategies that shrank the config (fewer layers, heads, channels) are already in its shapes;
+    # training-only ones (optimizer, accumulation) change nothing a loaded model holds
+    rebuild = tuple(s for s in plan.strategies if not (s.in_config or s.train_only))
+    apply(model, Plan(rebuild, plan.workload), Context())
     model.memfit_plan = plan
     state = _read_tensors(weights)
     for alias, source in manifest.get("tied", {}).items():

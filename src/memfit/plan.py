@@ -41,6 +41,7 @@ class Workload:
         seq_len: tokens per sequence (the prompt, for generation).
         new_tokens: tokens generated after the prompt (generation only).
         device: where the model runs (``"cpu"``, ``"cuda"``).
+        ranks: processes a training batch is split over (``ddp``/``fsdp``); reports are per rank.
     """
 
     mode: Mode = Mode.INFER
@@ -48,9 +49,10 @@ class Workload:
     seq_len: int = 512
     new_tokens: int = 0
     device: str = "cpu"
+    ranks: int = 1
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.seq_len < 1 or self.new_tokens < 0:
+        if self.batch_size < 1 or self.seq_len < 1 or self.new_tokens < 0 or self.ranks < 1:
             raise ValueError(f"invalid workload sizes: {self}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,14 +20,14 @@ Models (--model): a Hugging Face directory or hub id, a .gguf file, a directory 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memfit.cli import compress, eval, memory, optimize, validate
+    from memfit.cli import compress, eval, memory, optimize, train, validate
 
     parser = argparse.ArgumentParser(
         prog="memfit", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what memfit does (to stderr)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (eval, compress, optimize, memory, validate):
+    for module in (eval, compress, optimize, train, memory, validate):
         module.add_parser(subparsers)
     return parser
 
@@ -40,12 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # memfit draws its own progress on stderr
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="memfit: %(message)s")
     logging.getLogger("memfit.models.demo").setLevel(logging.INFO)  # say so before a download
     try:
         return args.run(args)
     except MemfitError as exc:
-        sys.stderr.write(f"memfit {args.command}: error: {exc}\n")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one rank reports
+            sys.stderr.write(f"memfit {args.command}: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"memfit {args.command}: interrupted\n")

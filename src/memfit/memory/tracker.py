@@ -124,7 +124,7 @@ class Tracker(TorchDispatchMode):
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def _add(self, tensor: torch.Tensor, category: str, module: str | None, move: bool = False) -> None:
-        storage = tensor.untyped_storage()
+        storage = _local(tensor).untyped_storage()
         key = storage._cdata
         index = self._live_blocks.get(key)
         if index is not None:
@@ -170,7 +170,7 @@ class Tracker(TorchDispatchMode):
 
     def _reclassify(self, tensors: Iterable[torch.Tensor], category: str, module: str | None = None) -> None:
         for tensor in tensors:
-            index = self._live_blocks.get(tensor.untyped_storage()._cdata)
+            index = self._live_blocks.get(_local(tensor).untyped_storage()._cdata)
             if index is None:
                 self._add(tensor, category, module)
             else:
@@ -183,6 +183,10 @@ class Tracker(TorchDispatchMode):
     def _classify_optimizer_state(self) -> None:
         for param, state in self.optimizer.state.items():
             self._reclassify(_tensors(state), OPTIMIZER_STATE, self._param_modules.get(id(param)))
+        # optimizers that hold more than ``state`` (fp32 master copies) list it in ``state_tensors``
+        extra = getattr(self.optimizer, "state_tensors", None)
+        if extra is not None:
+            self._reclassify(_tensors(extra), OPTIMIZER_STATE, None)
 
     def _classify_held(self) -> None:
         for obj, category in self._held:
@@ -209,6 +213,11 @@ class Tracker(TorchDispatchMode):
         return sorted(live)
 
     # -- results -------------------------------------------------------------------------------------
+    @property
+    def peak_bytes(self) -> int:
+        """The largest total held at once so far."""
+        return self._peak_bytes
+
     @property
     def live_bytes(self) -> int:
         """Bytes live now (all categories)."""
@@ -321,6 +330,12 @@ class _ModuleStack:
     def _end_backward(self) -> None:
         self._backward.clear()
         self._reset_queued = False
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor holding memory on this rank: a DTensor's local shard (FSDP2), else itself."""
+    local = getattr(tensor, "_local_tensor", None)
+    return tensor if local is None else local
 
 
 def _records_graph() -> bool:

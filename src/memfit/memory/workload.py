@@ -9,7 +9,8 @@ Workloads:
   for prompt + new tokens (counted as ``kv_cache``), then ``new_tokens`` single-token steps, each
   computing the last position's logits only, no gradients;
 - ``train``: two steps (forward, backward, optimizer step, zero grad), so the second step runs
-  with the optimizer state already allocated: the steady state.
+  with the optimizer state already allocated: the steady state. A step runs the plan's
+  micro-batches (``grad-accum-N``) of batch / ranks / N sequences each: one rank's share.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from memfit.generation import cached_step
 from memfit.memory.report import MemoryReport
 from memfit.memory.tracker import Tracker, track
 from memfit.plan import Mode, Workload
-from memfit.strategies.training import build_optimizer
+from memfit.strategies.training import build_optimizer, micro_batches
 
 TRAIN_STEPS = 2
 TIMELINE_POINTS = 400
@@ -62,6 +63,17 @@ def run_workload(
     """Run ``workload`` on ``model`` while ``tracker`` is active (the caller enters it)."""
     vocab = model.config.vocab_size
     device = next(model.parameters()).device
+    if workload.mode is Mode.TRAIN:
+        micro, count = micro_batches(getattr(model, "memfit_plan", None), workload)
+        ids = torch.randint(0, vocab, (micro, workload.seq_len), device=device)
+        for _ in range(TRAIN_STEPS):
+            for _ in range(count):
+                loss = model(ids, labels=ids, use_cache=False).loss / count
+                loss.backward()
+                del loss
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return
     ids = torch.randint(0, vocab, (workload.batch_size, workload.seq_len), device=device)
     if workload.mode is Mode.INFER:
         with torch.no_grad():
@@ -77,13 +89,6 @@ def run_workload(
             steps = workload.new_tokens if decode_steps is None else min(decode_steps, workload.new_tokens)
             for _ in range(steps):
                 _, token = cached_step(model, token, cache)
-    else:
-        for _ in range(TRAIN_STEPS):
-            loss = model(ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
 
 
 def kv_cache(model: nn.Module, workload: Workload):

@@ -64,6 +64,7 @@ def load(ref: str | Path) -> Loaded:
         from memfit.models.demo import demo_dir
 
         return _from_hf(demo_dir())
+    check_ref(text)
     path = Path(text).expanduser()
     if path.is_dir():
         if (path / "memfit.json").is_file():
@@ -71,12 +72,26 @@ def load(ref: str | Path) -> Loaded:
 
             return load_saved(path)
         return _from_hf(path)
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file():
         return load_gguf(path)
+    return _from_hub(text)
+
+
+def check_ref(ref: str | Path) -> None:
+    """Raise `ModelNotFoundError` if ``ref`` cannot name a model (without loading anything).
+
+    A directory, a ``.gguf`` file, a bundled name or a string shaped like a hub id passes.
+    """
+    text = str(ref)
+    if text in tiny.CONFIGS or text == "demo":
+        return
+    path = Path(text).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return
     if path.exists():
         raise ModelNotFoundError(f"{text!r} is a file but not a .gguf", "pass a model directory or a .gguf file")
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
-        return _from_hub(text)
+        return
     raise ModelNotFoundError(
         f"model {text!r} not found: no such directory or file",
         f"pass a Hugging Face directory, a .gguf file, a hub id, 'demo', or one of {', '.join(tiny.CONFIGS)}",

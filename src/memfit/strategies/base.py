@@ -53,6 +53,8 @@ class Strategy:
             MLP channels are pruned, and those before single Linears are factored or sparsified).
         in_config: the change is written into the model's config (fewer layers, heads or channels),
             so a model rebuilt from a saved config already has it and loading skips it.
+        train_only: the strategy only changes how training runs (optimizer, accumulation,
+            checkpointing, processes), not the model a saved directory holds; loading skips it.
     """
 
     name: ClassVar[str]
@@ -63,6 +65,7 @@ class Strategy:
     saves: ClassVar[frozenset[str]] = frozenset({"parameters"})
     order: ClassVar[int] = 0
     in_config: ClassVar[bool] = False
+    train_only: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Change ``model`` in place and return it. Must also work on meta tensors."""

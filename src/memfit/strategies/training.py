@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import re
 import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ class Checkpointing(Strategy):
     name = "checkpointing"
     phase = Phase.RUNTIME
     saves = frozenset({"activations"})
+    train_only = True
 
     every: int = 1
 
@@ -147,17 +148,22 @@ class OptimizerKind(enum.Enum):
     """Optimizers a training workload can use."""
 
     ADAMW = "adamw"
+    ADAMW_8BIT = "adamw-8bit"
+    ADAFACTOR = "adafactor"
     SGD = "sgd"
 
 
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Optimizer(Strategy):
-    """The optimizer training uses, and so the state it holds: AdamW (default) or SGD with momentum.
+    """The optimizer training uses, and so the state it holds.
 
-    Memory per trainable parameter, in the parameter's dtype: AdamW two moments (2x), SGD with
-    momentum one buffer (1x). Quality: the optimizer changes how training converges, not what
-    the model is.
+    Memory per trainable parameter of n elements, for fp32 parameters: AdamW (default) two fp32
+    moments, 8n bytes; 8-bit AdamW two 8-bit codes plus a scale per 256, about 2.03n
+    (`memfit.train.optim.AdamW8bit`); Adafactor factored second moments, R + C numbers for an
+    R x C matrix and no first moment; SGD with momentum one buffer, 4n. Quality: the optimizer
+    changes how training converges, not what the model is; tests check 8-bit AdamW's loss against
+    fp32 AdamW's.
 
     Args:
         kind: which optimizer.
@@ -166,6 +172,7 @@ class Optimizer(Strategy):
     name = "optimizer"
     phase = Phase.RUNTIME
     saves = frozenset({"optimizer_state"})
+    train_only = True
 
     kind: OptimizerKind = OptimizerKind.ADAMW
 
@@ -182,7 +189,7 @@ class Optimizer(Strategy):
 
     @classmethod
     def examples(cls) -> list[Strategy]:
-        return [cls(kind=OptimizerKind.SGD)]
+        return [cls(kind=k) for k in (OptimizerKind.ADAMW_8BIT, OptimizerKind.ADAFACTOR, OptimizerKind.SGD)]
 
     @classmethod
     def space(cls, workload: Workload) -> list[Strategy]:
@@ -192,15 +199,259 @@ class Optimizer(Strategy):
         return model  # the choice is read from ``model.memfit_plan`` by `build_optimizer`
 
     def build(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        """The optimizer over ``params``. ``foreach=False``: the per-parameter loop, whose
-        temporaries are one parameter's size (the foreach path's depend on grouping heuristics)."""
+        """The optimizer over ``params``. torch's optimizers run with ``foreach=False``: the
+        per-parameter loop, whose temporaries are one parameter's size (the foreach path's depend
+        on grouping heuristics)."""
+        from memfit.train import optim
+
         if self.kind is OptimizerKind.SGD:
             return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=False)
+        if self.kind is OptimizerKind.ADAMW_8BIT:
+            return optim.AdamW8bit(params, lr=lr)
+        if self.kind is OptimizerKind.ADAFACTOR:
+            return optim.Adafactor(params, lr=lr)
         return torch.optim.AdamW(params, lr=lr, foreach=False)
 
 
+@register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MasterWeights(Strategy):
+    """bf16 weights trained through fp32 master copies (``bf16-master``).
+
+    The model's floating weights become bf16, so the forward and backward compute in bf16 and
+    gradients are bf16; the optimizer keeps an fp32 copy of each parameter, steps it in fp32 and
+    writes it back rounded (`memfit.train.optim.MasterWeights`). Memory per parameter: 2 (bf16
+    weight) + 2 (bf16 gradient) + 4 (master) + the optimizer's state over fp32; activations are
+    half of fp32's. Quality: updates accumulate in fp32, so small steps are not lost to bf16
+    rounding (pure bf16 training loses them).
+    """
+
+    name = "master-weights"
+    phase = Phase.PRECISION
+    conflicts = ("cast",)
+    sqnr_floor_db = 20.0
+    saves = frozenset({"parameters", "activations"})  # the masters are optimizer state
+
+    precision: Precision = Precision.BF16
+
+    @property
+    def token(self) -> str:
+        return f"{self.precision.value}-master"
+
+    @classmethod
+    def from_token(cls, token: str) -> MasterWeights | None:
+        match = re.fullmatch(r"(bf16|fp16)-master", token)
+        return cls(precision=Precision(match.group(1))) if match else None
+
+    @classmethod
+    def examples(cls) -> list[Strategy]:
+        return [cls()]
+
+    @classmethod
+    def space(cls, workload: Workload) -> list[Strategy]:
+        return _training_only(cls, workload)
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        from memfit.strategies.precision import Cast
+
+        return Cast(precision=self.precision).apply(model, ctx)
+
+
+@register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRA(Strategy):
+    """Low-rank adapters (LoRA, through peft) on every linear layer of the decoder; the rest frozen.
+
+    Each targeted Linear y = W x gains y += (alpha / r) B A x with A [r, K], B [N, r], B zero at
+    the start, and only A and B train. Memory: gradients and optimizer state shrink to the
+    adapters' (a fraction of a percent of the model); the frozen weights keep no gradient. On a
+    quantized base (``int4-g128,lora-8``, QLoRA-style) the base stays packed and the adapters are
+    bf16; backward through a packed layer dequantizes its weight one layer at a time
+    (`memfit.strategies.quantize.packed`), so nothing holds a float copy of the base.
+
+    Args:
+        rank: r, the adapters' rank.
+        alpha: the scale numerator (``alpha / rank`` multiplies the adapter's output).
+    """
+
+    name = "lora"
+    phase = Phase.RUNTIME
+    order = 1  # after the model's own runtime switches, so adapters see the final modules
+    # gradients shrink too, but the peak of a step comes before they accumulate
+    saves = frozenset({"optimizer_state"})
+
+    rank: int = 8
+    alpha: int = 16
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.alpha < 1:
+            raise ValueError(f"LoRA rank and alpha must be at least 1, got rank={self.rank}, alpha={self.alpha}")
+
+    @property
+    def token(self) -> str:
+        return f"lora-{self.rank}" if self.alpha == 2 * self.rank else f"lora-{self.rank}-a{self.alpha}"
+
+    @classmethod
+    def from_token(cls, token: str) -> LoRA | None:
+        match = re.fullmatch(r"lora-(\d+)(?:-a(\d+))?", token)
+        if match is None:
+            return None
+        rank = int(match.group(1))
+        if rank < 1:
+            raise RecipeError(f"recipe token {token!r} has rank 0", "use lora-R with R >= 1, such as lora-8")
+        return cls(rank=rank, alpha=int(match.group(2) or 2 * rank))
+
+    @classmethod
+    def examples(cls) -> list[Strategy]:
+        return [cls()]
+
+    @classmethod
+    def space(cls, workload: Workload) -> list[Strategy]:
+        return _training_only(cls, workload)
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        from memfit.train.lora import inject
+
+        inject(model, self.rank, self.alpha)
+        return model
+
+
+@register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GradAccum(Strategy):
+    """Gradient accumulation: each optimizer step runs ``steps`` micro-batches of batch / steps.
+
+    Memory: activations are a micro-batch's; gradients and optimizer state are unchanged. Speed:
+    smaller matmuls, the same work. Quality: the same gradient as the full batch (up to rounding).
+    ``memfit train --budget`` picks the micro-batch itself (the largest whose predicted peak fits).
+
+    Args:
+        steps: micro-batches per optimizer step; must divide the batch size.
+    """
+
+    name = "grad-accum"
+    phase = Phase.RUNTIME
+    saves = frozenset({"activations"})
+    train_only = True
+
+    steps: int = 2
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"grad-accum needs at least 1 micro-batch, got {self.steps}")
+
+    @property
+    def token(self) -> str:
+        return f"grad-accum-{self.steps}"
+
+    @classmethod
+    def from_token(cls, token: str) -> GradAccum | None:
+        match = re.fullmatch(r"grad-accum-(\d+)", token)
+        if match is None:
+            return None
+        if int(match.group(1)) < 1:
+            raise RecipeError(f"recipe token {token!r} has no micro-batches", "use grad-accum-N with N >= 1")
+        return cls(steps=int(match.group(1)))
+
+    @classmethod
+    def examples(cls) -> list[Strategy]:
+        return [cls()]
+
+    @classmethod
+    def space(cls, workload: Workload) -> list[Strategy]:
+        return [cls()] if workload.mode.value == "train" and workload.batch_size % 2 == 0 else []
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        return model  # `memfit.train` and the train workload read it from the plan
+
+
+@register_field_type
+class Parallelism(enum.Enum):
+    """How training spreads over processes."""
+
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
+@register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Distributed(Strategy):
+    """Training over several processes started by torchrun: data-parallel or sharded.
+
+    ``ddp``: every rank holds the whole model and optimizer and runs batch / ranks sequences;
+    gradients are averaged by all-reduce (`torch.nn.parallel.DistributedDataParallel`, gradients
+    as views into its buckets, so no second copy). Memory per rank: the activations shrink with
+    the per-rank batch. ``fsdp``: parameters, gradients and optimizer state are sharded over the
+    ranks (FSDP2, ``torch.distributed.fsdp.fully_shard`` per decoder layer); a layer's full
+    parameters exist only while it runs. Memory per rank: about 1 / ranks of parameters,
+    gradients and optimizer state, plus one layer gathered. gloo on CPU, nccl on CUDA.
+
+    Args:
+        kind: ddp or fsdp.
+    """
+
+    name = "distributed"
+    phase = Phase.RUNTIME
+    # what it saves is per rank, with several processes (tests/test_train_distributed.py); in
+    # one process it changes nothing
+    saves: ClassVar[frozenset[str]] = frozenset()
+    train_only = True
+
+    kind: Parallelism = Parallelism.DDP
+
+    @property
+    def token(self) -> str:
+        return self.kind.value
+
+    @classmethod
+    def from_token(cls, token: str) -> Distributed | None:
+        try:
+            return cls(kind=Parallelism(token))
+        except ValueError:
+            return None
+
+    @classmethod
+    def examples(cls) -> list[Strategy]:
+        return [cls(kind=Parallelism.DDP), cls(kind=Parallelism.FSDP)]
+
+    @classmethod
+    def space(cls, workload: Workload) -> list[Strategy]:
+        return [cls(kind=Parallelism.FSDP)] if workload.mode.value == "train" and workload.ranks > 1 else []
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        return model  # `memfit.train` wraps the model once the process group exists
+
+
+def find(plan: Any, cls: type[Strategy]) -> Any:
+    """The strategy of type ``cls`` in ``plan`` (a `Plan` or None), or None."""
+    return next((s for s in getattr(plan, "strategies", ()) if isinstance(s, cls)), None)
+
+
+def micro_batches(plan: Any, workload: Workload) -> tuple[int, int]:
+    """``(sequences per micro-batch, micro-batches per step)`` of one rank under ``plan``.
+
+    Raises:
+        RecipeError: the batch does not split evenly over the ranks and micro-batches.
+    """
+    accum = find(plan, GradAccum)
+    count = accum.steps if accum else 1
+    parts = workload.ranks * count
+    if workload.batch_size % parts:
+        raise RecipeError(
+            f"batch {workload.batch_size} does not split into {workload.ranks} rank(s) x {count} micro-batch(es)",
+            f"use a batch that is a multiple of {parts}",
+        )
+    return workload.batch_size // parts, count
+
+
 def build_optimizer(model: nn.Module, lr: float = 0.0) -> torch.optim.Optimizer:
-    """The optimizer ``model``'s plan chose (AdamW if none) over its trainable parameters."""
+    """The optimizer ``model``'s plan chose (AdamW if none) over its trainable parameters; with
+    ``bf16-master`` in the plan, stepped through fp32 master copies."""
     plan = getattr(model, "memfit_plan", None)
-    chosen = next((s for s in getattr(plan, "strategies", ()) if isinstance(s, Optimizer)), Optimizer())
-    return chosen.build([p for p in model.parameters() if p.requires_grad], lr)
+    chosen = find(plan, Optimizer) or Optimizer()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if find(plan, MasterWeights) is not None:
+        from memfit.train.optim import MasterWeights as MasterOptimizer
+
+        return MasterOptimizer(params, lambda ps, group: chosen.build(ps, group["lr"]), {"lr": lr})
+    return chosen.build(params, lr)

@@ -22,15 +22,43 @@ from memfit.strategies.quantize.kernels import PLAIN, Int4Layout
 
 
 class PackedModule(nn.Module):
-    """Base of memfit's quantized modules: they compute in ``out_dtype`` and keep scales in bf16."""
+    """Base of memfit's quantized modules: they compute in ``out_dtype`` and keep scales in bf16.
+
+    Their weights are frozen (buffers); when an input needs a gradient (training adapters or
+    layers before them), the Linear-like ones run `_FrozenWeight`, whose backward dequantizes the
+    weight for the moment it multiplies the output gradient. A plain dequantize-then-matmul would
+    keep every layer's float weight alive for backward: a float copy of the whole base.
+    """
 
     out_dtype: torch.dtype
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FrozenWeight.apply(x, self)
+        return self._linear(x)
 
     def cast_(self, dtype: torch.dtype) -> None:
         """Switch the activation dtype (the `Cast` strategy calls this); packed data is untouched."""
         self.out_dtype = dtype
         if getattr(self, "bias", None) is not None:
             self.bias = self.bias.to(dtype)
+
+
+class _FrozenWeight(torch.autograd.Function):
+    """``module._linear(x)`` with the gradient for ``x`` only: dx = dy @ W, W dequantized in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: PackedModule) -> torch.Tensor:
+        ctx.module, ctx.dtype = module, x.dtype
+        return module._linear(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        weight = ctx.module.dequantize(grad.dtype)  # [N, K], freed when this returns
+        return (grad @ weight).to(ctx.dtype), None
 
 
 class Int8Linear(PackedModule):
@@ -57,7 +85,7 @@ class Int8Linear(PackedModule):
     def out_features(self) -> int:
         return self.qweight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -74,7 +102,7 @@ class Int8DynamicLinear(Int8Linear):
     (`kernels.int8_dynamic_linear`).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         return kernels.int8_dynamic_linear(x, self.qweight, self.scale, self.bias)
 
 
@@ -87,7 +115,7 @@ class Fp8Linear(Int8Linear):
         bias: float [N] or None.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         return kernels.fp8_linear(x, self.qweight, self.scale, self.bias)
 
 
@@ -170,7 +198,7 @@ class Int4Linear(PackedModule):
     def out_features(self) -> int:
         return self.qweight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         return kernels.int4_linear(
             x, self.qweight, self.scale, self.zero_point, self.group_size, self.layout, self.bias
         )

@@ -1,0 +1,123 @@
+"""Processes for data-parallel (DDP) and sharded (FSDP2) training, started by torchrun.
+
+``memfit train --nproc N`` runs ``python -m torch.distributed.run --standalone --nproc-per-node N``
+with the same arguments; each process reads its rank from torchrun's environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``), joins the process group (gloo on CPU, nccl on CUDA) and wraps the
+model. Multi-node runs start the same command on every node with torchrun's own flags, for example
+on each of 2 nodes::
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m memfit.cli.main train --model ./llama --recipe fsdp,bf16-master ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from memfit.strategies.training import Parallelism
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place: rank, how many ranks, and its device."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def join(device: str | None = None) -> World:
+    """Join the process group torchrun set up (a single-process `World` when not under torchrun).
+
+    ``device``: ``"cpu"``, ``"cuda"`` or None (CUDA when available). Each rank takes GPU ``LOCAL_RANK``.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if not under_torchrun():
+        return World(device=torch.device("cuda" if use_cuda else "cpu"))
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        target = torch.device("cuda", torch.cuda.current_device())
+    else:
+        target = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return World(rank=rank, size=size, device=target)
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and "Layer" in type(module[0]).__name__:
+            return list(module)
+    return []
+
+
+def wrap(model: nn.Module, kind: Parallelism | None, world: World) -> nn.Module:
+    """The model to train: DDP-wrapped, FSDP2-sharded in place (each decoder layer, then the
+    root), or itself for a single process."""
+    if world.size == 1 or kind is None:
+        return model
+    if kind is Parallelism.DDP:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def mean(value: float, world: World) -> float:
+    """The mean of ``value`` over the ranks (each rank's loss is the mean over the same token count)."""
+    if world.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=world.device)
+    dist.all_reduce(t)
+    return float(t.item()) / world.size
+
+
+def gather_int(value: int, world: World) -> list[int]:
+    """``value`` from every rank, in rank order."""
+    if world.size == 1:
+        return [value]
+    t = torch.tensor([value], dtype=torch.int64, device=world.device)
+    out = [torch.zeros_like(t) for _ in range(world.size)]
+    dist.all_gather(out, t)
+    return [int(o.item()) for o in out]
+
+
+def launch(argv: Sequence[str], nproc: int) -> int:
+    """Run ``memfit train argv`` in ``nproc`` processes on this machine through torchrun."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "memfit.cli.main", "train", *argv,
+    ]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.run(command, env=env).returncode

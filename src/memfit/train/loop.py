@@ -1,0 +1,389 @@
+"""`train`: next-token fine-tuning of a causal LM under a memory budget, with every allocation tracked.
+
+One function runs every training strategy: the recipe's weight strategies (quantization, casts,
+LoRA) are applied first, then the runtime ones shape the loop: the optimizer it builds, the
+micro-batches per step (``grad-accum-N``, or chosen under ``budget`` by the estimator), the
+processes (``ddp``/``fsdp`` under torchrun), activation checkpointing and autocast inside the
+model's forward. Checkpoints are written in the background (`memfit.train.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.errors import BudgetError, CheckpointError, RecipeError
+from memfit.memory.report import MemoryReport
+from memfit.memory.tracker import track
+from memfit.plan import Context, Mode, Plan, Workload, apply
+from memfit.strategies.training import (
+    Distributed,
+    GradAccum,
+    LoRA,
+    Parallelism,
+    build_optimizer,
+    find,
+    micro_batches,
+)
+from memfit.train import checkpoint, distributed
+from memfit.train.data import TokenWindows, training_windows
+from memfit.units import format_bytes, parse_bytes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LR = 1e-4
+DEFAULT_LORA_LR = 1e-3
+WARMUP_SHARE = 0.1  # linear warm-up over the first 10% of steps, then linear decay to 10% of the rate
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What the progress callback hears after each optimizer step."""
+
+    step: int  # steps done
+    steps: int
+    loss: float
+    tokens_per_s: float
+    peak_bytes: int  # this rank's tracked peak so far
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns.
+
+    Args:
+        losses: the mean loss of every step of the run (resumed steps included), over all ranks.
+        peak_bytes: the tracked peak of each rank, in rank order.
+        tokens_per_s: training tokens (all ranks) per second over the steps this call ran.
+        out: the saved model's directory, if ``out`` was given.
+        report: this rank's `MemoryReport` of the run.
+        plan: the plan that ran (with the ``grad-accum-N`` a budget chose).
+        model: the trained model (unwrapped; under FSDP, sharded).
+    """
+
+    losses: list[float]
+    peak_bytes: list[int]
+    tokens_per_s: float
+    out: Path | None
+    report: MemoryReport
+    plan: Plan
+    model: nn.Module = dataclasses.field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"losses", "peak_bytes" (an int, or one per rank), "tokens_per_s", "out"}``."""
+        peak: int | list[int] = self.peak_bytes[0] if len(self.peak_bytes) == 1 else self.peak_bytes
+        return {"losses": self.losses, "peak_bytes": peak, "tokens_per_s": self.tokens_per_s,
+                "out": None if self.out is None else str(self.out), "recipe": self.plan.recipe}
+
+
+def train(
+    model: str | nn.Module,
+    tokenizer: Any = None,
+    *,
+    data: str | None = None,
+    steps: int = 100,
+    batch: int = 8,
+    seq: int = 256,
+    recipe: str | Plan = "none",
+    lr: float | None = None,
+    budget: int | str | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    resume: bool = False,
+    save_every: int = 0,
+    device: str | None = None,
+    progress: Callable[[StepInfo], None] | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` on next-token prediction of ``data`` and return the losses and peak memory.
+
+    Args:
+        model: a reference `memfit.load` accepts, or a loaded model (then pass ``tokenizer``).
+        data: a UTF-8 text file, or None / ``"builtin"`` for the built-in calibration half.
+        steps: optimizer steps in all (a resumed run continues up to ``steps``).
+        batch: sequences per optimizer step, over all ranks and micro-batches.
+        seq: tokens per sequence.
+        recipe: strategies, such as ``"int4-g128,lora-8"`` or ``"bf16-master,adamw-8bit,checkpointing"``.
+        lr: peak learning rate (default 1e-4; 1e-3 with LoRA).
+        budget: bytes (or ``"2GiB"``) one rank may hold; without ``grad-accum-N`` in the recipe,
+            the largest micro-batch whose predicted peak fits is chosen.
+        seed: seeds the weights' random parts (LoRA), the data order and dropout.
+        out: directory for the trained model (``out/model``) and checkpoints (``out/checkpoints``).
+        resume: continue from the last complete checkpoint under ``out``.
+        save_every: write a checkpoint every this many steps (0: none before the end).
+        device: ``"cpu"``, ``"cuda"``, or None (CUDA when available).
+        progress: called after every step with a `StepInfo`.
+
+    Raises:
+        RecipeError, BudgetError, DataError, CheckpointError, ModelNotFoundError: bad input.
+    """
+    if steps < 1 or batch < 1 or seq < 1 or save_every < 0:
+        raise RecipeError(f"steps, batch and seq must be positive (got {steps}, {batch}, {seq})", "fix the arguments")
+    if resume and out is None:
+        raise CheckpointError("--resume needs the run's output directory", "pass --out DIR of the interrupted run")
+    world = distributed.join(device)
+    joined = world.size > 1
+    try:
+        return _train(model, tokenizer, world, data=data, steps=steps, batch=batch, seq=seq, recipe=recipe, lr=lr,
+                      budget=budget, seed=seed, out=None if out is None else Path(out), resume=resume,
+                      save_every=save_every, progress=progress)
+    finally:
+        if joined:
+            distributed.leave()
+
+
+def _train(model, tokenizer, world, *, data, steps, batch, seq, recipe, lr, budget, seed, out, resume, save_every,
+           progress) -> TrainResult:
+    plan = Plan.parse(recipe) if isinstance(recipe, str) else recipe.validate()
+    spread = find(plan, Distributed)
+    if world.size > 1 and spread is None:  # torchrun without a token: data-parallel
+        plan = Plan(plan.strategies + (Distributed(kind=Parallelism.DDP),), plan.workload).validate()
+        spread = find(plan, Distributed)
+    workload = Workload(mode=Mode.TRAIN, batch_size=batch, seq_len=seq, ranks=world.size, device=world.device.type)
+    micro_batches(plan, workload)  # the batch splits, or a clear error before anything loads
+
+    _seed(seed)
+    reference = model if isinstance(model, (str, Path)) else None
+    if reference is not None:
+        from memfit.models.load import load
+
+        model, tokenizer = load(str(reference))
+    elif tokenizer is None:
+        raise RecipeError("train() got a model without its tokenizer", "pass tokenizer=, or a model reference")
+    windows = training_windows(tokenizer, data, seq, seed)
+    if budget is not None:
+        plan = fit_micro_batch(model, plan, workload, budget)
+    micro, count = micro_batches(plan, workload)
+
+    calibration = None
+    if plan.needs_calibration:
+        from memfit.calibration.layerwise import calibration_windows
+
+        calibration = calibration_windows(tokenizer)
+    _seed(seed)  # LoRA's initial A does not depend on what loading drew
+    apply(model, plan, Context(calibration=calibration, device=str(world.device)))
+    model.to(world.device)
+    model.train()
+    trained = distributed.wrap(model, None if spread is None else spread.kind, world)
+    if lr is None:
+        lr = DEFAULT_LORA_LR if find(plan, LoRA) else DEFAULT_LR
+    optimizer = build_optimizer(model, lr)
+    warmup = max(1, int(steps * WARMUP_SHARE))
+    schedule = lambda s: min((s + 1) / warmup, 1.0 - 0.9 * max(0, s - warmup) / max(1, steps - warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    fingerprint = {"model": str(reference or type(model).__name__), "recipe": plan.recipe, "steps": steps,
+                   "batch": batch, "seq": seq, "seed": seed, "lr": lr, "data": windows.fingerprint,
+                   "ranks": world.size}
+    writer = checkpoint.Writer(out / "checkpoints", world.rank, world.size) if out is not None else None
+    start, losses = 0, []
+    if resume:
+        start, losses = _resume(out / "checkpoints", world, model, optimizer, scheduler, fingerprint)
+        if start >= steps:
+            raise CheckpointError(
+                f"the run under {str(out)!r} already finished its {steps} steps", "start a new run with another --out"
+            )
+
+    step_fn = _Stepper(trained, optimizer, scheduler, windows, world, batch, micro, count)
+    tokens, seconds = 0, 0.0
+    with track(model, optimizer) as tracker:
+        for step in range(start, steps):
+            began = time.perf_counter()
+            loss = step_fn(step)
+            losses.append(loss)
+            if step > start or steps - start == 1:  # the first step pays one-time setup
+                seconds += time.perf_counter() - began
+                tokens += batch * seq
+            if writer is not None:
+                writer.poll()
+                due = save_every and (step + 1) % save_every == 0
+                if due or step + 1 == steps:
+                    tensors, tree = checkpoint.snapshot(model, optimizer)
+                    state = {"step": step + 1, "losses": losses, "scheduler": scheduler.state_dict(),
+                             "fingerprint": fingerprint}
+                    writer.save(step + 1, tensors, tree, state)
+                    del tensors, tree
+            if progress is not None:
+                progress(StepInfo(step + 1, steps, loss, tokens / seconds if seconds else 0.0, tracker.peak_bytes))
+        if writer is not None:
+            writer.wait()
+    report = tracker.report(top=20)
+    peaks = distributed.gather_int(report.peak_bytes, world)
+    saved = _save(model, tokenizer, plan, out, world, reference, calibration) if out is not None else None
+    return TrainResult(losses=losses, peak_bytes=peaks, tokens_per_s=tokens / seconds if seconds else 0.0,
+                       out=saved, report=report, plan=plan, model=model)
+
+
+class _Stepper:
+    """One optimizer step: the micro-batches' forward and backward, then the optimizer."""
+
+    def __init__(self, trained, optimizer, scheduler, windows: TokenWindows, world, batch, micro, count) -> None:
+        self.trained, self.optimizer, self.scheduler = trained, optimizer, scheduler
+        self.windows, self.world, self.batch = windows, world, batch
+        self.micro, self.count = micro, count
+
+    def __call__(self, step: int) -> float:
+        while True:
+            try:
+                return self._step(step)
+            except torch.OutOfMemoryError:
+                # Only a single process retries: ranks that disagree on micro-batches would deadlock.
+                if self.world.size > 1 or self.micro == 1:
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                smaller = max(d for d in range(1, self.micro) if self.micro % d == 0)
+                log.warning("out of memory at micro-batch %d; retrying the step with %d", self.micro, smaller)
+                self.count, self.micro = self.count * self.micro // smaller, smaller
+
+    def _step(self, step: int) -> float:
+        total = 0.0
+        parts = self.world.size * self.count
+        for i in range(self.count):
+            ids = self.windows.batch(step, self.batch, self.world.rank * self.count + i, parts)
+            ids = ids.to(self.world.device)
+            last = i == self.count - 1
+            with contextlib.nullcontext() if last else _no_sync(self.trained):
+                loss = self.trained(ids, labels=ids, use_cache=False).loss / self.count
+                loss.backward()
+            total += float(loss.detach())
+            del loss
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return distributed.mean(total, self.world)
+
+
+def _no_sync(trained: nn.Module):
+    """Skip the gradient all-reduce of a micro-batch that is not the step's last (DDP, FSDP2)."""
+    no_sync = getattr(trained, "no_sync", None)
+    if no_sync is not None:
+        return no_sync()
+    set_sync = getattr(trained, "set_requires_gradient_sync", None)
+    if set_sync is None:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def unsynced():
+        set_sync(False)
+        try:
+            yield
+        finally:
+            set_sync(True)
+
+    return unsynced()
+
+
+def fit_micro_batch(model: nn.Module, plan: Plan, workload: Workload, budget: int | str) -> Plan:
+    """``plan`` with the fewest micro-batches (``grad-accum-N``) whose predicted peak fits ``budget``.
+
+    With ``grad-accum-N`` already in the plan, only checks that it fits.
+
+    Raises:
+        BudgetError: even one sequence per micro-batch does not fit.
+    """
+    from memfit.memory.estimate import estimate
+
+    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    per_rank = workload.batch_size // workload.ranks
+    fixed = find(plan, GradAccum)
+    options = [fixed.steps] if fixed else [n for n in range(1, per_rank + 1) if per_rank % n == 0]
+    peak = None
+    for count in options:
+        strategies = tuple(s for s in plan.strategies if not isinstance(s, GradAccum))
+        if count > 1:
+            strategies += (GradAccum(steps=count),)
+        candidate = Plan(strategies, plan.workload).validate()
+        peak = estimate(model, candidate, workload).peak_bytes
+        log.info("micro-batch %d: predicted peak %s", per_rank // count, format_bytes(peak))
+        if peak <= budget_bytes:
+            return candidate
+    raise BudgetError(
+        f"a micro-batch of {per_rank // options[-1]} sequence(s) of {workload.seq_len} tokens needs "
+        f"{format_bytes(peak)}, over the budget of {format_bytes(budget_bytes)}",
+        "raise the budget, shorten --seq, or add strategies (checkpointing, adamw-8bit, lora-8)",
+    )
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _resume(root: Path, world, model, optimizer, scheduler, fingerprint) -> tuple[int, list[float]]:
+    if world.is_main and root.is_dir():
+        checkpoint.remove_partial(root)
+    found = checkpoint.complete(root)
+    if not found:
+        log.warning("no complete checkpoint under %s; starting from step 0", root)
+        return 0, []
+    state, tree = checkpoint.read(found[-1], world.rank)
+    if state.get("fingerprint") != fingerprint:
+        saved = state.get("fingerprint") or {}
+        differ = sorted(k for k in fingerprint if saved.get(k) != fingerprint[k])
+        raise CheckpointError(
+            f"checkpoint {str(found[-1])!r} is from a run with different {', '.join(differ)}",
+            "resume with the same --model, --recipe, --steps, --batch, --seq, --seed, --lr, --data and --nproc",
+        )
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    weights = tree["weights"]
+    if sorted(weights) != sorted(params):
+        raise CheckpointError(f"checkpoint {str(found[-1])!r} does not match the model's weights", "start a new run")
+    with torch.no_grad():
+        for name, p in params.items():
+            getattr(p, "_local_tensor", p).copy_(weights[name])
+    optimizer.load_state_dict(tree["optimizer"])
+    _shard_optimizer_state(optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    checkpoint.set_rng_state(tree["rng"])
+    log.info("resumed from %s", found[-1])
+    return int(state["step"]), [float(x) for x in state["losses"]]
+
+
+def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Checkpoints hold each rank's local shards; torch's optimizers under FSDP2 keep DTensors."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    for param, state in optimizer.state.items():
+        if not isinstance(param, DTensor):
+            continue
+        for key, value in list(state.items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and key != "step":
+                state[key] = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False)
+
+
+def _save(model, tokenizer, plan: Plan, out: Path, world, reference, calibration) -> Path | None:
+    """Write the trained model to ``out/model`` (rank 0) in memfit's format."""
+    from memfit.io import save
+
+    target = out / "model"
+    spread = find(plan, Distributed)
+    if world.size > 1 and spread is not None and spread.kind is Parallelism.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not world.is_main:
+            return target
+        if reference is None:
+            raise RecipeError("saving an FSDP run needs the model reference", "pass the model as a reference string")
+        from memfit.models.load import load
+
+        model, _ = load(str(reference))
+        apply(model, plan, Context(calibration=calibration))
+        model.load_state_dict(full)
+    elif not world.is_main:
+        return target
+    save(model.eval(), tokenizer, target)
+    return target
+
