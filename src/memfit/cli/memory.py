@@ -26,8 +26,10 @@ categories: parameters, buffers, gradients, optimizer_state, activations (alloca
 module's forward), kv_cache, temporary (backward and optimizer arithmetic, work between modules)"""
 
 _RECIPES = """\
-recipe tokens: int8, int4-gN, bf16, fp16 (weights); bf16-autocast, checkpointing,
-checkpointing-K (every K-th layer), sgd, adamw (training); comma-separated"""
+recipe tokens: int8, int4-gN, bf16, fp16 and the rest of memfit compress's (weights);
+training: bf16-autocast, bf16-master, checkpointing, checkpointing-K (every K-th layer),
+adamw, adamw-8bit, adafactor, sgd, lora-R, grad-accum-N, ddp, fsdp (estimate --nproc N:
+one rank's share); comma-separated; see memfit train --help"""
 
 PROFILE_EPILOG = f"""\
 {_WORKLOADS}
@@ -55,6 +57,7 @@ examples:
   memfit estimate --model llama-3-70b --mode train --batch 1 --seq 4096 --json
   memfit estimate --model llama-3-8b --mode generate --batch 8 --seq 2048 --new-tokens 512 --recipe int4-g128
   memfit estimate --model demo --mode train --seq 256 --recipe bf16,sgd --budget 1GiB
+  memfit estimate --model llama-3-8b --mode train --batch 8 --seq 2048 --recipe fsdp,bf16-master --nproc 8
 
 JSON (last stdout line): {{"peak_bytes", "by_category": {{...}}, "by_module": [[name, bytes], ...top 20]}},
 plus "max_batch_size" with --budget"""
@@ -82,9 +85,12 @@ def add_parser(subparsers) -> None:
                             help="tokens generated after the prompt (generate only; default 128)")
         parser.add_argument("--recipe", default="none", metavar="R",
                             help="strategies to apply first, e.g. int8 or bf16,checkpointing (default none)")
-        parser.add_argument("--optimizer", choices=("adamw", "sgd"), default=None,
+        parser.add_argument("--optimizer", choices=("adamw", "adamw-8bit", "adafactor", "sgd"), default=None,
                             help="optimizer for train (default adamw; same as adding the token to --recipe)")
         if name == "estimate":
+            parser.add_argument("--nproc", type=_positive, default=1, metavar="N",
+                                help="train only: processes the batch is split over (with ddp or fsdp in "
+                                     "the recipe); the report is one rank's")
             parser.add_argument("--budget", metavar="SIZE",
                                 help="also print the largest batch whose predicted peak fits SIZE (e.g. 1GiB)")
         parser.add_argument("--report", type=Path, metavar="FILE",
@@ -111,7 +117,8 @@ def _plan_and_workload(args: argparse.Namespace):
     plan = Plan.parse(recipe)  # bad recipes fail before anything is loaded
     mode = Mode(args.mode)
     new_tokens = args.new_tokens if mode is Mode.GENERATE else 0
-    workload = Workload(mode=mode, batch_size=args.batch, seq_len=args.seq, new_tokens=new_tokens)
+    workload = Workload(mode=mode, batch_size=args.batch, seq_len=args.seq, new_tokens=new_tokens,
+                        ranks=getattr(args, "nproc", 1) if mode is Mode.TRAIN else 1)
     if args.report is not None:
         if args.report.suffix not in (".html", ".png"):
             raise OutputError(f"report {str(args.report)!r} is neither .html nor .png", "name it report.html or .png")

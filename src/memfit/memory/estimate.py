@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memfit.errors import BudgetError
+from memfit.errors import BudgetError, RecipeError
 from memfit.memory.report import MemoryReport, weight_report
 from memfit.memory.workload import profile, synthetic_input_facts
-from memfit.plan import Context, Plan, Workload, apply
+from memfit.plan import Context, Mode, Plan, Workload, apply
+from memfit.strategies.training import Distributed, Parallelism, find
 from memfit.units import format_bytes, parse_bytes
 
 # Generation decodes into a static cache: every single-token step allocates the same shapes, so
@@ -75,8 +76,51 @@ def estimate(
         return weight_report(skeleton)
     mode = FakeTensorMode()
     _to_fake(skeleton, mode, torch.device(workload.device))
+    spread = find(skeleton.memfit_plan, Distributed)
+    if workload.mode is Mode.TRAIN and workload.ranks > 1 and spread is not None:
+        return _estimate_ranks(skeleton, workload, mode, spread.kind)
     with mode, synthetic_input_facts():
         return profile(skeleton, workload, decode_steps=DECODE_STEPS)
+
+
+def _estimate_ranks(skeleton: nn.Module, workload: Workload, mode: FakeTensorMode, kind: Parallelism) -> MemoryReport:
+    """One rank of a ``ddp``/``fsdp`` run.
+
+    FSDP2 runs for real on the fake tensors, over a fake process group of ``workload.ranks``
+    (collectives return tensors of the right shapes without communicating), so the shards, the
+    gathered layers and the reduce-scatter buffers are all tracked. DDP's C++ reducer cannot run
+    on fake tensors; its run is one rank's share of the batch plus what DDP adds: after the first
+    step its gradient buckets (one flat buffer per bucket, the gradients are views into them)
+    stay allocated, a trainable-parameter-sized block.
+    """
+    from memfit.train.distributed import World, wrap
+
+    if kind is Parallelism.DDP:
+        with mode, synthetic_input_facts():
+            report = profile(skeleton, workload)
+        buckets = sum(p.numel() * p.element_size() for p in skeleton.parameters() if p.requires_grad)
+        report.by_category["gradients"] += buckets
+        report.peak_bytes += buckets
+        return report
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        raise RecipeError(
+            "predicting an fsdp run needs a process without a process group (it starts a fake one)",
+            "call memfit.estimate before init_process_group, or in another process",
+        )
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=workload.ranks)
+    try:
+        mesh_device = torch.device(workload.device)
+        mesh = init_device_mesh(mesh_device.type, (workload.ranks,))  # outside fake mode: it reads values
+        with mode, synthetic_input_facts():
+            wrap(skeleton, kind, World(rank=0, size=workload.ranks, device=mesh_device), mesh)
+            return profile(skeleton, workload)
+    finally:
+        dist.destroy_process_group()
 
 
 def _to_fake(model: nn.Module, mode: FakeTensorMode, device: torch.device) -> None:

@@ -31,7 +31,9 @@ TRAIN_STEPS = 2
 TIMELINE_POINTS = 400
 
 
-def profile(model: nn.Module, workload: Workload, *, decode_steps: int | None = None) -> MemoryReport:
+def profile(
+    model: nn.Module, workload: Workload, *, decode_steps: int | None = None, wrapped: nn.Module | None = None
+) -> MemoryReport:
     """Measure ``workload`` on ``model``: every allocation, tracked (see `memfit.memory.track`).
 
     ``decode_steps`` runs only that many of a generation's single-token steps (the cache is still
@@ -42,6 +44,8 @@ def profile(model: nn.Module, workload: Workload, *, decode_steps: int | None = 
     none) with a learning rate of 0, so the weights are left as they were; the memory is the same
     as with any other rate.
 
+    ``wrapped``: the module to call instead of ``model`` (a ``DistributedDataParallel`` around it).
+
     Returns:
         A `MemoryReport` of the peak, with the top 20 modules and a timeline of about
         `TIMELINE_POINTS` samples.
@@ -51,14 +55,19 @@ def profile(model: nn.Module, workload: Workload, *, decode_steps: int | None = 
     optimizer = build_optimizer(model) if workload.mode is Mode.TRAIN else None
     try:
         with track(model, optimizer) as tracker:
-            run_workload(model, workload, tracker, optimizer, decode_steps=decode_steps)
+            run_workload(model, workload, tracker, optimizer, decode_steps=decode_steps, wrapped=wrapped)
     finally:
         model.train(was_training)
     return tracker.report(top=20, timeline_points=TIMELINE_POINTS)
 
 
 def run_workload(
-    model: nn.Module, workload: Workload, tracker: Tracker, optimizer=None, decode_steps: int | None = None
+    model: nn.Module,
+    workload: Workload,
+    tracker: Tracker,
+    optimizer=None,
+    decode_steps: int | None = None,
+    wrapped: nn.Module | None = None,
 ) -> None:
     """Run ``workload`` on ``model`` while ``tracker`` is active (the caller enters it)."""
     vocab = model.config.vocab_size
@@ -68,7 +77,7 @@ def run_workload(
         ids = torch.randint(0, vocab, (micro, workload.seq_len), device=device)
         for _ in range(TRAIN_STEPS):
             for _ in range(count):
-                loss = model(ids, labels=ids, use_cache=False).loss / count
+                loss = (wrapped or model)(ids, labels=ids, use_cache=False).loss / count
                 loss.backward()
                 del loss
             optimizer.step()

@@ -28,7 +28,8 @@ class TokenWindows:
     def __init__(self, windows: torch.Tensor, seed: int) -> None:
         self.windows = windows
         self.seed = seed
-        self._orders: dict[int, torch.Tensor] = {}
+        self._orders: dict[int, list[int]] = {}
+        self._order(0)  # made now, not inside the first (tracked) step
 
     def __len__(self) -> int:
         return self.windows.shape[0]
@@ -38,10 +39,10 @@ class TokenWindows:
         """A hash of the token ids (checkpoints refuse to resume on different data)."""
         return hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()[:16]
 
-    def _order(self, epoch: int) -> torch.Tensor:
+    def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(len(self), generator=generator)}
+            self._orders = {epoch: torch.randperm(len(self), generator=generator).tolist()}
         return self._orders[epoch]
 
     def batch(self, step: int, batch: int, part: int = 0, parts: int = 1) -> torch.Tensor:
@@ -52,7 +53,7 @@ class TokenWindows:
         for index in range(first, first + size):
             epoch, offset = divmod(index, len(self))
             rows.append(self._order(epoch)[offset])
-        return self.windows[torch.stack(rows)]
+        return self.windows[rows]
 
 
 def training_windows(tokenizer, data: str | None, seq: int, seed: int) -> TokenWindows:

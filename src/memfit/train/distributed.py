@@ -42,12 +42,24 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def planned_ranks() -> int:
+    """How many processes torchrun started (1 outside torchrun), known before joining."""
+    return int(os.environ["WORLD_SIZE"]) if under_torchrun() else 1
+
+
+def device_type(device: str | None) -> str:
+    """``device`` (``"cpu"``/``"cuda"``), or CUDA when available if None."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
+
+
 def join(device: str | None = None) -> World:
     """Join the process group torchrun set up (a single-process `World` when not under torchrun).
 
     ``device``: ``"cpu"``, ``"cuda"`` or None (CUDA when available). Each rank takes GPU ``LOCAL_RANK``.
     """
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    use_cuda = device_type(device) == "cuda"
     if not under_torchrun():
         return World(device=torch.device("cuda" if use_cuda else "cpu"))
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -73,9 +85,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def wrap(model: nn.Module, kind: Parallelism | None, world: World) -> nn.Module:
+def wrap(model: nn.Module, kind: Parallelism | None, world: World, mesh=None) -> nn.Module:
     """The model to train: DDP-wrapped, FSDP2-sharded in place (each decoder layer, then the
-    root), or itself for a single process."""
+    root) over ``mesh`` (default: all ranks), or itself for a single process."""
     if world.size == 1 or kind is None:
         return model
     if kind is Parallelism.DDP:
@@ -86,7 +98,7 @@ def wrap(model: nn.Module, kind: Parallelism | None, world: World) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(world.device.type, (world.size,))
+    mesh = mesh or init_device_mesh(world.device.type, (world.size,))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)

@@ -129,25 +129,24 @@ def train(
         raise RecipeError(f"steps, batch and seq must be positive (got {steps}, {batch}, {seq})", "fix the arguments")
     if resume and out is None:
         raise CheckpointError("--resume needs the run's output directory", "pass --out DIR of the interrupted run")
-    world = distributed.join(device)
-    joined = world.size > 1
     try:
-        return _train(model, tokenizer, world, data=data, steps=steps, batch=batch, seq=seq, recipe=recipe, lr=lr,
+        return _train(model, tokenizer, device, data=data, steps=steps, batch=batch, seq=seq, recipe=recipe, lr=lr,
                       budget=budget, seed=seed, out=None if out is None else Path(out), resume=resume,
                       save_every=save_every, progress=progress)
     finally:
-        if joined:
-            distributed.leave()
+        distributed.leave()
 
 
-def _train(model, tokenizer, world, *, data, steps, batch, seq, recipe, lr, budget, seed, out, resume, save_every,
+def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, budget, seed, out, resume, save_every,
            progress) -> TrainResult:
     plan = Plan.parse(recipe) if isinstance(recipe, str) else recipe.validate()
     spread = find(plan, Distributed)
-    if world.size > 1 and spread is None:  # torchrun without a token: data-parallel
+    ranks = distributed.planned_ranks()
+    if ranks > 1 and spread is None:  # torchrun without a token: data-parallel
         plan = Plan(plan.strategies + (Distributed(kind=Parallelism.DDP),), plan.workload).validate()
         spread = find(plan, Distributed)
-    workload = Workload(mode=Mode.TRAIN, batch_size=batch, seq_len=seq, ranks=world.size, device=world.device.type)
+    device_type = distributed.device_type(device)
+    workload = Workload(mode=Mode.TRAIN, batch_size=batch, seq_len=seq, ranks=ranks, device=device_type)
     micro_batches(plan, workload)  # the batch splits, or a clear error before anything loads
 
     _seed(seed)
@@ -159,9 +158,10 @@ def _train(model, tokenizer, world, *, data, steps, batch, seq, recipe, lr, budg
     elif tokenizer is None:
         raise RecipeError("train() got a model without its tokenizer", "pass tokenizer=, or a model reference")
     windows = training_windows(tokenizer, data, seq, seed)
-    if budget is not None:
+    if budget is not None:  # before joining the process group: predicting fsdp starts a fake one
         plan = fit_micro_batch(model, plan, workload, budget)
     micro, count = micro_batches(plan, workload)
+    world = distributed.join(device_type)
 
     calibration = None
     if plan.needs_calibration:

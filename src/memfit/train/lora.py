@@ -8,6 +8,8 @@ quantized base takes adapters the same way as a float one (QLoRA-style).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -55,7 +57,9 @@ def inject(model: nn.Module, rank: int, alpha: int) -> None:
     config._register_custom_module({cls: LoraLinear for cls in _packed_linear_classes()})
     for param in model.parameters():
         param.requires_grad_(False)
-    inject_adapter_in_model(config, model)
+    with warnings.catch_warnings():  # peft warns about layer types it does not know; memfit registered them
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():
         if ".lora_" in name:
             param.data = param.data.to(dtype)

@@ -1,0 +1,81 @@
+"""Two ranks on the CPU with gloo, started by torchrun: DDP equals one process, FSDP2 shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import memfit
+from memfit.cli.main import main
+from memfit.plan import Mode, Workload
+
+STEPS, BATCH, SEQ = 20, 4, 32
+
+
+def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def single():
+    """One process, batch 4, fp32 AdamW: the reference run."""
+    return memfit.train("tiny-llama", steps=STEPS, batch=BATCH, seq=SEQ, device="cpu")
+
+
+def test_ddp_on_two_ranks_gives_the_single_process_losses(single, capfd):
+    assert main(["train", "--model", "tiny-llama", "--steps", str(STEPS), "--batch", str(BATCH), "--seq", str(SEQ),
+                 "--recipe", "ddp", "--nproc", "2", "--device", "cpu", "--json"]) == 0
+    # the children inherit stdout: their JSON line is in this process's captured output
+    data = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    losses = torch.tensor(data["losses"], dtype=torch.float64)
+    reference = torch.tensor(single.losses, dtype=torch.float64)
+    assert len(losses) == STEPS
+    assert ((losses - reference).abs() / reference).max() < 1e-4
+    assert len(data["peak_bytes"]) == 2
+    predicted = memfit.estimate("tiny-llama", "ddp", Workload(mode=Mode.TRAIN, batch_size=BATCH, seq_len=SEQ,
+                                                             ranks=2)).peak_bytes
+    for peak in data["peak_bytes"]:
+        assert abs(predicted - peak) <= 0.05 * peak, (predicted, peak)
+
+
+SCRIPT = """\
+import json, os, sys
+import memfit
+result = memfit.train("tiny-llama", steps={steps}, batch={batch}, seq={seq}, recipe="fsdp", device="cpu",
+                      out=sys.argv[1])
+with open(os.path.join(sys.argv[1], "rank-%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump({{"losses": result.losses, "peak": result.peak_bytes, "by_category": result.report.by_category}}, f)
+"""
+
+
+def test_fsdp_on_two_ranks_shards_weights_gradients_and_optimizer_state(single, tmp_path):
+    script = tmp_path / "fsdp_run.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(steps=STEPS, batch=BATCH, seq=SEQ)))
+    out = tmp_path / "run"
+    _torchrun(str(script), str(out))
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+    held = lambda c: c["parameters"] + c["gradients"] + c["optimizer_state"]  # noqa: E731
+    whole = held(single.report.by_category)
+    predicted = memfit.estimate("tiny-llama", "fsdp", Workload(mode=Mode.TRAIN, batch_size=BATCH, seq_len=SEQ,
+                                                              ranks=2))
+    for rank in ranks:
+        assert held(rank["by_category"]) <= 0.55 * whole, (held(rank["by_category"]), whole)
+        assert abs(predicted.peak_bytes - rank["peak"][0]) <= 0.05 * rank["peak"][0]
+        losses = torch.tensor(rank["losses"], dtype=torch.float64)
+        assert ((losses - torch.tensor(single.losses, dtype=torch.float64)).abs() / losses).max() < 1e-4
+    # the shards were gathered into one ordinary checkpoint: it loads in one process and computes
+    # what the single-process run's model computes
+    loaded, _ = memfit.load(out / "model")
+    ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, single.model.eval()(ids).logits, rtol=1e-3, atol=1e-3)
