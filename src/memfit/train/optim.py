@@ -55,43 +55,65 @@ def _code_values(signed: bool) -> list[float]:
     return values
 
 
-class _Codebook:
-    """Decoding and encoding for one codebook on one device (the 1 KiB table is made per step)."""
+LUT_SHIFT = 13  # a float32's bits >> 13: sign, exponent and the top 10 mantissa bits (19 bits)
+_LUTS: dict[tuple[bool, str], torch.Tensor] = {}
 
-    def __init__(self, signed: bool, device: torch.device) -> None:
-        self.signed = signed
-        self.values = torch.tensor(_code_values(signed), dtype=torch.float32, device=device)
-        smallest = 10.0 ** (1 - DECADES) * (0.1 + 0.45 / _grid_steps(0, signed))
-        largest = 0.1 + 0.9 * (1 - 0.5 / _grid_steps(DECADES - 1, signed))
-        self.zero_below, self.one_above = smallest / 2, (1 + largest) / 2
+
+def _lookup_table(signed: bool, device: torch.device) -> torch.Tensor:
+    """uint8 [2^19]: for each float32 bit pattern's top 19 bits, the code nearest to the middle of
+    that range (values within 1/2048 of each other share an entry; codes are >= 1.4% apart).
+
+    Built once per device, outside any dispatch mode: memfit's tracker does not count these 512 KiB,
+    and on fake tensors (predictions) the step uses a fake view of it.
+    """
+    key = (signed, str(device))
+    if key not in _LUTS:
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            values = torch.tensor(_code_values(signed), dtype=torch.float32)
+            ordered, order = values.sort()
+            midpoints = (ordered[1:] + ordered[:-1]) / 2
+            keys = torch.arange(1 << (32 - LUT_SHIFT), dtype=torch.int32)
+            centers = ((keys << LUT_SHIFT) | (1 << (LUT_SHIFT - 1))).view(torch.float32)
+            nearest = order[torch.searchsorted(midpoints, centers.nan_to_num(0.0))].to(torch.uint8)
+            _LUTS[key] = nearest.to(device)
+    return _LUTS[key]
+
+
+class _Codebook:
+    """Decoding and encoding for one codebook on one device."""
+
+    def __init__(self, signed: bool, device: torch.device, fake_mode=None) -> None:
+        self.values = torch.tensor(_code_values(signed), dtype=torch.float32, device=device)  # 1 KiB, per step
+        if fake_mode is None:
+            self.table = _lookup_table(signed, device)
+        else:
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            with _disable_current_modes():
+                meta = torch.empty(1 << (32 - LUT_SHIFT), dtype=torch.uint8, device="meta")
+            self.table = fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, meta, device)
 
     def decode(self, codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
         """uint8 [blocks * BLOCK] + fp32 [blocks] -> fp32 [blocks, BLOCK]."""
-        return self.values[codes.long()].view(-1, BLOCK) * absmax[:, None]
+        return self.values[codes.int()].view(-1, BLOCK) * absmax[:, None]
 
     def encode_(self, x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> None:
-        """fp32 [blocks, BLOCK] -> ``codes`` (uint8) and ``absmax`` (fp32), in place.
+        """fp32 [blocks, BLOCK] -> ``codes`` (uint8) and ``absmax`` (fp32), in place: each value
+        divided by its block's absmax, then its code looked up by its top 19 bits."""
+        torch.amax(x.abs(), dim=1, out=absmax)
+        normalized = x / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+        keys = normalized.view(torch.int32).view(-1).bitwise_right_shift_(LUT_SHIFT)
+        keys.bitwise_and_((1 << (32 - LUT_SHIFT)) - 1)
+        codes.copy_(self.table[keys])
 
-        The code of the grid bin holding each normalized magnitude: its decade from log10, its bin
-        from the fraction within the decade; zero and one for magnitudes nearer to them.
-        """
-        scale = x.abs().amax(dim=1)
-        absmax.copy_(scale)
-        a = (x.abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).view(-1)
-        decade = a.log10().floor_().add_(DECADES).clamp_(0, DECADES - 1)  # [0.1, 1) is decade 6
-        power = decade.add(0 if self.signed else 1).exp2_()  # 2^d signed, 2^(d+1) unsigned
-        steps = power.clamp(max=63) if self.signed else power  # the decade's grid size
-        fraction = a / decade.sub(DECADES - 1).mul_(math.log(10)).exp_()  # a / 10^(d - 6), in [0.1, 1)
-        bin_ = fraction.sub_(0.1).div_(0.9).mul_(steps).floor_().clamp_(min=0)
-        bin_ = torch.minimum(bin_, steps - 1, out=bin_)
-        # the decade's first code: past the special codes and the smaller decades' grids
-        code = bin_.add_(power).add_(2 if self.signed else 0)
-        x = x.view(-1)
-        if self.signed:
-            code = torch.where(x < 0, code + 126, code)
-        code = torch.where(a < self.zero_below, 0.0, code)
-        code = torch.where(a > self.one_above, torch.where(x < 0, 2.0, 1.0) if self.signed else 1.0, code)
-        codes.copy_(code)
+
+def _fake_mode(t: torch.Tensor):
+    """The `FakeTensorMode` ``t`` belongs to (a prediction), or None for a real tensor."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return t.fake_mode if isinstance(t, FakeTensor) else None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -158,7 +180,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 step = state["step"]
                 param, grad = _local(p), _local(p.grad)
                 if param.device not in books:
-                    books[param.device] = (_Codebook(True, param.device), _Codebook(False, param.device))
+                    fake = _fake_mode(param)
+                    books[param.device] = (_Codebook(True, param.device, fake), _Codebook(False, param.device, fake))
                 args = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step)
                 if "exp_avg" in state:
                     _adamw_chunk(param.view(-1), grad.view(-1), state["exp_avg"].view(-1),
