@@ -39,3 +39,49 @@ def test_cuda_prediction_equals_measurement(make_tiny):
     memfit.apply(model, "bf16-autocast,checkpointing")
     model.to("cuda")
     assert predicted == profile(model, workload)
+
+
+@pytest.mark.parametrize("recipe", ["adamw-8bit", "bf16-master,adafactor", "int4-g32,lora-8", "bf16-autocast"])
+def test_cuda_training_peak_is_predicted_and_agrees_with_the_allocator(recipe):
+    workload = Workload(mode=Mode.TRAIN, batch_size=2, seq_len=128, device="cuda")
+    model, tokenizer = memfit.load("tiny-llama")
+    predicted = memfit.estimate(model, recipe, workload).peak_bytes
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    result = memfit.train(model, tokenizer, steps=3, batch=2, seq=128, recipe=recipe, device="cuda")
+    assert result.peak_bytes[0] == pytest.approx(predicted, rel=0.01)
+    assert torch.cuda.max_memory_allocated() == pytest.approx(result.peak_bytes[0], rel=0.05)
+
+
+def test_cuda_out_of_memory_retries_with_a_smaller_micro_batch():
+    # a real CUDA OOM: cap this process's share of the GPU just above what micro-batch 1 needs
+    model, tokenizer = memfit.load("tiny-llama")
+    workload = lambda batch: Workload(mode=Mode.TRAIN, batch_size=batch, seq_len=2048, device="cuda")  # noqa: E731
+    one = memfit.estimate(model, "none", workload(1)).peak_bytes
+    eight = memfit.estimate(model, "none", workload(8)).peak_bytes
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction((one + eight) / 2 / total)
+    try:
+        result = memfit.train(model, tokenizer, steps=2, batch=8, seq=2048, device="cuda")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert len(result.losses) == 2
+    assert result.peak_bytes[0] < (one + eight) / 2
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_nccl_ddp_and_fsdp_match_one_process(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    single = memfit.train("tiny-llama", steps=10, batch=4, seq=64, device="cuda").losses
+    for recipe in ("ddp", "fsdp"):
+        done = subprocess.run([sys.executable, "-m", "memfit.cli.main", "train", "--model", "tiny-llama",
+                               "--steps", "10", "--batch", "4", "--seq", "64", "--recipe", recipe, "--nproc", "2",
+                               "--device", "cuda", "--json"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        losses = json.loads(done.stdout.strip().splitlines()[-1])["losses"]
+        assert max(abs(a - b) / b for a, b in zip(losses, single, strict=True)) < 1e-3

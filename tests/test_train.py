@@ -289,6 +289,8 @@ def test_train_cli_json_last_line(capsys):
     (["--budget", "1KB"], "a micro-batch of 1 sequence(s) of 32 tokens needs"),
     (["--nproc", "2", "--batch", "3"], "batch 3 does not split into 2 rank(s)"),
     (["--nproc", "2", "--model", "/no/such/model"], "model '/no/such/model' not found"),
+    pytest.param(["--device", "cuda"], "--device cuda, but this PyTorch sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
 ])
 def test_train_cli_bad_input_is_one_line_exit_2(args, message, capsys):
     base = ["train", "--model", "tiny-llama", "--steps", "1", "--batch", "2", "--seq", "32"]
@@ -305,3 +307,15 @@ def test_train_help_documents_every_token(capsys):
     for token in ("adamw-8bit", "adafactor", "sgd", "bf16-autocast", "bf16-master", "checkpointing-K", "lora-R",
                   "grad-accum-N", "ddp", "fsdp", "--nproc", "--resume", "torchrun --nnodes"):
         assert token in text, token
+
+
+def test_the_planner_offers_training_strategies_for_training_workloads_only():
+    from memfit.planner.space import candidate_plans
+
+    train = {p.recipe for p in candidate_plans(Workload(mode=Mode.TRAIN, batch_size=4, seq_len=64, ranks=2))}
+    infer = {p.recipe for p in candidate_plans(Workload(batch_size=4, seq_len=64))}
+    for recipe in ("adamw-8bit", "adafactor", "lora-8", "bf16-master", "grad-accum-2", "fsdp", "int4-g32,lora-8"):
+        assert recipe in train, recipe
+        assert recipe not in infer, recipe
+    single = {p.recipe for p in candidate_plans(Workload(mode=Mode.TRAIN, batch_size=4, seq_len=64))}
+    assert "fsdp" not in single  # one process: nothing to shard over

@@ -115,8 +115,11 @@ def _check(args: argparse.Namespace) -> None:
     from memfit.plan import Mode, Plan, Workload
     from memfit.strategies.training import micro_batches
 
+    from memfit.train.distributed import device_type
+
     plan = Plan.parse(args.recipe)
     micro_batches(plan, Workload(mode=Mode.TRAIN, batch_size=args.batch, seq_len=args.seq, ranks=args.nproc))
+    device_type(args.device)
     if args.data != "builtin":
         read_text(args.data)
     check_ref(str(args.model))

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memfit.errors import RecipeError
 from memfit.strategies.training import Parallelism
 
 
@@ -48,10 +49,17 @@ def planned_ranks() -> int:
 
 
 def device_type(device: str | None) -> str:
-    """``device`` (``"cpu"``/``"cuda"``), or CUDA when available if None."""
+    """``device`` (``"cpu"``/``"cuda"``), or CUDA when available if None.
+
+    Raises:
+        RecipeError: CUDA was asked for and there is none.
+    """
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device).type
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("--device cuda, but this PyTorch sees no CUDA device", "use --device cpu or omit it")
+    return kind
 
 
 def join(device: str | None = None) -> World:
