@@ -111,8 +111,8 @@ def test_mixed_bits_beats_uniform_int4_inside_a_budget_between_int4_and_int8(dem
 
 def test_optimize_fits_30_percent(fp32, outputs):
     out = outputs / "optimized"
-    result = run_json("optimize", "--model", "demo", "--budget", "30%", "--out", str(out), "--tokens", "4096",
-                      "--calibration-windows", "8")  # GPTQ candidates: fewer windows keep CI short
+    result = run_json("optimize", "--model", "demo", "--budget", "30%", "--out", str(out), "--tokens", "2048",
+                      "--calibration-windows", "4")  # fewer tokens and GPTQ windows keep CI short
     assert result["budget_bytes"] == int(0.30 * fp32["weight_bytes"])
     assert result["metrics"]["weight_bytes"] <= result["budget_bytes"]
     evaluated = [c for c in result["candidates"] if c["metrics"] is not None]
@@ -120,7 +120,7 @@ def test_optimize_fits_30_percent(fp32, outputs):
     assert len(evaluated) >= 4
     assert result["metrics"]["perplexity"] == min(c["metrics"]["perplexity"] for c in fitting)
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
-    reloaded = run_json("eval", "--model", str(out), "--tokens", "4096")
+    reloaded = run_json("eval", "--model", str(out), "--tokens", "2048")
     assert reloaded["weight_bytes"] == result["metrics"]["weight_bytes"]
     assert reloaded["perplexity"] == pytest.approx(result["metrics"]["perplexity"], rel=1e-4)
 

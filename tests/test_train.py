@@ -272,6 +272,18 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
 
 
 # -- CLI --------------------------------------------------------------------------------------------------
+def test_a_run_directory_is_not_mixed_with_other_things(tmp_path, capsys):
+    args = ["train", "--model", "tiny-llama", "--steps", "1", "--batch", "2", "--seq", "32", "--out", str(tmp_path)]
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(args) == 2
+    assert "holds 'notes.txt', not only a training run's model and checkpoints" in capsys.readouterr().err
+    (tmp_path / "notes.txt").unlink()
+    assert main(args) == 0
+    assert main(args) == 2  # a second run into the same directory would mix the two runs' checkpoints
+    err = capsys.readouterr().err
+    assert "already holds checkpoints of a run; pass --resume to continue it" in err
+
+
 def test_train_cli_json_last_line(capsys):
     assert main(["train", "--model", "tiny-llama", "--steps", "3", "--batch", "2", "--seq", "32",
                  "--recipe", "lora-8,checkpointing", "--json"]) == 0

@@ -110,12 +110,11 @@ def run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> None:
     """Reject bad input before starting processes (each would report it, with torchrun's traceback)."""
     from memfit.data import read_text
-    from memfit.errors import CheckpointError
     from memfit.models.load import check_ref
     from memfit.plan import Mode, Plan, Workload
     from memfit.strategies.training import micro_batches
-
     from memfit.train.distributed import device_type
+    from memfit.train.loop import check_run_dir
 
     plan = Plan.parse(args.recipe)
     micro_batches(plan, Workload(mode=Mode.TRAIN, batch_size=args.batch, seq_len=args.seq, ranks=args.nproc))
@@ -123,8 +122,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.data != "builtin":
         read_text(args.data)
     check_ref(str(args.model))
-    if args.resume and args.out is None:
-        raise CheckpointError("--resume needs the run's output directory", "pass --out DIR of the interrupted run")
+    check_run_dir(args.out, args.resume)
     if args.budget is not None:
         from memfit.units import parse_bytes
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.errors import BudgetError, CheckpointError, RecipeError
+from memfit.errors import BudgetError, CheckpointError, OutputError, RecipeError
 from memfit.memory.report import MemoryReport
 from memfit.memory.tracker import track
 from memfit.plan import Context, Mode, Plan, Workload, apply
@@ -127,14 +127,41 @@ def train(
     """
     if steps < 1 or batch < 1 or seq < 1 or save_every < 0:
         raise RecipeError(f"steps, batch and seq must be positive (got {steps}, {batch}, {seq})", "fix the arguments")
-    if resume and out is None:
-        raise CheckpointError("--resume needs the run's output directory", "pass --out DIR of the interrupted run")
+    check_run_dir(out, resume)
     try:
         return _train(model, tokenizer, device, data=data, steps=steps, batch=batch, seq=seq, recipe=recipe, lr=lr,
                       budget=budget, seed=seed, out=None if out is None else Path(out), resume=resume,
                       save_every=save_every, progress=progress)
     finally:
         distributed.leave()
+
+
+def check_run_dir(out: str | Path | None, resume: bool) -> None:
+    """Refuse an ``out`` that is not a training run's directory, or one that would mix two runs.
+
+    Raises:
+        OutputError: ``out`` is a file, or holds other things than ``model`` and ``checkpoints``.
+        CheckpointError: ``--resume`` without ``out``, or checkpoints of a run there without it.
+    """
+    if out is None:
+        if resume:
+            raise CheckpointError("--resume needs the run's output directory", "pass --out DIR of the interrupted run")
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {str(out)!r} is a file", "choose a directory path for --out")
+    if out.is_dir():
+        strangers = sorted(p.name for p in out.iterdir() if p.name not in ("model", "checkpoints"))
+        if strangers:
+            raise OutputError(
+                f"output directory {str(out)!r} holds {strangers[0]!r}, "
+                "not only a training run's model and checkpoints",
+                "choose a new or empty directory",
+            )
+    if not resume and checkpoint.complete(out / "checkpoints"):
+        raise CheckpointError(
+            f"{str(out)!r} already holds checkpoints of a run", "pass --resume to continue it, or choose another --out"
+        )
 
 
 def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, budget, seed, out, resume, save_every,
