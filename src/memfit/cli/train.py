@@ -81,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
     from memfit.train.loop import train
 
     main_rank = os.environ.get("RANK", "0") == "0"
-    with _progress(main_rank) as progress:
+    with _progress(main_rank) as (on_step, on_work):
         result = train(
             str(args.model), data=args.data, steps=args.steps, batch=args.batch, seq=args.seq, recipe=args.recipe,
             lr=args.lr, budget=args.budget, seed=args.seed, out=args.out, resume=args.resume,
-            save_every=args.save_every, device=args.device, progress=progress,
+            save_every=args.save_every, device=args.device, progress=on_step, work_progress=on_work,
         )
     if not main_rank:
         return 0
@@ -145,22 +145,27 @@ def _child_argv(argv: list[str]) -> list[str]:
 
 @contextlib.contextmanager
 def _progress(show: bool):
-    """A progress bar on stderr with the loss, tokens/s and tracked peak (rank 0 only)."""
+    """Progress bars on stderr (rank 0 only): ``(on_step, on_work)``, the training steps with the
+    loss, tokens/s and tracked peak, and work before them (calibrated recipes)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from memfit.units import format_bytes
 
     with Progress(
-        TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=console.stderr, disable=not (show and console.stderr.is_terminal),
     ) as bar:
-        task = None
+        tasks: dict[str, int] = {}
 
-        def update(info) -> None:
-            nonlocal task
+        def on_work(description: str, done: int, total: int) -> None:
+            if description not in tasks:
+                tasks[description] = bar.add_task(description, total=total, status="")
+            bar.update(tasks[description], completed=done, total=total)
+
+        def on_step(info) -> None:
             status = f"loss {info.loss:.4f} · {info.tokens_per_s:,.0f} tok/s · peak {format_bytes(info.peak_bytes)}"
-            if task is None:
-                task = bar.add_task("train", total=info.steps, status=status)
-            bar.update(task, completed=info.step, status=status)
+            if "train" not in tasks:
+                tasks["train"] = bar.add_task("train", total=info.steps, status=status)
+            bar.update(tasks["train"], completed=info.step, status=status)
 
-        yield update
+        yield on_step, on_work

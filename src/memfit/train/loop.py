@@ -24,7 +24,7 @@ from torch import nn
 from memfit.errors import BudgetError, CheckpointError, OutputError, RecipeError
 from memfit.memory.report import MemoryReport
 from memfit.memory.tracker import track
-from memfit.plan import Context, Mode, Plan, Workload, apply
+from memfit.plan import Context, Mode, Plan, ProgressFn, Workload, apply
 from memfit.strategies.training import (
     Distributed,
     GradAccum,
@@ -102,6 +102,7 @@ def train(
     save_every: int = 0,
     device: str | None = None,
     progress: Callable[[StepInfo], None] | None = None,
+    work_progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on next-token prediction of ``data`` and return the losses and peak memory.
 
@@ -121,6 +122,7 @@ def train(
         save_every: write a checkpoint every this many steps (0: none before the end).
         device: ``"cpu"``, ``"cuda"``, or None (CUDA when available).
         progress: called after every step with a `StepInfo`.
+        work_progress: ``(description, done, total)`` for work before training (calibrated recipes).
 
     Raises:
         RecipeError, BudgetError, DataError, CheckpointError, ModelNotFoundError: bad input.
@@ -131,7 +133,7 @@ def train(
     try:
         return _train(model, tokenizer, device, data=data, steps=steps, batch=batch, seq=seq, recipe=recipe, lr=lr,
                       budget=budget, seed=seed, out=None if out is None else Path(out), resume=resume,
-                      save_every=save_every, progress=progress)
+                      save_every=save_every, progress=progress, work_progress=work_progress)
     finally:
         distributed.leave()
 
@@ -165,7 +167,7 @@ def check_run_dir(out: str | Path | None, resume: bool) -> None:
 
 
 def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, budget, seed, out, resume, save_every,
-           progress) -> TrainResult:
+           progress, work_progress) -> TrainResult:
     plan = Plan.parse(recipe) if isinstance(recipe, str) else recipe.validate()
     spread = find(plan, Distributed)
     ranks = distributed.planned_ranks()
@@ -196,7 +198,7 @@ def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, bud
 
         calibration = calibration_windows(tokenizer)
     _seed(seed)  # LoRA's initial A does not depend on what loading drew
-    apply(model, plan, Context(calibration=calibration, device=str(world.device)))
+    apply(model, plan, Context(calibration=calibration, device=str(world.device), progress=work_progress))
     model.to(world.device)
     model.train()
     trained = distributed.wrap(model, None if spread is None else spread.kind, world)
