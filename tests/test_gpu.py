@@ -42,15 +42,13 @@ def test_cuda_prediction_equals_measurement(make_tiny):
 
 
 @pytest.mark.parametrize("recipe", ["adamw-8bit", "bf16-master,adafactor", "int4-g32,lora-8", "bf16-autocast"])
-def test_cuda_training_peak_is_predicted_and_agrees_with_the_allocator(recipe):
+def test_cuda_training_peak_is_predicted(recipe):
+    # the tracker against the CUDA allocator is test_tracked_peak_agrees_with_the_cuda_allocator's
     workload = Workload(mode=Mode.TRAIN, batch_size=2, seq_len=128, device="cuda")
     model, tokenizer = memfit.load("tiny-llama")
     predicted = memfit.estimate(model, recipe, workload).peak_bytes
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     result = memfit.train(model, tokenizer, steps=3, batch=2, seq=128, recipe=recipe, device="cuda")
     assert result.peak_bytes[0] == pytest.approx(predicted, rel=0.01)
-    assert torch.cuda.max_memory_allocated() == pytest.approx(result.peak_bytes[0], rel=0.05)
 
 
 def test_cuda_out_of_memory_retries_with_a_smaller_micro_batch():
