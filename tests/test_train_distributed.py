@@ -79,3 +79,31 @@ def test_fsdp_on_two_ranks_shards_weights_gradients_and_optimizer_state(single, 
     ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, single.model.eval()(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_a_sharded_run_killed_while_writing_resumes_to_the_same_loss(tmp_path):
+    import signal
+
+    from memfit.train import checkpoint
+
+    args = [sys.executable, "-m", "memfit.cli.main", "train", "--model", "tiny-llama", "--steps", "6", "--batch", "4",
+            "--seq", "32", "--recipe", "fsdp", "--nproc", "2", "--save-every", "3", "--device", "cpu", "--json"]
+    run = lambda *extra: subprocess.run([*args, *extra], capture_output=True, text=True, timeout=600)  # noqa: E731
+    whole = run("--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    expected = json.loads(whole.stdout.strip().splitlines()[-1])["losses"]
+
+    killed = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env={**os.environ, checkpoint.STALL_ENV: "6"})
+    line = ""
+    while "stalled writing checkpoint 6" not in line:
+        line = killed.stderr.readline()
+        assert line or killed.poll() is None, "the run ended before stalling"
+    os.killpg(killed.pid, signal.SIGKILL)  # torchrun and both ranks
+    killed.wait()
+    # resuming restores the DTensor shards of the weights and of AdamW's moments on each rank
+    resumed = run("--out", str(tmp_path / "killed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    losses = json.loads(resumed.stdout.strip().splitlines()[-1])["losses"]
+    assert abs(losses[-1] - expected[-1]) <= 1e-5 * abs(expected[-1])

@@ -379,7 +379,10 @@ def _resume(root: Path, world, model, optimizer, scheduler, fingerprint) -> tupl
 
 
 def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Checkpoints hold each rank's local shards; torch's optimizers under FSDP2 keep DTensors."""
+    """Checkpoints hold each rank's local shards; torch's optimizers under FSDP2 keep DTensors
+    (memfit's own step local shards and say so with ``local_state``)."""
+    if getattr(optimizer, "local_state", False):
+        return
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed

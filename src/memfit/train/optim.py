@@ -125,6 +125,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW whose two moments are held as 8-bit codes, scaled per block of 256 elements.
 
+    Under FSDP2 it steps each rank's local shard, and its state is local tensors (``local_state``).
+
     Held per parameter of n elements (n >= 1024): 2n bytes of codes plus 8 bytes per block of 256
     (two fp32 scales), about 25.4% of fp32 AdamW's 8n. Smaller parameters keep fp32 moments. The
     update is AdamW's, computed in fp32 on a chunk of the parameter at a time (the moments are
@@ -143,6 +145,7 @@ class AdamW8bit(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
     ) -> None:
+        self.local_state = True
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid AdamW8bit settings: lr={lr}, betas={betas}, eps={eps}, wd={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -253,6 +256,7 @@ class MasterWeights(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[nn.Parameter], make, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
+        self.local_state = True  # fp32 copies of local shards
         self._make = make
         self.masters: list[nn.Parameter] = []
         self.inner: list[torch.optim.Optimizer] = []
@@ -330,6 +334,7 @@ class Adafactor(torch.optim.Optimizer):
         d: float = 1.0,
         weight_decay: float = 0.0,
     ) -> None:
+        self.local_state = True  # steps local shards under FSDP2, like AdamW8bit
         if lr < 0 or beta2_decay > 0 or d < 1 or weight_decay < 0:
             raise ValueError(f"invalid Adafactor settings: lr={lr}, beta2_decay={beta2_decay}, d={d}")
         super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay))
