@@ -138,10 +138,15 @@ def test_lora_on_an_int4_base_trains_bf16_adapters_and_leaves_the_base(make_tiny
     assert all(torch.equal(packed_before[n.replace(".base_layer", "")], b) for n, b in after.items())
 
 
-def test_packed_backward_matches_the_dequantized_layer(make_tiny):
+@pytest.mark.parametrize("chunk", [1 << 22, 8 * 64], ids=["whole", "8-rows-at-a-time"])
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.up_proj", "lm_head"])
+def test_packed_backward_matches_the_dequantized_layer(make_tiny, monkeypatch, chunk, name):
+    from memfit.strategies.quantize import packed
+
+    monkeypatch.setattr(packed, "BACKWARD_CHUNK", chunk)
     model, _ = make_tiny("tiny-llama")
     memfit.apply(model, "int4-g32")
-    layer = model.model.layers[0].mlp.up_proj
+    layer = model.get_submodule(name)
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
     weights = torch.randn(3, 5, layer.out_features)  # a linear loss: its input gradient is weights @ W
     (layer(x) * weights).sum().backward()

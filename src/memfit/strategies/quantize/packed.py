@@ -31,6 +31,7 @@ class PackedModule(nn.Module):
     """
 
     out_dtype: torch.dtype
+    row_slices = False  # whether `dequantize_rows` can read a block of rows alone
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -47,8 +48,13 @@ class PackedModule(nn.Module):
             self.bias = self.bias.to(dtype)
 
 
+BACKWARD_CHUNK = 1 << 22  # weights dequantized at once in backward (16 MiB in fp32)
+
+
 class _FrozenWeight(torch.autograd.Function):
-    """``module._linear(x)`` with the gradient for ``x`` only: dx = dy @ W, W dequantized in backward."""
+    """``module._linear(x)`` with the gradient for ``x`` only: dx = dy @ W, W dequantized in backward
+    a block of output rows at a time (about `BACKWARD_CHUNK` weights), so a large output head
+    (128k x 4096 in Llama 3) never exists in float at once."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, module: PackedModule) -> torch.Tensor:
@@ -57,8 +63,17 @@ class _FrozenWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        weight = ctx.module.dequantize(grad.dtype)  # [N, K], freed when this returns
-        return (grad @ weight).to(ctx.dtype), None
+        module = ctx.module
+        rows = module.out_features
+        step = max(1, BACKWARD_CHUNK // module.in_features)
+        if step >= rows or not module.row_slices:
+            return (grad @ module.dequantize(grad.dtype)).to(ctx.dtype), None
+        out = None
+        for first in range(0, rows, step):
+            last = min(rows, first + step)
+            part = grad[..., first:last] @ module.dequantize_rows(first, last, grad.dtype)
+            out = part if out is None else out.add_(part)
+        return out.to(ctx.dtype), None
 
 
 class Int8Linear(PackedModule):
@@ -90,6 +105,11 @@ class Int8Linear(PackedModule):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return kernels.dequantize_int8(self.qweight, self.scale, dtype)
+
+    row_slices = True
+
+    def dequantize_rows(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
+        return kernels.dequantize_int8(self.qweight[first:last], self.scale[first:last], dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -205,6 +225,14 @@ class Int4Linear(PackedModule):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return kernels.dequantize_int4(self.qweight, self.scale, self.zero_point, self.group_size, self.layout, dtype)
+
+    @property
+    def row_slices(self) -> bool:
+        return self.layout == PLAIN  # the CPU kernel's layout interleaves rows
+
+    def dequantize_rows(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
+        return kernels.dequantize_int4(self.qweight[first:last], self.scale[:, first:last],
+                                       self.zero_point[:, first:last], self.group_size, PLAIN, dtype)
 
     # Checkpoints hold the plain layout, so they load on any CPU (the kernel layout depends on the ISA).
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
