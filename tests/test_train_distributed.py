@@ -88,10 +88,8 @@ def test_a_sharded_run_killed_while_writing_resumes_to_the_same_loss(tmp_path):
 
     args = [sys.executable, "-m", "memfit.cli.main", "train", "--model", "tiny-llama", "--steps", "6", "--batch", "4",
             "--seq", "32", "--recipe", "fsdp", "--nproc", "2", "--save-every", "3", "--device", "cpu", "--json"]
-    run = lambda *extra: subprocess.run([*args, *extra], capture_output=True, text=True, timeout=600)  # noqa: E731
-    whole = run("--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    expected = json.loads(whole.stdout.strip().splitlines()[-1])["losses"]
+    # the uninterrupted reference in one process: sharded losses equal it to about 1e-7 (the test above)
+    expected = memfit.train("tiny-llama", steps=6, batch=4, seq=32, device="cpu").losses
 
     killed = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -103,7 +101,8 @@ def test_a_sharded_run_killed_while_writing_resumes_to_the_same_loss(tmp_path):
     os.killpg(killed.pid, signal.SIGKILL)  # torchrun and both ranks
     killed.wait()
     # resuming restores the DTensor shards of the weights and of AdamW's moments on each rank
-    resumed = run("--out", str(tmp_path / "killed"), "--resume")
+    resumed = subprocess.run([*args, "--out", str(tmp_path / "killed"), "--resume"], capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     losses = json.loads(resumed.stdout.strip().splitlines()[-1])["losses"]
     assert abs(losses[-1] - expected[-1]) <= 1e-5 * abs(expected[-1])
