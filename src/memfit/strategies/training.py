@@ -91,9 +91,35 @@ class Checkpointing(Strategy):
         return model
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _PrecisionTokens(Strategy):
+    """Training strategies spelled ``<precision>-<suffix>`` (``bf16-autocast``, ``bf16-master``)."""
+
+    suffix: ClassVar[str]
+
+    precision: Precision = Precision.BF16
+
+    @property
+    def token(self) -> str:
+        return f"{self.precision.value}-{self.suffix}"
+
+    @classmethod
+    def from_token(cls, token: str) -> _PrecisionTokens | None:
+        match = re.fullmatch(rf"(bf16|fp16)-{cls.suffix}", token)
+        return cls(precision=Precision(match.group(1))) if match else None
+
+    @classmethod
+    def examples(cls) -> list[Strategy]:
+        return [cls()]
+
+    @classmethod
+    def space(cls, workload: Workload) -> list[Strategy]:
+        return _training_only(cls, workload)
+
+
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Autocast(Strategy):
+class Autocast(_PrecisionTokens):
     """Mixed precision: the forward computes matmuls in bf16 (or fp16) while the weights stay as they are.
 
     Memory: activations saved for backward are half size. Weights, gradients and optimizer state
@@ -109,28 +135,10 @@ class Autocast(Strategy):
     """
 
     name = "autocast"
+    suffix = "autocast"
     phase = Phase.RUNTIME
     sqnr_floor_db = 20.0
     saves = frozenset({"activations"})
-
-    precision: Precision = Precision.BF16
-
-    @property
-    def token(self) -> str:
-        return f"{self.precision.value}-autocast"
-
-    @classmethod
-    def from_token(cls, token: str) -> Autocast | None:
-        match = re.fullmatch(r"(bf16|fp16)-autocast", token)
-        return cls(precision=Precision(match.group(1))) if match else None
-
-    @classmethod
-    def examples(cls) -> list[Strategy]:
-        return [cls()]
-
-    @classmethod
-    def space(cls, workload: Workload) -> list[Strategy]:
-        return _training_only(cls, workload)
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         # Bound methods (not closures), so copies of the model (`meta_copy`, deepcopy) autocast
@@ -256,7 +264,7 @@ class Optimizer(Strategy):
 
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MasterWeights(Strategy):
+class MasterWeights(_PrecisionTokens):
     """bf16 weights trained through fp32 master copies (``bf16-master``).
 
     The model's floating weights become bf16, so the forward and backward compute in bf16 and
@@ -268,29 +276,11 @@ class MasterWeights(Strategy):
     """
 
     name = "master-weights"
+    suffix = "master"
     phase = Phase.PRECISION
     conflicts = ("cast",)
     sqnr_floor_db = 20.0
     saves = frozenset({"parameters", "activations"})  # the masters are optimizer state
-
-    precision: Precision = Precision.BF16
-
-    @property
-    def token(self) -> str:
-        return f"{self.precision.value}-master"
-
-    @classmethod
-    def from_token(cls, token: str) -> MasterWeights | None:
-        match = re.fullmatch(r"(bf16|fp16)-master", token)
-        return cls(precision=Precision(match.group(1))) if match else None
-
-    @classmethod
-    def examples(cls) -> list[Strategy]:
-        return [cls()]
-
-    @classmethod
-    def space(cls, workload: Workload) -> list[Strategy]:
-        return _training_only(cls, workload)
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         from memfit.strategies.precision import Cast

@@ -109,6 +109,14 @@ class _Codebook:
         codes.copy_(self.table[keys])
 
 
+def _evaluate(closure: Any) -> Any:
+    """The loss a ``step(closure)`` returns: the closure run with gradients on, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _fake_mode(t: torch.Tensor):
     """The `FakeTensorMode` ``t`` belongs to (a prediction), or None for a real tensor."""
     from torch._subclasses.fake_tensor import FakeTensor
@@ -168,10 +176,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         books: dict[torch.device, tuple[_Codebook, _Codebook]] = {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -273,10 +278,7 @@ class MasterWeights(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         index = 0
         for group in self.param_groups:
             settings = {k: v for k, v in group.items() if k != "params"}
@@ -341,10 +343,7 @@ class Adafactor(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             lr, (eps1, eps2), d = group["lr"], group["eps"], group["d"]
             for p in group["params"]:
