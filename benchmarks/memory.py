@@ -3,7 +3,7 @@
 Three tables, in Markdown:
 
 1. For each workload of the acceptance grid: `memfit.estimate` (fake tensors, nothing allocated)
-   against `memfit.memory.profile` (the same code on real tensors, every allocation tracked): both
+   against `memfit.profile` (the same code on real tensors, every allocation tracked): both
    peaks, their relative difference, the worst relative difference over categories holding more
    than 1% of the peak, and the tracked bytes by category.
 2. For a few workloads, ``memfit profile --json`` in its own process: the process RSS growth
@@ -22,10 +22,10 @@ import sys
 import time
 
 import memfit
-from memfit.memory import profile
-from memfit.memory.estimate import max_batch_size
-from memfit.plan import Mode, Workload
+from memfit.estimate import max_batch_size
+from memfit.profile import profile
 from memfit.units import parse_bytes
+from memfit.workload import Mode, Workload
 
 GRID = [
     ("none", Workload(batch_size=1, seq_len=128)),

@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from memfit.data import eval_text, token_windows
-    from memfit.models.load import load
+    from memfit.io import load
 
     configs = [REFERENCE] if args.reference else [config_named(n) for n in args.config] or PEER_CONFIGS
     tokenizer = load(args.model)[1]

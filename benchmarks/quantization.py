@@ -35,10 +35,11 @@ def measure_recipe(model_ref: str, recipe: str, tokens: int, extra=None) -> dict
     """Quantize ``model_ref`` with ``recipe`` (streamed when calibrated) and measure it;
     ``extra(model)`` may add figures to the row."""
     import memfit
-    from memfit.calibration import calibration_windows
-    from memfit.calibration.memory import predict_calibration_memory
+    from memfit.compress import predict_calibration_memory
+    from memfit.data import calibration_windows
+    from memfit.io import load
     from memfit.memory.tracker import track
-    from memfit.models.load import load, load_lazy
+    from memfit.models.load import load_lazy
 
     plan = memfit.Plan() if recipe == "fp32" else memfit.Plan.parse(recipe)
     predicted = None
@@ -101,7 +102,7 @@ def run_all(args: argparse.Namespace) -> None:
 
 
 def _params(model_ref: str) -> int:
-    from memfit.models.load import load
+    from memfit.io import load
 
     return sum(p.numel() for p in load(model_ref)[0].parameters())
 

@@ -21,8 +21,8 @@ import time
 import torch
 
 import memfit
-from memfit.plan import Mode, Workload
 from memfit.units import format_bytes
+from memfit.workload import Mode, Workload
 
 RECIPES = [
     "none",  # fp32 weights, AdamW: the baseline

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import memfit
-from memfit.calibration.gptq import gptq_round
-from memfit.calibration.layerwise import calibrate_layers, capture_first_layer_inputs
+from memfit.strategies.layerwise import calibrate_layers, capture_first_layer_inputs
+from memfit.strategies.quantize.gptq import gptq_round
 from memfit.strategies.quantize.grids import quantize_int4_groups, quantize_int8_rows
 from memfit.testing import sqnr_db
 
@@ -24,7 +24,7 @@ def _int4_dequant(codes, scale, zero, group_size):
 
 @pytest.mark.parametrize(("act_order", "at_most"), [(True, 0.7), (False, 0.95)])
 def test_gptq_lowers_the_output_error_of_int4_groups(act_order, at_most):
-    from memfit.calibration.gptq import GptqSettings
+    from memfit.strategies.quantize.gptq import GptqSettings
 
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
     x = _correlated_inputs(2048, 256)
@@ -40,7 +40,7 @@ def test_gptq_lowers_the_output_error_of_int4_groups(act_order, at_most):
 
 
 def test_gptq_with_an_identity_hessian_is_round_to_nearest():
-    from memfit.calibration.gptq import GptqSettings
+    from memfit.strategies.quantize.gptq import GptqSettings
 
     weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(3))
     q, scale = quantize_int8_rows(weight)
@@ -98,8 +98,8 @@ def test_calibrated_recipe_without_calibration_text_says_how_to_get_it(make_tiny
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_awq_scales_fold_exactly_and_change_the_weights(make_tiny, name):
-    from memfit.calibration.awq import awq_scale_layer, scale_groups
-    from memfit.calibration.layerwise import capture_first_layer_inputs, run_layer
+    from memfit.strategies.layerwise import capture_first_layer_inputs, run_layer
+    from memfit.strategies.quantize.awq import awq_scale_layer, scale_groups
     from memfit.strategies.quantize.grids import fake_quantize_int4
 
     model, _ = make_tiny(name)
@@ -194,7 +194,7 @@ def test_streaming_never_holds_the_whole_float_model(make_tiny, tmp_path):
 ])
 @pytest.mark.parametrize("streamed", [False, True], ids=["loaded", "streamed"])
 def test_calibration_peak_is_predicted_within_10_percent(make_tiny, tmp_path, recipe, streamed):
-    from memfit.calibration.memory import predict_calibration_memory
+    from memfit.compress import predict_calibration_memory
     from memfit.memory.tracker import track
     from memfit.models.load import load_lazy
 

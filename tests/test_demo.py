@@ -61,8 +61,8 @@ def test_streamed_gptq_halves_the_rtn_loss_within_predicted_memory(fp32, outputs
     of round-to-nearest's perplexity increase, a tracked peak under 60% of the fp32 weights, and
     the peak predicted before the run within 10%."""
     import memfit
-    from memfit.calibration import calibration_windows
-    from memfit.calibration.memory import predict_calibration_memory
+    from memfit.compress import predict_calibration_memory
+    from memfit.data import calibration_windows
     from memfit.memory.tracker import track
     from memfit.models.load import load_lazy
 
@@ -91,7 +91,7 @@ def test_mixed_bits_beats_uniform_int4_inside_a_budget_between_int4_and_int8(dem
     import dataclasses
 
     import memfit
-    from memfit.calibration import calibration_windows
+    from memfit.data import calibration_windows
     from memfit.strategies import MixedBits
     from memfit.strategies.quantize.calibrated import Method
 
@@ -134,7 +134,7 @@ def test_predicted_memory_equals_tracked_memory(demo, recipe, workload):
     import copy
 
     import memfit
-    from memfit.memory.workload import profile
+    from memfit.profile import profile
 
     model = copy.deepcopy(demo[0])
     work = memfit.Workload.from_dict(workload)
@@ -149,8 +149,8 @@ def test_max_batch_size_under_1_gib_holds_when_run(demo):
     import copy
 
     import memfit
-    from memfit.memory.estimate import max_batch_size
-    from memfit.memory.workload import profile
+    from memfit.estimate import max_batch_size
+    from memfit.profile import profile
 
     recipe, budget = "bf16,sgd,checkpointing", 1 << 30
     work = memfit.Workload(mode=memfit.Mode.TRAIN, seq_len=256)

@@ -10,8 +10,8 @@ import copy
 import pytest
 
 import memfit
-from memfit.calibration import calibration_windows
-from memfit.calibration.memory import predict_calibration_memory
+from memfit.compress import predict_calibration_memory
+from memfit.data import calibration_windows
 from memfit.memory.report import weight_bytes
 from memfit.memory.tracker import track
 from memfit.models.arch import decoder_parts

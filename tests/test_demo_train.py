@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import memfit
-from memfit.plan import Mode, Workload
+from memfit.workload import Mode, Workload
 
 pytestmark = pytest.mark.slow
 

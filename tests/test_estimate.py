@@ -5,8 +5,8 @@ import torch
 
 import memfit
 from conftest import TINY_NAMES
-from memfit.memory.workload import profile
-from memfit.plan import Mode, Workload
+from memfit.profile import profile
+from memfit.workload import Mode, Workload
 
 WORKLOADS = {
     "infer": Workload(batch_size=2, seq_len=48),
@@ -50,7 +50,7 @@ def test_estimate_allocates_nothing_real(make_tiny):
 
 def test_max_batch_size_is_the_largest_that_fits(make_tiny):
     from memfit.errors import BudgetError
-    from memfit.memory.estimate import max_batch_size
+    from memfit.estimate import max_batch_size
 
     model, _ = make_tiny("tiny-llama")
     workload = Workload(mode=Mode.TRAIN, seq_len=32)
@@ -103,7 +103,7 @@ def test_bundled_llama_3_70b_training_step_is_predicted_in_seconds():
 
 @pytest.mark.parametrize("ref", ["llama-3-8b", "mistral-7b", "qwen2.5-7b"])
 def test_bundled_configs_predict_generation_from_shapes(ref):
-    from memfit.models.load import skeleton
+    from memfit.io import skeleton
 
     config = skeleton(ref).config
     report = memfit.estimate(ref, "bf16", Workload(mode=Mode.GENERATE, batch_size=2, seq_len=16, new_tokens=4))

@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import memfit
 from memfit.errors import OutputError
 from memfit.export import GgufKind, Int4Strategy, export_compressed_tensors, export_gguf
-from memfit.models.load import load_gguf
+from memfit.models.gguf import load_gguf
 from memfit.strategies.quantize import kernels
 from memfit.strategies.quantize.packed import Int4Linear, Int8Linear
 from memfit.strategies.quantize.rtn import int4_linear_from, int8_linear_from

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import memfit
-from memfit.memory.workload import profile
-from memfit.plan import Mode, Workload
+from memfit.profile import profile
+from memfit.workload import Mode, Workload
 
 pytestmark = [
     pytest.mark.gpu,

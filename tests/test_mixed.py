@@ -57,8 +57,8 @@ def test_measured_widths_fit_the_bits_and_are_recorded(make_tiny, bits):
 
 
 def test_sensitivity_finds_the_unit_that_was_made_fragile(make_tiny):
-    from memfit.calibration.sensitivity import unit_sensitivities
     from memfit.strategies.quantize.grids import fake_quantize_int4
+    from memfit.strategies.quantize.sensitivity import unit_sensitivities
 
     model, _ = make_tiny("tiny-llama")
     with torch.no_grad():  # one MLP with a few huge weights: 4-bit groups lose the small ones

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import memfit
-from memfit.calibration.sparsegpt import sparsegpt_prune
 from memfit.errors import RecipeError
 from memfit.memory.report import weight_bytes, weight_report
 from memfit.strategies.prune.masks import keep_mask, kept_per_row, magnitude_scores, wanda_scores
 from memfit.strategies.prune.packed import SparseLinear, pack_mask, unpack_mask
+from memfit.strategies.prune.sparsegpt import sparsegpt_prune
 from memfit.strategies.quantize.packed import Int4Linear, Int8Linear
 from memfit.strategies.quantize.rtn import int8_linear_from
 

@@ -9,8 +9,8 @@ from torch import nn
 
 import memfit
 from conftest import TINY_NAMES
-from memfit.memory.estimate import meta_copy
 from memfit.memory.report import weight_report
+from memfit.models.meta import meta_copy
 from memfit.strategies import strategy_classes
 from memfit.strategies.quantize.packed import Int4Linear, Int8Embedding, Int8Linear, PackedModule
 from memfit.strategies.training import LoRA
@@ -173,7 +173,7 @@ TRAINING_CATEGORIES = {"activations", "gradients", "optimizer_state"}
 @pytest.mark.parametrize(("cls", "strategy"), [e for e in EXAMPLES if e[0].saves & TRAINING_CATEGORIES],
                          ids=[s.token for c, s in EXAMPLES if c.saves & TRAINING_CATEGORIES])
 def test_training_strategies_shrink_what_they_claim(make_tiny, cls, strategy):
-    from memfit.memory.workload import profile
+    from memfit.profile import profile
 
     workload = memfit.Workload(mode=memfit.Mode.TRAIN, batch_size=2, seq_len=256)
     model, _ = make_tiny("tiny-llama")

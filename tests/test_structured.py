@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import memfit
 from conftest import TINY_NAMES
 from memfit.generation import _forward_keywords
-from memfit.memory.estimate import meta_copy
 from memfit.memory.report import weight_report
-from memfit.memory.workload import kv_cache, profile
 from memfit.models import tiny
+from memfit.models.meta import meta_copy
+from memfit.profile import kv_cache, profile
 from memfit.strategies import DropLayers, PruneHeads, PruneMlp
 from memfit.strategies.quantize.packed import Int8Linear
 

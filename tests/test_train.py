@@ -15,11 +15,11 @@ from torch import nn
 
 import memfit
 from memfit.cli.main import main
-from memfit.memory.workload import profile
-from memfit.plan import Mode, Workload
+from memfit.optim import BLOCK, Adafactor, AdamW8bit, _Codebook
+from memfit.profile import profile
 from memfit.strategies.quantize.packed import Int4Linear
 from memfit.train import checkpoint
-from memfit.train.optim import BLOCK, Adafactor, AdamW8bit, _Codebook
+from memfit.workload import Mode, Workload
 
 TRAIN = Workload(mode=Mode.TRAIN, batch_size=2, seq_len=64)
 RECIPES = ["none", "adamw-8bit", "adafactor", "sgd", "bf16-master", "bf16-autocast", "checkpointing",

@@ -13,7 +13,7 @@ import torch
 
 import memfit
 from memfit.cli.main import main
-from memfit.plan import Mode, Workload
+from memfit.workload import Mode, Workload
 
 STEPS, BATCH, SEQ = 20, 4, 32
 

@@ -64,9 +64,9 @@ def test_smoothing_token_round_trips():
 
 
 def test_smoothing_folds_exactly_and_evens_out_channels(make_tiny):
-    from memfit.calibration.awq import scale_groups
-    from memfit.calibration.layerwise import capture_first_layer_inputs, run_layer
-    from memfit.calibration.smooth import smooth_layer
+    from memfit.strategies.layerwise import capture_first_layer_inputs, run_layer
+    from memfit.strategies.quantize.awq import scale_groups
+    from memfit.strategies.quantize.smooth import smooth_layer
 
     model, _ = make_tiny("tiny-llama")
     with torch.no_grad():  # outlier channels, as trained models have
@@ -88,7 +88,7 @@ def test_smoothing_folds_exactly_and_evens_out_channels(make_tiny):
 
 
 def test_smoothing_cuts_the_w8a8_error_of_inputs_with_outlier_channels():
-    from memfit.calibration.smooth import smoothing_scale
+    from memfit.strategies.quantize.smooth import smoothing_scale
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 128, generator=gen)

@@ -1,8 +1,8 @@
 """memfit: fit large models into the memory you have.
 
-The verbs: `load` a model, `estimate` what a plan would hold, `apply` a plan, `evaluate` the
-result, `optimize` (search for the best plan under a budget), `train` (fine-tune under a budget)
-and `save`.
+The verbs: `load` a model, `estimate` what a plan would hold, `profile` what a workload holds,
+`apply` a plan, `evaluate` the result, `compress` (apply, measure, save in one streamed run),
+`optimize` (search for the best plan under a budget), `train` (fine-tune under a budget) and `save`.
 
 Example:
     >>> import memfit
@@ -14,6 +14,7 @@ Example:
 """
 
 from memfit import strategies  # noqa: F401  (registers every strategy)
+from memfit.compress import CompressResult, compress
 from memfit.errors import (
     BudgetError,
     CheckpointError,
@@ -23,63 +24,95 @@ from memfit.errors import (
     OutputError,
     RecipeError,
 )
+from memfit.estimate import estimate
 from memfit.evaluate import Metrics, evaluate
-from memfit.io import save
-from memfit.memory.estimate import estimate
+from memfit.io import load, save
 from memfit.memory.report import MemoryReport, weight_bytes
-from memfit.models.load import load
-from memfit.plan import Context, Mode, Plan, Workload, apply
+from memfit.plan import Plan, apply
 from memfit.planner.search import Candidate, OptimizeResult, optimize
+from memfit.profile import profile
 from memfit.strategies import (
     W8A8,
+    Autocast,
     Cast,
+    Checkpointing,
+    Distributed,
+    DropLayers,
     Fp8Weights,
+    GradAccum,
     Int4WeightOnly,
     Int8WeightOnly,
+    LoRA,
+    LowRank,
+    MasterWeights,
     MixedBits,
+    Optimizer,
     Precision,
+    Prune,
+    PruneHeads,
+    PruneMlp,
     Strategy,
     Targets,
 )
 
 # `memfit.train` is the function; its subpackage stays importable as `memfit.train.loop` etc.
-from memfit.train.loop import StepInfo, TrainResult, train  # noqa: E402
+from memfit.train.loop import StepInfo, TrainResult, train
+from memfit.workload import Context, Mode, Workload
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BudgetError",
-    "Candidate",
-    "Cast",
-    "CheckpointError",
-    "Context",
-    "DataError",
-    "Fp8Weights",
-    "Int4WeightOnly",
-    "Int8WeightOnly",
-    "MemfitError",
-    "MixedBits",
-    "MemoryReport",
-    "Metrics",
-    "Mode",
-    "ModelNotFoundError",
-    "OptimizeResult",
-    "OutputError",
-    "Plan",
-    "Precision",
-    "RecipeError",
-    "Strategy",
-    "Targets",
-    "W8A8",
-    "Workload",
+    # verbs
     "apply",
+    "compress",
     "estimate",
     "evaluate",
     "load",
     "optimize",
+    "profile",
     "save",
+    "train",
+    # plans, workloads, results
+    "Candidate",
+    "CompressResult",
+    "Context",
+    "MemoryReport",
+    "Metrics",
+    "Mode",
+    "OptimizeResult",
+    "Plan",
     "StepInfo",
     "TrainResult",
-    "train",
+    "Workload",
     "weight_bytes",
+    # strategies (every registered class; tests/test_strategies.py holds it)
+    "Autocast",
+    "Cast",
+    "Checkpointing",
+    "Distributed",
+    "DropLayers",
+    "Fp8Weights",
+    "GradAccum",
+    "Int4WeightOnly",
+    "Int8WeightOnly",
+    "LoRA",
+    "LowRank",
+    "MasterWeights",
+    "MixedBits",
+    "Optimizer",
+    "Precision",
+    "Prune",
+    "PruneHeads",
+    "PruneMlp",
+    "Strategy",
+    "Targets",
+    "W8A8",
+    # errors
+    "BudgetError",
+    "CheckpointError",
+    "DataError",
+    "MemfitError",
+    "ModelNotFoundError",
+    "OutputError",
+    "RecipeError",
 ]

@@ -83,3 +83,19 @@ def token_windows(tokenizer, text: str, num_tokens: int, window: int) -> torch.T
             f"the text has {len(ids)} tokens, fewer than one window of {window}", "pass a longer text"
         )
     return torch.tensor(ids[: num_windows * window], dtype=torch.long).view(num_windows, window)
+
+
+CALIBRATION_WINDOWS = 32
+CALIBRATION_WINDOW = 512
+
+
+def calibration_windows(
+    tokenizer, text: str | None = None, windows: int = CALIBRATION_WINDOWS, window: int = CALIBRATION_WINDOW
+) -> torch.Tensor:
+    """Token windows [windows, window] for calibration, from ``text`` or the built-in calibration
+    half (never the evaluation half).
+
+    Example:
+        >>> memfit.apply(model, "int4-g128-gptq", memfit.Context(calibration=calibration_windows(tokenizer)))
+    """
+    return token_windows(tokenizer, calibration_text() if text is None else text, windows * window, window)

@@ -24,7 +24,7 @@ from memfit.data import eval_text, token_windows
 from memfit.generation import cached_step
 from memfit.memory.report import weight_bytes
 from memfit.memory.rss import lifetime_peak_rss_bytes as peak_rss_bytes
-from memfit.plan import ProgressFn
+from memfit.workload import ProgressFn
 
 DEFAULT_TOKENS = 16_384
 WINDOW = 512

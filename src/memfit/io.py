@@ -1,4 +1,7 @@
-"""Saving and loading optimized models, atomically.
+"""Saving and loading models, atomically: `save`, and `load` for every kind of reference.
+
+`load(ref)` and `skeleton(ref)` read directories written by `save` here and hand every other
+reference (`memfit.models.refs.resolve`) to `memfit.models`.
 
 A saved model is a directory holding:
 - ``model.safetensors``: every tensor of the state dict once (tied names are recorded, not
@@ -33,11 +36,65 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from memfit.errors import CheckpointError, OutputError, RecipeError
-from memfit.plan import Context, Plan, apply
+from memfit.models.load import Loaded, load_pretrained
+from memfit.models.meta import meta_model
+from memfit.models.meta import skeleton as external_skeleton
+from memfit.models.refs import Ref, RefKind, resolve
+from memfit.plan import Plan, apply
+from memfit.workload import Context
 
 FORMAT_VERSION = 1
 MANIFEST = "memfit.json"
 WEIGHTS = "model.safetensors"
+
+
+def load(ref: str | Path | Ref) -> Loaded:
+    """Load a model and its tokenizer.
+
+    Args:
+        ref: a memfit output directory, a Hugging Face directory or hub id, a ``.gguf`` file,
+            ``"demo"``, ``"tiny-llama"`` or ``"tiny-qwen2"``.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        ModelNotFoundError: nothing matches ``ref``.
+        CheckpointError: a memfit directory is incomplete or corrupt.
+
+    Example:
+        >>> model, tokenizer = memfit.load("demo")
+    """
+    resolved = resolve(ref)
+    if resolved.kind is RefKind.SAVED:
+        return load_saved(resolved.path)
+    return load_pretrained(resolved)
+
+
+def skeleton(ref: str | Path | Ref) -> torch.nn.Module:
+    """The model ``ref`` names, on the meta device: its modules, shapes, dtypes and ties, no weights.
+
+    Only the config (and a memfit directory's recipe) is read, so this takes a second even for a
+    70B model.
+
+    Args:
+        ref: anything `load` accepts, a ``config.json`` path, or a bundled config name
+            (`memfit.models.refs.bundled_configs`: public architectures such as ``llama-3-70b``).
+            Bundled configs and bare config files give fp32 parameters (a recipe such as ``bf16``
+            changes that); a model directory gives the dtype `load` would, and a memfit
+            directory its saved recipe applied.
+
+    Raises:
+        ModelNotFoundError: nothing matches ``ref``, or its config cannot be read.
+
+    Example:
+        >>> memfit.estimate(skeleton("llama-3-70b"), "bf16").weight_bytes
+    """
+    resolved = resolve(ref)
+    if resolved.kind is RefKind.SAVED:
+        _, plan, config = read_recipe(resolved.path)
+        return apply(meta_model(config), plan, Context())
+    return external_skeleton(resolved)
 
 
 def save(

@@ -12,8 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from memfit.evaluate import Metrics
-from memfit.plan import ProgressFn
 from memfit.units import format_bytes
+from memfit.workload import ProgressFn
 
 # Tables keep their columns when stdout is a pipe or file (rich would otherwise assume 80 columns).
 stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 120)

@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from memfit.evaluate import evaluate
-    from memfit.models.load import load
+    from memfit.io import load
 
     text = options.eval_text_of(args)
     model, tokenizer = load(args.model)

@@ -64,7 +64,7 @@ plus "max_batch_size" with --budget"""
 
 
 def add_parser(subparsers) -> None:
-    from memfit.models.load import bundled_configs
+    from memfit.models.refs import bundled_configs
 
     for name, run, epilog, summary in (
         ("profile", run_profile, PROFILE_EPILOG, "measure the memory of a workload, by category and module"),
@@ -111,7 +111,8 @@ def _positive(text: str) -> int:
 
 def _plan_and_workload(args: argparse.Namespace):
     from memfit.errors import OutputError
-    from memfit.plan import Mode, Plan, Workload
+    from memfit.plan import Plan
+    from memfit.workload import Mode, Workload
 
     recipe = args.recipe if args.optimizer is None else f"{args.recipe},{args.optimizer}"
     plan = Plan.parse(recipe)  # bad recipes fail before anything is loaded
@@ -144,8 +145,8 @@ def _status(text: str):
 
 
 def run_estimate(args: argparse.Namespace) -> int:
-    from memfit.memory.estimate import estimate, max_batch_size
-    from memfit.models.load import skeleton
+    from memfit.estimate import estimate, max_batch_size
+    from memfit.io import skeleton
     from memfit.units import format_bytes, parse_bytes
 
     plan, workload = _plan_and_workload(args)
@@ -165,12 +166,13 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 
 def run_profile(args: argparse.Namespace) -> int:
+    from memfit.io import load
     from memfit.memory.report import weight_bytes
     from memfit.memory.rss import RssWatch, make_resident, return_freed_memory
-    from memfit.memory.workload import profile
-    from memfit.models.load import load
-    from memfit.plan import Context, apply
+    from memfit.plan import apply
+    from memfit.profile import profile
     from memfit.units import format_bytes
+    from memfit.workload import Context
 
     plan, workload = _plan_and_workload(args)
     return_freed_memory()  # so RSS follows live tensors, not the allocator's history

@@ -41,8 +41,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memfit.io import check_output_dir, save
-    from memfit.models.load import load
+    from memfit.io import check_output_dir, load, save
     from memfit.planner.report import candidate_rows, write_reports
     from memfit.planner.search import optimize
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
-from memfit.calibration.layerwise import CALIBRATION_WINDOW, CALIBRATION_WINDOWS
-from memfit.data import read_text
+from memfit.data import CALIBRATION_WINDOW, CALIBRATION_WINDOWS, read_text
 from memfit.evaluate import DEFAULT_TOKENS
 
 
@@ -41,7 +41,25 @@ def calibration_of(args: argparse.Namespace, tokenizer, plan=None):
     is given and needs none."""
     if plan is not None and not plan.needs_calibration:
         return None
-    from memfit.calibration.layerwise import calibration_windows
+    from memfit.data import calibration_windows
 
     text = None if args.calibration_text is None else read_text(args.calibration_text)
     return calibration_windows(tokenizer, text, args.calibration_windows, CALIBRATION_WINDOW)
+
+
+def token_help(width: int = 96, column: int = 24) -> str:
+    """Every registered strategy's token forms and summary, for an epilog (from the registry, so a
+    new strategy shows up by itself)."""
+    from memfit.strategies.registry import token_families
+
+    lines = ["recipe tokens (comma-separated, or a .json/.yaml recipe file; CAPITALS are numbers or names):"]
+    for forms, summary in token_families():
+        names = ", ".join(forms.split("|"))
+        body = textwrap.wrap(summary, width - column)
+        if len(names) + 2 > column - 2:  # the forms get a line of their own
+            lines.append(f"  {names}")
+            lines += [" " * column + part for part in body]
+        else:
+            lines.append(f"  {names:<{column - 2}}{body[0]}")
+            lines += [" " * column + part for part in body[1:]]
+    return "\n".join(lines)

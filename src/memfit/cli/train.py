@@ -110,18 +110,19 @@ def run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> None:
     """Reject bad input before starting processes (each would report it, with torchrun's traceback)."""
     from memfit.data import read_text
-    from memfit.models.load import check_ref
-    from memfit.plan import Mode, Plan, Workload
+    from memfit.models.refs import resolve_loadable
+    from memfit.plan import Plan
     from memfit.strategies.training import micro_batches
     from memfit.train.distributed import device_type
     from memfit.train.loop import check_run_dir
+    from memfit.workload import Mode, Workload
 
     plan = Plan.parse(args.recipe)
     micro_batches(plan, Workload(mode=Mode.TRAIN, batch_size=args.batch, seq_len=args.seq, ranks=args.nproc))
     device_type(args.device)
     if args.data != "builtin":
         read_text(args.data)
-    check_ref(str(args.model))
+    resolve_loadable(str(args.model))
     check_run_dir(args.out, args.resume)
     if args.budget is not None:
         from memfit.units import parse_bytes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from memfit.cli import console
+from memfit.cli import console, options
 
 EPILOG = """\
 examples:
@@ -13,12 +13,10 @@ examples:
 
 
 def add_parser(subparsers) -> None:
-    from memfit.strategies import known_tokens
-
     parser = subparsers.add_parser(
         "validate", help="check a recipe and print it in full",
-        description=__doc__.split("``: ")[1] + f"\n\nknown tokens: {', '.join(known_tokens())}",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("``: ")[1], epilog=options.token_help() + "\n\n" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("recipe", metavar="RECIPE", help="comma-separated tokens or a .json/.yaml file")
     parser.add_argument("--yaml", action="store_true", help="print YAML instead of JSON")

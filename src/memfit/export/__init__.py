@@ -28,15 +28,12 @@ FORMATS = ("memfit", "compressed-tensors", *(f"gguf-{kind.value.lower()}" for ki
 """What ``memfit compress --format`` writes: memfit's own directory, or one of the exports."""
 
 
-# strategies whose layers (kept values plus a bitmask, two factors) neither format can describe
-UNEXPORTABLE = ("prune", "lowrank")
-
 
 def check_target(fmt: str, out: str | Path, plan: Plan | None = None) -> None:
     """Fail now (`memfit.errors.OutputError`) if exporting ``plan``'s result as ``fmt`` to ``out``
     cannot work."""
     for strategy in plan.strategies if plan is not None else ():
-        if strategy.name in UNEXPORTABLE:
+        if not strategy.exportable:  # kept values plus a bitmask, two factors: neither format has them
             raise OutputError(
                 f"{fmt} cannot hold the layers {strategy.token!r} makes (sparse or factored Linears)",
                 "save in memfit's format (--format memfit), or use structured pruning (prune-mlp-25), "

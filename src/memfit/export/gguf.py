@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from memfit.errors import OutputError
+from memfit.models.arch import LAYOUTS, Layout
 from memfit.strategies.quantize.packed import PackedModule
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,10 @@ _TYPES = {
 @dataclasses.dataclass(frozen=True)
 class _Arch:
     name: str  # llama.cpp's architecture name: general.architecture and the metadata key prefix
-    permute_qk: bool  # llama.cpp runs llama's rotary on interleaved pairs, qwen2's (NEOX) on halves
+    layout: Layout  # layer names, and whether llama.cpp's rotary pairs adjacent rows (q/k permuted)
 
 
-_ARCHS = {"llama": _Arch("llama", permute_qk=True), "qwen2": _Arch("qwen2", permute_qk=False)}
+_ARCHS = {name: _Arch(name, LAYOUTS[name]) for name in ("llama", "qwen2")}
 
 # The Hugging Face pre-tokenizer's shape -> llama.cpp's tokenizer.ggml.pre (how text is split before BPE).
 _PRE_TOKENIZERS = {
@@ -230,9 +231,9 @@ def _float_tensors(model: torch.nn.Module, arch: _Arch, config: Any) -> Iterator
             tensors = list(module.named_parameters(recurse=False))
         for leaf, tensor in tensors:
             tensor = tensor.detach().float()
-            if arch.permute_qk and fqn.endswith("q_proj"):
+            if arch.layout.rotary_pairs and fqn.endswith(arch.layout.q):
                 tensor = _permute_rows(tensor, heads)
-            elif arch.permute_qk and fqn.endswith("k_proj"):
+            elif arch.layout.rotary_pairs and fqn.endswith(arch.layout.k):
                 tensor = _permute_rows(tensor, kv_heads)
             yield f"{fqn}.{leaf}", tensor.contiguous()
 

@@ -1,10 +1,10 @@
-"""Memory accounting: live tracking (`track`), measured workloads (`profile`), reports (`MemoryReport`).
+"""Measurement primitives: live tracking (`track`), reports (`MemoryReport`), process RSS, rendering.
 
-Prediction is `memfit.estimate`, which runs the same workload code on fake tensors.
+Measured workloads are `memfit.profile`; prediction is `memfit.estimate`, which runs the same
+workload code on fake tensors under the same tracker.
 """
 
 from memfit.memory.report import CATEGORIES, MemoryReport, weight_bytes, weight_report
 from memfit.memory.tracker import Tracker, track
-from memfit.memory.workload import profile
 
-__all__ = ["CATEGORIES", "MemoryReport", "Tracker", "profile", "track", "weight_bytes", "weight_report"]
+__all__ = ["CATEGORIES", "MemoryReport", "Tracker", "track", "weight_bytes", "weight_report"]

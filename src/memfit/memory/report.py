@@ -1,7 +1,7 @@
 """`MemoryReport`: the one type for predicted and measured memory, and weight byte counting.
 
 A report holds the peak, what was live at the peak by category, the bytes each module allocated
-and (for workloads) a timeline; `memfit.estimate` and `memfit.memory.profile` both return one, so
+and (for workloads) a timeline; `memfit.estimate` and `memfit.profile` both return one, so
 predictions and measurements compare field by field.
 """
 

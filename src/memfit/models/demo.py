@@ -80,7 +80,7 @@ def _fetch_gguf(workdir: Path) -> Path:
 
 
 def _convert(gguf: Path, out: Path) -> None:
-    from memfit.models.load import load_gguf
+    from memfit.models.gguf import load_gguf
 
     log.info("dequantizing %s to fp32 safetensors (once)", gguf.name)
     model, tokenizer = load_gguf(gguf)

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 
 from memfit.errors import BudgetError
+from memfit.estimate import estimate
 from memfit.evaluate import DEFAULT_TOKENS, Metrics, evaluate
-from memfit.memory.estimate import estimate
 from memfit.memory.report import weight_bytes
-from memfit.plan import Context, Plan, ProgressFn, Workload, apply
+from memfit.plan import Plan, apply
 from memfit.planner.space import budget_plans, candidate_plans
 from memfit.strategies.base import Phase
 from memfit.units import format_bytes, parse_budget
+from memfit.workload import Context, ProgressFn, Workload
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def optimize(
     _skip_needless_structure(fitting)
     fitting = [c for c in fitting if c.skipped is None]
     if calibration is None and any(c.plan.needs_calibration for c in fitting):
-        from memfit.calibration import calibration_windows
+        from memfit.data import calibration_windows
 
         calibration = calibration_windows(tokenizer)
     evaluate_kw = dict(text=text, num_tokens=num_tokens, measure_speed=measure_speed)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import itertools
 
 from memfit.errors import RecipeError
-from memfit.plan import Plan, Workload
+from memfit.plan import Plan
 from memfit.strategies.base import Phase, Strategy
 from memfit.strategies.registry import strategy_classes
+from memfit.workload import Workload
 
 
 def candidate_plans(workload: Workload | None = None) -> list[Plan]:

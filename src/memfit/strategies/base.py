@@ -16,7 +16,7 @@ from memfit.errors import RecipeError
 if TYPE_CHECKING:
     from torch import nn
 
-    from memfit.plan import Context, Workload
+    from memfit.workload import Context, Workload
 
 
 class Phase(enum.IntEnum):
@@ -55,6 +55,12 @@ class Strategy:
             so a model rebuilt from a saved config already has it and loading skips it.
         train_only: the strategy only changes how training runs (optimizer, accumulation,
             checkpointing, processes), not the model a saved directory holds; loading skips it.
+        exportable: the layers it makes are ones other formats describe (packed integers, plain
+            Linears); False for memfit's own layouts (kept values plus a bitmask, low-rank
+            factors), which `memfit.export` refuses before any work.
+        forms: the token grammar, as documented (``int4-gN[-awq][-gptq]``): placeholders in
+            capitals, optional parts in brackets, alternatives separated by ``|``.
+        summary: one line on what it does, for ``--help`` and error messages.
     """
 
     name: ClassVar[str]
@@ -66,6 +72,9 @@ class Strategy:
     order: ClassVar[int] = 0
     in_config: ClassVar[bool] = False
     train_only: ClassVar[bool] = False
+    exportable: ClassVar[bool] = True
+    forms: ClassVar[str]
+    summary: ClassVar[str]
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Change ``model`` in place and return it. Must also work on meta tensors."""

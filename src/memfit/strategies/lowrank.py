@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from memfit.calibration.layerwise import InputStatistics, LayerInputs, calibrate_layers, run_layer
 from memfit.errors import RecipeError
-from memfit.models.arch import decoder_parts
+from memfit.models.arch import LLAMA, decoder_parts
 from memfit.strategies.base import Phase, Strategy, register_field_type
+from memfit.strategies.layerwise import InputStatistics, LayerInputs, calibrate_layers, run_layer
 from memfit.strategies.quantize.calibrated import has_values
 from memfit.strategies.quantize.walk import set_submodule
 from memfit.strategies.registry import register
 from memfit.strategies.targets import Targets
 
 if TYPE_CHECKING:
-    from memfit.plan import Context, Workload
+    from memfit.workload import Context, Workload
 
 _TOKEN = re.compile(r"lowrank-(mlp|attn|all)-(?:(\d+)|e(\d+(?:\.\d+)?))(-act)?")
 _TOKEN_HELP = (
@@ -196,7 +196,7 @@ class Scope(enum.Enum):
     ALL = "all"
 
 
-_SCOPE_CHILDREN = {Scope.MLP: ("mlp",), Scope.ATTN: ("self_attn",), Scope.ALL: ("self_attn", "mlp")}
+_SCOPE_CHILDREN = {Scope.MLP: (LLAMA.mlp,), Scope.ATTN: (LLAMA.attention,), Scope.ALL: (LLAMA.attention, LLAMA.mlp)}
 
 
 @register
@@ -232,6 +232,12 @@ class LowRank(Strategy):
     """
 
     name = "lowrank"
+    forms = "lowrank-S-P[-act]|lowrank-S-eE[-act]"
+    summary = (
+        "low-rank factors (truncated SVD) of the decoder Linears of scope S (mlp, attn, all), P% of the "
+        "parameters or E% of the energy; -act whitens by calibration inputs"
+    )
+    exportable = False
     phase = Phase.STRUCTURE
     order = 3
     in_config = False

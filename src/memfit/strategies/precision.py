@@ -19,7 +19,7 @@ from memfit.strategies.quantize.packed import PackedModule
 from memfit.strategies.registry import register
 
 if TYPE_CHECKING:
-    from memfit.plan import Context, Workload
+    from memfit.workload import Context, Workload
 
 
 @register_field_type
@@ -48,6 +48,8 @@ class Cast(Strategy):
     """
 
     name = "cast"
+    forms = "bf16|fp16"
+    summary = "cast what is still floating point"
     phase = Phase.PRECISION
     sqnr_floor_db = 20.0
 

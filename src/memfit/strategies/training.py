@@ -19,16 +19,16 @@ from torch import nn
 
 from memfit.errors import RecipeError
 from memfit.strategies.base import Phase, Strategy, register_field_type
+from memfit.strategies.lora import inject
 from memfit.strategies.precision import Precision
 from memfit.strategies.registry import register
+from memfit.workload import Mode
 
 if TYPE_CHECKING:
-    from memfit.plan import Context, Workload
+    from memfit.workload import Context, Workload
 
 
 def _training_only(cls: type[Strategy], workload: Workload) -> list[Strategy]:
-    from memfit.plan import Mode
-
     return cls.examples() if workload.mode is Mode.TRAIN else []
 
 
@@ -48,6 +48,8 @@ class Checkpointing(Strategy):
     """
 
     name = "checkpointing"
+    forms = "checkpointing[-K]"
+    summary = "training: recompute every (K-th) decoder layer's activations in backward"
     phase = Phase.RUNTIME
     saves = frozenset({"activations"})
     train_only = True
@@ -135,6 +137,8 @@ class Autocast(_PrecisionTokens):
     """
 
     name = "autocast"
+    forms = "bf16-autocast|fp16-autocast"
+    summary = "training: the forward computes in bf16/fp16, weights stay as they are"
     suffix = "autocast"
     phase = Phase.RUNTIME
     sqnr_floor_db = 20.0
@@ -209,7 +213,7 @@ class Optimizer(Strategy):
 
     Memory per trainable parameter of n elements, for fp32 parameters: AdamW (default) two fp32
     moments, 8n bytes; 8-bit AdamW two 8-bit codes plus a scale per 256, about 2.03n
-    (`memfit.train.optim.AdamW8bit`); Adafactor factored second moments, R + C numbers for an
+    (`memfit.optim.AdamW8bit`); Adafactor factored second moments, R + C numbers for an
     R x C matrix and no first moment; SGD with momentum one buffer, 4n. Quality: the optimizer
     changes how training converges, not what the model is; tests check 8-bit AdamW's loss against
     fp32 AdamW's.
@@ -219,6 +223,8 @@ class Optimizer(Strategy):
     """
 
     name = "optimizer"
+    forms = "adamw|adamw-8bit|adafactor|sgd"
+    summary = "training: the optimizer, and so the state it holds"
     phase = Phase.RUNTIME
     saves = frozenset({"optimizer_state"})
     train_only = True
@@ -251,7 +257,7 @@ class Optimizer(Strategy):
         """The optimizer over ``params``. torch's optimizers run with ``foreach=False``: the
         per-parameter loop, whose temporaries are one parameter's size (the foreach path's depend
         on grouping heuristics)."""
-        from memfit.train import optim
+        from memfit import optim
 
         if self.kind is OptimizerKind.SGD:
             return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=False)
@@ -269,13 +275,15 @@ class MasterWeights(_PrecisionTokens):
 
     The model's floating weights become bf16, so the forward and backward compute in bf16 and
     gradients are bf16; the optimizer keeps an fp32 copy of each parameter, steps it in fp32 and
-    writes it back rounded (`memfit.train.optim.MasterWeights`). Memory per parameter: 2 (bf16
+    writes it back rounded (`memfit.optim.MasterWeights`). Memory per parameter: 2 (bf16
     weight) + 2 (bf16 gradient) + 4 (master) + the optimizer's state over fp32; activations are
     half of fp32's. Quality: updates accumulate in fp32, so small steps are not lost to bf16
     rounding (pure bf16 training loses them).
     """
 
     name = "master-weights"
+    forms = "bf16-master|fp16-master"
+    summary = "training: bf16/fp16 weights stepped through fp32 master copies"
     suffix = "master"
     phase = Phase.PRECISION
     conflicts = ("cast",)
@@ -306,6 +314,8 @@ class LoRA(Strategy):
     """
 
     name = "lora"
+    forms = "lora-R[-aA]"
+    summary = "training: LoRA adapters of rank R (scale A / R) on the decoder Linears, the rest frozen"
     phase = Phase.RUNTIME
     order = 1  # after the model's own runtime switches, so adapters see the final modules
     # gradients shrink too, but the peak of a step comes before they accumulate
@@ -341,8 +351,6 @@ class LoRA(Strategy):
         return _training_only(cls, workload)
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
-        from memfit.train.lora import inject
-
         inject(model, self.rank, self.alpha)
         return model
 
@@ -361,6 +369,8 @@ class GradAccum(Strategy):
     """
 
     name = "grad-accum"
+    forms = "grad-accum-N"
+    summary = "training: N micro-batches per optimizer step"
     phase = Phase.RUNTIME
     saves = frozenset({"activations"})
     train_only = True
@@ -390,7 +400,7 @@ class GradAccum(Strategy):
 
     @classmethod
     def space(cls, workload: Workload) -> list[Strategy]:
-        return [cls()] if workload.mode.value == "train" and workload.batch_size % 2 == 0 else []
+        return [cls()] if workload.mode is Mode.TRAIN and workload.batch_size % 2 == 0 else []
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         return model  # `memfit.train` and the train workload read it from the plan
@@ -422,6 +432,8 @@ class Distributed(Strategy):
     """
 
     name = "distributed"
+    forms = "ddp|fsdp"
+    summary = "training over torchrun processes: data-parallel, or sharded with FSDP2"
     phase = Phase.RUNTIME
     # what it saves is per rank, with several processes (tests/test_train_distributed.py); in
     # one process it changes nothing
@@ -447,7 +459,7 @@ class Distributed(Strategy):
 
     @classmethod
     def space(cls, workload: Workload) -> list[Strategy]:
-        return [cls(kind=Parallelism.FSDP)] if workload.mode.value == "train" and workload.ranks > 1 else []
+        return [cls(kind=Parallelism.FSDP)] if workload.mode is Mode.TRAIN and workload.ranks > 1 else []
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         return model  # `memfit.train` wraps the model once the process group exists
@@ -482,7 +494,7 @@ def build_optimizer(model: nn.Module, lr: float = 0.0) -> torch.optim.Optimizer:
     chosen = find(plan, Optimizer) or Optimizer()
     params = [p for p in model.parameters() if p.requires_grad]
     if find(plan, MasterWeights) is not None:
-        from memfit.train.optim import MasterWeights as MasterOptimizer
+        from memfit.optim import MasterWeights as MasterOptimizer
 
         return MasterOptimizer(params, lambda ps, group: chosen.build(ps, group["lr"]), {"lr": lr})
     return chosen.build(params, lr)

@@ -12,7 +12,6 @@ on each of 2 nodes::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -20,23 +19,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from memfit.errors import RecipeError
-from memfit.strategies.training import Parallelism
+from memfit.parallel import World, wrap
 
-
-@dataclasses.dataclass(frozen=True)
-class World:
-    """This process's place: rank, how many ranks, and its device."""
-
-    rank: int = 0
-    size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+__all__ = ["World", "device_type", "gather_int", "join", "launch", "leave", "mean", "planned_ranks", "wrap"]
 
 
 def under_torchrun() -> bool:
@@ -84,33 +71,6 @@ def join(device: str | None = None) -> World:
 def leave() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and "Layer" in type(module[0]).__name__:
-            return list(module)
-    return []
-
-
-def wrap(model: nn.Module, kind: Parallelism | None, world: World, mesh=None) -> nn.Module:
-    """The model to train: DDP-wrapped, FSDP2-sharded in place (each decoder layer, then the
-    root) over ``mesh`` (default: all ranks), or itself for a single process."""
-    if world.size == 1 or kind is None:
-        return model
-    if kind is Parallelism.DDP:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [world.device.index] if world.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = mesh or init_device_mesh(world.device.type, (world.size,))
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
 
 
 def mean(value: float, world: World) -> float:

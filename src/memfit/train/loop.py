@@ -24,7 +24,7 @@ from torch import nn
 from memfit.errors import BudgetError, CheckpointError, OutputError, RecipeError
 from memfit.memory.report import MemoryReport
 from memfit.memory.tracker import track
-from memfit.plan import Context, Mode, Plan, ProgressFn, Workload, apply
+from memfit.plan import Plan, apply
 from memfit.strategies.training import (
     Distributed,
     GradAccum,
@@ -37,6 +37,7 @@ from memfit.strategies.training import (
 from memfit.train import checkpoint, distributed
 from memfit.train.data import TokenWindows, training_windows
 from memfit.units import format_bytes, parse_bytes
+from memfit.workload import Context, Mode, ProgressFn, Workload
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, bud
     _seed(seed)
     reference = model if isinstance(model, (str, Path)) else None
     if reference is not None:
-        from memfit.models.load import load
+        from memfit.io import load
 
         model, tokenizer = load(str(reference))
     elif tokenizer is None:
@@ -194,7 +195,7 @@ def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, bud
 
     calibration = None
     if plan.needs_calibration:
-        from memfit.calibration.layerwise import calibration_windows
+        from memfit.data import calibration_windows
 
         calibration = calibration_windows(tokenizer)
     _seed(seed)  # LoRA's initial A does not depend on what loading drew
@@ -320,7 +321,7 @@ def fit_micro_batch(model: nn.Module, plan: Plan, workload: Workload, budget: in
     Raises:
         BudgetError: even one sequence per micro-batch does not fit.
     """
-    from memfit.memory.estimate import estimate
+    from memfit.estimate import estimate
 
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     per_rank = workload.batch_size // workload.ranks
@@ -409,7 +410,7 @@ def _save(model, tokenizer, plan: Plan, out: Path, world, reference, calibration
             return target
         if reference is None:
             raise RecipeError("saving an FSDP run needs the model reference", "pass the model as a reference string")
-        from memfit.models.load import load
+        from memfit.io import load
 
         model, _ = load(str(reference))
         apply(model, plan, Context(calibration=calibration))

@@ -17,21 +17,21 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from memfit.calibration.layerwise import InputStatistics, calibrate_layers, observe_inputs, run_layer
-from memfit.calibration.sparsegpt import sparsegpt_prune
 from memfit.errors import RecipeError
 from memfit.models.arch import decoder_parts
 from memfit.strategies.base import Phase, Strategy, register_field_type
+from memfit.strategies.layerwise import InputStatistics, calibrate_layers, observe_inputs, run_layer
 from memfit.strategies.prune.masks import keep_mask, kept_per_row, magnitude_scores, wanda_scores
 from memfit.strategies.prune.packed import SparseLinear
+from memfit.strategies.prune.sparsegpt import sparsegpt_prune
 from memfit.strategies.quantize.calibrated import has_values
 from memfit.strategies.quantize.walk import set_submodule
 from memfit.strategies.registry import register
 from memfit.strategies.targets import Targets
 
 if TYPE_CHECKING:
-    from memfit.calibration.layerwise import LayerInputs
-    from memfit.plan import Context, Workload
+    from memfit.strategies.layerwise import LayerInputs
+    from memfit.workload import Context, Workload
 
 
 @register_field_type
@@ -71,6 +71,12 @@ class Prune(Strategy):
     """
 
     name = "prune"
+    forms = "prune-P-METHOD|prune-NofM-METHOD"
+    summary = (
+        "unstructured (P%) or N:M pruning of the decoder Linears, METHOD magnitude, wanda or sparsegpt; kept "
+        "values plus a bitmask"
+    )
+    exportable = False
     phase = Phase.STRUCTURE
     order = 4
     conflicts = ("mixed-bits", "w8a8")  # both choose per Linear from dense weights and inputs

@@ -24,21 +24,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memfit.calibration.layerwise import calibrate_layers, observe_inputs
 from memfit.errors import RecipeError
-from memfit.models.arch import decoder_parts
+from memfit.models.arch import LLAMA, decoder_parts
 from memfit.strategies.base import Phase, Strategy
+from memfit.strategies.layerwise import calibrate_layers, observe_inputs
 from memfit.strategies.quantize.calibrated import has_values
 from memfit.strategies.registry import register
+from memfit.workload import Mode
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from memfit.calibration.layerwise import LayerInputs
-    from memfit.plan import Context, Workload
+    from memfit.strategies.layerwise import LayerInputs
+    from memfit.workload import Context, Workload
 
-_MLP = ("mlp", ("gate_proj", "up_proj", "down_proj"))
-_ATTENTION = ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))
+_MLP = (LLAMA.mlp, LLAMA.mlp_linears)
+_ATTENTION = (LLAMA.attention, LLAMA.attention_linears)
 
 LayerPrune = Callable[[int, nn.Module, "LayerInputs | None"], None]
 """``prune(index, layer, inputs)``: shrink one decoder layer; ``inputs`` is None on meta tensors."""
@@ -188,6 +189,8 @@ class PruneMlp(_ShrinkShare):
     """
 
     name = "prune-mlp"
+    forms = "prune-mlp-P"
+    summary = "structured: remove P% of the MLP channels (smaller Linears, plain HF checkpoint)"
     order = 2
     sqnr_floor_db = 15.0  # tiny models: 23.6 dB (Llama), 22.5 dB (Qwen2) at 25%
 
@@ -251,6 +254,8 @@ class PruneHeads(_ShrinkShare):
     """
 
     name = "prune-heads"
+    forms = "prune-heads-P"
+    summary = "structured: remove P% of the attention heads as whole key/value groups"
     order = 1
     sqnr_floor_db = 5.0  # tiny models: 7.1 dB (Llama), 7.6 dB (Qwen2) at 50%
 
@@ -262,8 +267,6 @@ class PruneHeads(_ShrinkShare):
     def space(cls, workload: Workload) -> list[Strategy]:
         # on weights alone prune-mlp-25 saves more for less perplexity (docs/benchmarks.md); heads
         # are worth it where the KV cache counts, in generation
-        from memfit.plan import Mode
-
         return [cls(percent=25)] if workload.mode is Mode.GENERATE else []
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
@@ -349,6 +352,8 @@ class DropLayers(_Shrink):
     """
 
     name = "drop-layers"
+    forms = "drop-layers-N"
+    summary = "structured: remove the N decoder layers that change their input least"
     order = 0
     sqnr_floor_db = 4.0  # tiny models, one of two layers: 6.2 dB (Llama), 6.3 dB (Qwen2)
 

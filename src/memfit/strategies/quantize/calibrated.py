@@ -1,7 +1,7 @@
 """Calibrated quantization: decoder layers processed one at a time on calibration activations.
 
-`calibrated_layers_` drives AWQ-style scaling (`memfit.calibration.awq`) and GPTQ
-(`memfit.calibration.gptq`) for any strategy that supplies the per-Linear quantizers; a streamed
+`calibrated_layers_` drives AWQ-style scaling (`memfit.strategies.quantize.awq`) and GPTQ
+(`memfit.strategies.quantize.gptq`) for any strategy that supplies the per-Linear quantizers; a streamed
 model (``Context.source``) is read from its checkpoint layer by layer.
 """
 
@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from memfit.calibration.awq import ScaleGroup, scale_groups
-from memfit.calibration.layerwise import InputStatistics, LayerInputs, calibrate_layers, run_layer
 from memfit.models.arch import decoder_parts
 from memfit.strategies.base import register_field_type
+from memfit.strategies.layerwise import InputStatistics, LayerInputs, calibrate_layers, run_layer
+from memfit.strategies.quantize.awq import ScaleGroup, scale_groups
 from memfit.strategies.quantize.packed import Int8Linear
 from memfit.strategies.quantize.walk import pack_embeddings_, set_submodule
 
 if TYPE_CHECKING:
-    from memfit.plan import Context
     from memfit.strategies.targets import Targets
+    from memfit.workload import Context
 
 
 @register_field_type

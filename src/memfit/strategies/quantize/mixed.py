@@ -3,7 +3,7 @@
 A byte budget buys the most quality when the bytes go where rounding hurts most. `MixedBits`
 measures, on calibration text, how much the model's outputs move when each unit (one decoder
 layer's attention projections, or its MLP) alone is rounded to 4 bits
-(`memfit.calibration.sensitivity`), then spends the budget greedily: starting from all-int4, it
+(`memfit.strategies.quantize.sensitivity`), then spends the budget greedily: starting from all-int4, it
 widens the unit with the largest drop in divergence per extra byte, to int8 or to float, until
 the next widening would not fit.
 """
@@ -19,17 +19,20 @@ import torch
 from torch import nn
 
 from memfit.errors import RecipeError
+from memfit.memory.report import weight_bytes
 from memfit.models.arch import decoder_parts
+from memfit.models.meta import meta_copy
 from memfit.strategies.base import Phase, Strategy
 from memfit.strategies.quantize.calibrated import Method, calibrated_layers_, has_values
 from memfit.strategies.quantize.grids import fake_quantize_int4, fake_quantize_int8, int4_group_size
-from memfit.strategies.quantize.rtn import INT4_GROUP_SIZES, int4_linear_from, int8_linear_from
+from memfit.strategies.quantize.rtn import INT4_GROUP_SIZES, Int8WeightOnly, int4_linear_from, int8_linear_from
 from memfit.strategies.quantize.walk import quantize_model_
 from memfit.strategies.registry import register
 from memfit.strategies.targets import Targets
+from memfit.workload import Context
 
 if TYPE_CHECKING:
-    from memfit.plan import Context, Workload
+    from memfit.workload import Workload
 
 FLOAT = 16
 """The width of a unit left in float (in the model's dtype; with ``bf16`` in the recipe, bf16)."""
@@ -110,6 +113,11 @@ class MixedBits(Strategy):
     """
 
     name = "mixed-bits"
+    forms = "mixed-bits[-B][-rtn]"
+    summary = (
+        "int4, int8 or float per attention/MLP block by measured sensitivity, B bits per weight on average "
+        "(default 5); GPTQ codes, or round to nearest with -rtn"
+    )
     phase = Phase.QUANTIZE
     conflicts = ("int8", "int4", "w8a8", "fp8")
     sqnr_floor_db = 12.0
@@ -164,14 +172,12 @@ class MixedBits(Strategy):
     @classmethod
     def budget_options(cls, model: nn.Module, budget_bytes: int, workload: Workload) -> list[Strategy]:
         """The mixed plan that fills ``budget_bytes``, if the budget lies between int4 and int8."""
-        from memfit.memory.estimate import estimate
-
         units = units_of(model, Targets())
         linears = [m for _, unit in units for _, m in unit]
         params = sum(m.weight.numel() for m in linears)
         if not params:
             return []
-        rest = estimate(model, "int8").weight_bytes - sum(linear_bytes(m, 8, 128) for m in linears)
+        rest = _int8_weight_bytes(model) - sum(linear_bytes(m, 8, 128) for m in linears)
         bits = math.floor((budget_bytes - rest) * 8 / params * 100) / 100
         int4_bits = sum(linear_bytes(m, 4, 128) for m in linears) * 8 / params
         return [cls(bits=bits)] if int4_bits < bits < 8 else []
@@ -225,7 +231,7 @@ class MixedBits(Strategy):
         return tuple(allocate(costs, gains, cap))
 
     def _measure(self, model: nn.Module, units, ctx: Context) -> list[dict[int, float]]:
-        from memfit.calibration.sensitivity import unit_sensitivities
+        from memfit.strategies.quantize.sensitivity import unit_sensitivities
 
         batches = _sensitivity_batches(ctx.calibration)
         progress = lambda done, total: ctx.report(f"{self.token}: sensitivity", done, total)
@@ -236,6 +242,14 @@ class MixedBits(Strategy):
         int8_total = unit_sensitivities(model, batches, everything, fake_quantize_int8)[0]
         share = sum(int4) or 1.0
         return [{4: 0.0, 8: kl - int8_total * kl / share, FLOAT: kl} for kl in int4]
+
+
+def _int8_weight_bytes(model: nn.Module) -> int:
+    """What ``model`` would hold after ``int8`` (counted on a meta copy, nothing allocated)."""
+    copy = meta_copy(model)
+    with torch.no_grad():
+        Int8WeightOnly().apply(copy, Context())
+    return weight_bytes(copy)
 
 
 def _sensitivity_batches(calibration) -> list[torch.Tensor]:

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from memfit.calibration.awq import awq_scale_layer
-from memfit.calibration.gptq import gptq_round
 from memfit.errors import RecipeError
 from memfit.strategies.base import Phase, Strategy
 from memfit.strategies.quantize import kernels
+from memfit.strategies.quantize.awq import awq_scale_layer
 from memfit.strategies.quantize.calibrated import Method, calibrated_layers_, has_values
+from memfit.strategies.quantize.gptq import gptq_round
 from memfit.strategies.quantize.grids import (
     fake_quantize_int4,
     int4_group_size,
@@ -33,7 +33,7 @@ from memfit.strategies.registry import register
 from memfit.strategies.targets import Targets
 
 if TYPE_CHECKING:
-    from memfit.plan import Context, Workload
+    from memfit.workload import Context, Workload
 
 
 def int8_linear_from(linear: nn.Linear, hessian: torch.Tensor | None = None) -> Int8Linear:
@@ -88,6 +88,8 @@ class Int8WeightOnly(Strategy):
     """
 
     name = "int8"
+    forms = "int8[-gptq]"
+    summary = "weight-only int8 per output channel (Linears, embedding, head); -gptq GPTQ codes"
     phase = Phase.QUANTIZE
     conflicts = ("int4",)
     sqnr_floor_db = 30.0
@@ -155,6 +157,11 @@ class Int4WeightOnly(Strategy):
     """
 
     name = "int4"
+    forms = "int4-gN[-awq][-gptq]"
+    summary = (
+        "weight-only 4-bit, groups of N in {32, 64, 128, 256}; embedding and head int8; -awq activation-aware"
+        " scales, -gptq GPTQ codes"
+    )
     phase = Phase.QUANTIZE
     conflicts = ("int8",)
     sqnr_floor_db = 12.0

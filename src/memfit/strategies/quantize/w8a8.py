@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from memfit.calibration.smooth import smooth_layer
 from memfit.errors import RecipeError
 from memfit.strategies.base import Phase, Strategy
 from memfit.strategies.quantize.calibrated import calibrated_layers_, has_values
 from memfit.strategies.quantize.grids import quantize_fp8_rows
 from memfit.strategies.quantize.packed import Fp8Linear, Int8DynamicLinear
+from memfit.strategies.quantize.smooth import smooth_layer
 from memfit.strategies.quantize.walk import packed_rows, quantize_model_
 from memfit.strategies.registry import register
 from memfit.strategies.targets import Targets
 
 if TYPE_CHECKING:
-    from memfit.plan import Context, Workload
+    from memfit.workload import Context, Workload
 
 
 _W8A8_TOKEN = re.compile(r"w8a8(-smooth(\d*\.?\d+)?)?")
@@ -53,6 +53,11 @@ class W8A8(Strategy):
     """
 
     name = "w8a8"
+    forms = "w8a8[-smooth[A]]"
+    summary = (
+        "int8 weights and per-token int8 activations for long inputs; -smooth SmoothQuant smoothing with "
+        "alpha A (default 0.5)"
+    )
     phase = Phase.QUANTIZE
     conflicts = ("int8", "int4")
     sqnr_floor_db = 25.0
@@ -122,6 +127,8 @@ class Fp8Weights(Strategy):
     """
 
     name = "fp8"
+    forms = "fp8"
+    summary = "float8 (e4m3) weights per output channel"
     phase = Phase.QUANTIZE
     conflicts = ("int8", "int4", "w8a8")
     sqnr_floor_db = 25.0

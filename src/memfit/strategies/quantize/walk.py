@@ -11,8 +11,8 @@ from memfit.strategies.quantize.grids import quantize_int8_rows
 from memfit.strategies.quantize.packed import Int8Embedding, Int8Linear
 
 if TYPE_CHECKING:
-    from memfit.plan import Context
     from memfit.strategies.targets import Targets
+    from memfit.workload import Context
 
 
 def set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:

@@ -6,7 +6,6 @@ so the predicted bytes are the bytes a real run holds, by construction; tests ch
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
@@ -15,30 +14,19 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memfit.errors import BudgetError, RecipeError
+from memfit.io import skeleton as build_skeleton
 from memfit.memory.report import MemoryReport, weight_report
-from memfit.memory.workload import profile, synthetic_input_facts
-from memfit.plan import Context, Mode, Plan, Workload, apply
+from memfit.models.meta import meta_copy
+from memfit.plan import Plan, apply
+from memfit.profile import profile, synthetic_input_facts
 from memfit.strategies.training import Distributed, Parallelism, find
 from memfit.units import format_bytes, parse_bytes
+from memfit.workload import Context, Mode, Workload
 
 # Generation decodes into a static cache: every single-token step allocates the same shapes, so
 # two steps show the steady state (the first could differ in lazily created state). Tests check
 # predicted against measured reports of full generations.
 DECODE_STEPS = 2
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose tensors are on the meta device: same modules, shapes, dtypes
-    and sharing (a tied weight stays one tensor), no data. Costs no tensor memory."""
-    memo: dict[int, object] = {}
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if id(tensor) in memo:
-            continue
-        meta = tensor.detach().to("meta")
-        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(
-            tensor, nn.Parameter
-        ) else meta
-    return copy.deepcopy(model, memo)
 
 
 def estimate(
@@ -50,7 +38,7 @@ def estimate(
     Args:
         model: a model (real or meta tensors; it is not changed), or a reference: anything
             `memfit.load` accepts, a ``config.json`` path or a bundled config name such as
-            ``"llama-3-70b"`` (then only the config is read; see `memfit.models.load.skeleton`).
+            ``"llama-3-70b"`` (then only the config is read; see `memfit.io.skeleton`).
         plan: a `Plan` or recipe string. Training workloads use its optimizer token (``sgd``)
             or AdamW.
         workload: if given, the workload is run on fake tensors under the tracker and the report
@@ -58,18 +46,13 @@ def estimate(
             report holds the weights only.
 
     Returns:
-        A `MemoryReport`, with the same fields `memfit.memory.profile` measures.
+        A `MemoryReport`, with the same fields `memfit.profile` measures.
 
     Example:
         >>> memfit.estimate(model, "int4-g128").weight_bytes
         >>> memfit.estimate("llama-3-8b", "bf16,checkpointing", memfit.Workload(mode=memfit.Mode.TRAIN, seq_len=4096))
     """
-    if isinstance(model, nn.Module):
-        skeleton = meta_copy(model)
-    else:
-        from memfit.models.load import skeleton as build_skeleton
-
-        skeleton = build_skeleton(model)
+    skeleton = meta_copy(model) if isinstance(model, nn.Module) else build_skeleton(model)
     with torch.no_grad():
         apply(skeleton, plan, Context())
     if workload is None:
@@ -93,7 +76,7 @@ def _estimate_ranks(skeleton: nn.Module, workload: Workload, mode: FakeTensorMod
     step its gradient buckets (one flat buffer per bucket, the gradients are views into them)
     stay allocated, a trainable-parameter-sized block.
     """
-    from memfit.train.distributed import World, wrap
+    from memfit.parallel import World, wrap
 
     if kind is Parallelism.DDP:
         with mode, synthetic_input_facts():
@@ -161,9 +144,7 @@ def max_batch_size(
     """
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     if not isinstance(model, nn.Module):
-        from memfit.models.load import skeleton
-
-        model = skeleton(model)  # read the config once, not once per probe
+        model = build_skeleton(model)  # read the config once, not once per probe
     peak = lambda batch: estimate(model, plan, dataclasses.replace(workload, batch_size=batch)).peak_bytes
     first = peak(1)
     if first > budget_bytes:

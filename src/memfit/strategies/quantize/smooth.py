@@ -2,7 +2,7 @@
 
 Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language
 Models" (2023). Rounding activations to int8 per token loses the small channels of a token that
-has a few huge ones. For a group of Linears sharing one input (`memfit.calibration.awq.scale_groups`),
+has a few huge ones. For a group of Linears sharing one input (`memfit.strategies.quantize.awq.scale_groups`),
 ``x @ W.T = (x / s) @ (W * s).T``; with ``s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha)`` the
 per-channel ranges of x and W meet in the middle (alpha = 0.5 splits the difficulty evenly). The 1/s
 is folded into the preceding norm or Linear, so the model gains no operation.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memfit.calibration.awq import ScaleGroup, fold_scale, folds_into, scale_groups
-from memfit.calibration.layerwise import LayerInputs, observe_inputs
+from memfit.strategies.layerwise import LayerInputs, observe_inputs
+from memfit.strategies.quantize.awq import ScaleGroup, fold_scale, folds_into, scale_groups
 
 
 def smooth_layer(

@@ -18,27 +18,10 @@ from torch import nn
 from memfit.models.arch import decoder_parts
 
 if TYPE_CHECKING:
-    from memfit.plan import Context
+    from memfit.workload import Context
 
 LayerInputs = list[tuple[torch.Tensor, dict[str, Any]]]
 """One ``(hidden_states, keyword arguments)`` pair per calibration batch, as the layer receives them."""
-
-CALIBRATION_WINDOWS = 32
-CALIBRATION_WINDOW = 512
-
-
-def calibration_windows(
-    tokenizer, text: str | None = None, windows: int = CALIBRATION_WINDOWS, window: int = CALIBRATION_WINDOW
-) -> torch.Tensor:
-    """Token windows [windows, window] for calibration, from ``text`` or the built-in calibration
-    half (never the evaluation half).
-
-    Example:
-        >>> memfit.apply(model, "int4-g128-gptq", memfit.Context(calibration=calibration_windows(tokenizer)))
-    """
-    from memfit.data import calibration_text, token_windows
-
-    return token_windows(tokenizer, calibration_text() if text is None else text, windows * window, window)
 
 
 class _Captured(Exception):

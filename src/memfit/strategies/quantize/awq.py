@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from memfit.calibration.layerwise import LayerInputs, observe_inputs
+from memfit.models.arch import LLAMA, Layout
+from memfit.strategies.layerwise import LayerInputs, observe_inputs
 
 ALPHAS = tuple(i / 20 for i in range(20))
 MAX_TOKENS = 4096  # calibration rows kept per group for the search
@@ -33,17 +34,17 @@ class ScaleGroup:
     linears: list[nn.Linear]
 
 
-def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
-    """The groups AWQ can scale in a Llama-style decoder layer (attribute names of Llama, Mistral,
-    Qwen2 and relatives); a group whose parts are missing or whose widths do not match is left out."""
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+def scale_groups(layer: nn.Module, layout: Layout = LLAMA) -> list[ScaleGroup]:
+    """The groups AWQ can scale in a Llama-style decoder layer (names from ``layout``,
+    `memfit.models.arch`); a group whose parts are missing or whose widths do not match is left out."""
+    attn, mlp = getattr(layer, layout.attention, None), getattr(layer, layout.mlp, None)
     get = lambda owner, *names: [getattr(owner, n, None) for n in names] if owner is not None else [None] * len(names)
-    q, k, v, o = get(attn, "q_proj", "k_proj", "v_proj", "o_proj")
-    gate, up, down = get(mlp, "gate_proj", "up_proj", "down_proj")
+    q, k, v, o = get(attn, *layout.attention_linears)
+    gate, up, down = get(mlp, *layout.mlp_linears)
     candidates = [
-        ScaleGroup("qkv", getattr(layer, "input_layernorm", None), [q, k, v]),
+        ScaleGroup("qkv", getattr(layer, layout.input_norm, None), [q, k, v]),
         ScaleGroup("o", v, [o]),
-        ScaleGroup("gate_up", getattr(layer, "post_attention_layernorm", None), [gate, up]),
+        ScaleGroup("gate_up", getattr(layer, layout.post_attention_norm, None), [gate, up]),
         ScaleGroup("down", up, [down]),
     ]
     groups = []

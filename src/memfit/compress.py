@@ -1,6 +1,7 @@
-"""The memory a calibrated run (quantization, pruning, factoring) will need, predicted before it starts.
+"""`compress`: apply a recipe to a model, measure the result and save it, in one streamed run; and
+the memory that run's calibration is predicted to need.
 
-Calibration goes decoder layer by decoder layer (`memfit.calibration.layerwise`). While layer i is
+Calibration goes decoder layer by decoder layer (`memfit.strategies.layerwise`). While layer i is
 processed the run holds:
 
 - the packed embedding and head (packed as soon as the first layer's inputs are captured), the
@@ -20,25 +21,35 @@ prints it and ``--max-memory`` refuses a run that would not fit.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from memfit.calibration.awq import MAX_TOKENS as AWQ_ROWS
-from memfit.calibration.awq import scale_groups
-from memfit.calibration.sensitivity import CHUNK_ROWS
-from memfit.memory.estimate import meta_copy
+from memfit.data import CALIBRATION_WINDOW, CALIBRATION_WINDOWS, calibration_windows
+from memfit.errors import BudgetError
+from memfit.evaluate import DEFAULT_TOKENS, Metrics, evaluate
+from memfit.export import check_target, export
+from memfit.io import check_output_dir, load, save
 from memfit.memory.report import weight_bytes
 from memfit.models.arch import decoder_parts
-from memfit.plan import Context, Plan, apply
+from memfit.models.load import load_lazy
+from memfit.models.meta import meta_copy
+from memfit.plan import Plan, apply
 from memfit.strategies.prune.sparse import PruneMethod
+from memfit.strategies.quantize.awq import MAX_TOKENS as AWQ_ROWS
+from memfit.strategies.quantize.awq import scale_groups
 from memfit.strategies.quantize.calibrated import Method
 from memfit.strategies.quantize.grids import CHUNK_VALUES
 from memfit.strategies.quantize.mixed import SENSITIVITY_TOKENS, MixedBits
+from memfit.strategies.quantize.sensitivity import CHUNK_ROWS
+from memfit.units import format_bytes
+from memfit.workload import Context, ProgressFn
 
 # fp32 K x K matrices GPTQ (and SparseGPT, the same loop) holds for a Linear with K inputs at its
 # peak: the Hessian handed over, its working copy, and the Cholesky factor and inverse (see
-# memfit.calibration.gptq)
+# memfit.strategies.quantize.gptq)
 GPTQ_SQUARES = 4
 # fp32 N x K matrices it holds: the float weight, its permuted copy and the codes
 GPTQ_WEIGHTS = 3
@@ -56,6 +67,101 @@ class CalibrationMemory:
     peak_bytes: int
     phase: str
     parts: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressResult:
+    """What `compress` did.
+
+    Attributes:
+        plan: the plan applied (as parsed; the saved recipe also records resolved choices).
+        out: where the model was written.
+        metrics: the compressed model's measured metrics.
+        notes: what the strategies reported doing beyond their settings.
+        predicted_calibration: the calibration run's predicted peak (None without calibration).
+    """
+
+    plan: Plan
+    out: Path
+    metrics: Metrics
+    notes: list[str]
+    predicted_calibration: CalibrationMemory | None
+
+
+def compress(
+    model: str | Path,
+    recipe: Plan | str,
+    out: str | Path,
+    *,
+    fmt: str = "memfit",
+    text: str | None = None,
+    num_tokens: int = DEFAULT_TOKENS,
+    calibration_text: str | None = None,
+    num_calibration_windows: int = CALIBRATION_WINDOWS,
+    max_memory: int | None = None,
+    progress: ProgressFn | None = None,
+    on_prediction: Callable[[CalibrationMemory, int, int, bool], None] | None = None,
+) -> CompressResult:
+    """Load ``model``, apply ``recipe``, evaluate the result and write it to ``out``.
+
+    A calibrated first strategy on a safetensors directory (or ``demo``) streams: the model is
+    built with empty weights and each decoder layer is read from the memory-mapped checkpoint just
+    before it is calibrated and packed right after, so the float model is never whole. The
+    calibration run's peak is predicted before anything is calibrated.
+
+    Args:
+        model: a model reference (`memfit.load`).
+        recipe: a `Plan` or recipe string.
+        out: the output directory (a ``.gguf`` file for the gguf formats); written atomically.
+        fmt: ``"memfit"`` or one of `memfit.export.FORMATS`.
+        text: evaluation text (default: the built-in evaluation half).
+        num_tokens: evaluation tokens.
+        calibration_text: calibration text (default: the built-in calibration half).
+        num_calibration_windows: calibration windows of `memfit.data.CALIBRATION_WINDOW` tokens.
+        max_memory: refuse (`BudgetError`) a calibration run predicted above this many bytes.
+        progress: progress callback.
+        on_prediction: called with ``(prediction, windows, window, streamed)`` before calibrating.
+
+    Raises:
+        RecipeError, OutputError, ModelNotFoundError: bad input, before anything is loaded or
+            written where it can be checked first.
+        BudgetError: the calibration run is predicted above ``max_memory``.
+
+    Example:
+        >>> memfit.compress("demo", "int4-g128-gptq", "smollm2-w4").metrics.perplexity
+    """
+    plan = Plan.parse(recipe) if isinstance(recipe, str) else recipe.validate()
+    out = Path(out)
+    if fmt == "memfit":
+        check_output_dir(out)
+    else:
+        check_target(fmt, out, plan)
+    # a calibrated first strategy reads the checkpoint layer by layer: the float model is never whole
+    lazy = load_lazy(model) if plan.strategies and plan.strategies[0].needs_calibration else None
+    loaded, tokenizer, source = lazy if lazy is not None else (*load(model), None)
+    calibration, predicted = None, None
+    if plan.needs_calibration:
+        calibration = calibration_windows(tokenizer, calibration_text, num_calibration_windows, CALIBRATION_WINDOW)
+        windows, window = len(calibration), calibration[0].shape[-1]
+        predicted = predict_calibration_memory(loaded, plan, windows, window, streamed=source is not None)
+        if max_memory is not None and predicted.peak_bytes > max_memory:
+            raise BudgetError(
+                f"calibrating {plan.recipe!r} is predicted to need {format_bytes(predicted.peak_bytes)} "
+                f"(at {predicted.phase}), more than --max-memory {format_bytes(max_memory)}",
+                "raise --max-memory, use fewer --calibration-windows, or choose a recipe without calibration",
+            )
+        if on_prediction is not None:
+            on_prediction(predicted, windows, window, source is not None)
+    ctx = Context(progress=progress, calibration=calibration, source=source)
+    apply(loaded, plan, ctx)
+    if source is not None:
+        source.materialize(loaded)  # whatever no strategy reached
+    metrics = evaluate(loaded, tokenizer, text=text, num_tokens=num_tokens, progress=progress)
+    if fmt == "memfit":
+        save(loaded, tokenizer, out, notes=ctx.notes)
+    else:
+        export(loaded, tokenizer, fmt, out)
+    return CompressResult(plan, out, metrics, list(ctx.notes), predicted)
 
 
 def predict_calibration_memory(

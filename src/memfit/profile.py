@@ -24,8 +24,8 @@ from torch import nn
 from memfit.generation import cached_step
 from memfit.memory.report import MemoryReport
 from memfit.memory.tracker import Tracker, track
-from memfit.plan import Mode, Workload
 from memfit.strategies.training import build_optimizer, micro_batches
+from memfit.workload import Mode, Workload
 
 TRAIN_STEPS = 2
 TIMELINE_POINTS = 400

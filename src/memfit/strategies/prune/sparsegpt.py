@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from memfit.calibration.gptq import GptqSettings, upper_cholesky_of_inverse
 from memfit.strategies.prune.masks import drop_lowest, keep_mask, pruned_count
+from memfit.strategies.quantize.gptq import GptqSettings, upper_cholesky_of_inverse
 
 
 def sparsegpt_prune(

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memfit.calibration.layerwise import capture_first_layer_inputs, run_layer
 from memfit.errors import RecipeError
 from memfit.models.arch import decoder_parts
+from memfit.strategies.layerwise import capture_first_layer_inputs, run_layer
 
 CHUNK_ROWS = 128  # tokens whose vocabulary-wide log-probabilities are computed at once
 
