@@ -22,8 +22,9 @@ def test_prediction_equals_tracked_measurement(make_tiny, name, recipe, mode):
     model, _ = make_tiny(name)
     workload = WORKLOADS[mode]
     predicted = memfit.estimate(model, recipe, workload)
-    memfit.apply(model, recipe)
-    measured = profile(model, workload)
+    plan = memfit.Plan.parse(recipe)
+    memfit.apply(model, plan)
+    measured = profile(model, workload, plan.run)  # run settings are passed, never read from the model
     assert predicted.peak_bytes == measured.peak_bytes
     assert predicted.by_category == measured.by_category
     assert predicted.by_module == measured.by_module

@@ -19,11 +19,12 @@ def test_empty_recipe_is_the_empty_plan():
 
 
 def test_unknown_token_names_the_known_ones():
-    known = ("bf16, fp16, checkpointing, checkpointing-2, bf16-autocast, adamw-8bit, adafactor, sgd, bf16-master, "
-             "lora-8, grad-accum-2, ddp, fsdp, lowrank-mlp-50, lowrank-mlp-e50, "
+    known = ("bf16, fp16, checkpointing, checkpointing-2, bf16-master, lora-8, lowrank-mlp-50, lowrank-mlp-e50, "
              "lowrank-mlp-50-act, lowrank-mlp-e50-act, prune-50-magnitude, prune-50-wanda, prune-50-sparsegpt, "
              "prune-2of4-wanda, prune-2of4-sparsegpt, prune-2of8-magnitude, prune-mlp-25, prune-heads-50, "
-             "drop-layers-1, int8, int8-gptq, int4-g32, int4-g64, int4-g128, int4-g128-gptq")
+             "drop-layers-1, int8, int8-gptq, int4-g32, int4-g64, int4-g128, int4-g128-gptq, int4-g128-awq, "
+             "mixed-bits, mixed-bits-6-rtn, w8a8, w8a8-smooth, fp8, bf16-autocast, adamw-8bit, adafactor, sgd, "
+             "grad-accum-2, ddp, fsdp")
     with pytest.raises(RecipeError, match=f"unknown recipe token 'int3'; known tokens: {known}"):
         Plan.parse("int3")
 

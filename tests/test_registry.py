@@ -1,5 +1,5 @@
-"""The registry's token grammars: every documented token is accepted by exactly one strategy, and
-the help texts and the README's recipe table are the registry's."""
+"""The recipe grammars: every documented token is accepted by exactly one strategy or run setting,
+and the help texts and the README's recipe table are the registry's."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 import memfit
 from memfit.errors import RecipeError
+from memfit.settings import SETTINGS, RunSettings
 from memfit.strategies.registry import claims, parse_token, strategy_classes
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -55,10 +56,22 @@ def concrete_tokens(form: str) -> list[str]:
 
 def _parses(token: str) -> bool:
     try:
-        parse_token(token)
+        memfit.Plan.parse(token)
     except RecipeError:
         return False
     return True
+
+
+def _claimants(token: str) -> list[str]:
+    """Names of every strategy class and run setting that claims ``token``."""
+    names = [cls.__name__ for cls, _ in claims(token)]
+    for setting in SETTINGS:
+        try:
+            if setting.parse(token) is not None:
+                names.append(f"setting {setting.name}")
+        except RecipeError:
+            names.append(f"setting {setting.name}")
+    return names
 
 
 def _readme_forms() -> list[str]:
@@ -71,24 +84,56 @@ def test_every_declared_form_is_accepted_by_exactly_its_strategy(cls):
     for form in cls.forms.split("|"):
         tokens = concrete_tokens(form)
         for token in tokens:
-            claimers = [c.__name__ for c, _ in claims(token)]
+            claimers = _claimants(token)
             assert claimers in ([cls.__name__], []), f"{token!r} is claimed by {claimers}"
         parsed = [parse_token(t) for t in tokens if _parses(t)]
         assert parsed, f"no spelling of {form!r} parses: {tokens}"
         assert all(type(s) is cls for s in parsed)
 
 
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)
+def test_every_run_setting_form_is_accepted_by_exactly_that_setting(setting):
+    for form in setting.forms.split("|"):
+        tokens = concrete_tokens(form)
+        for token in tokens:
+            assert _claimants(token) in ([f"setting {setting.name}"], []), token
+        parsed = [memfit.Plan.parse(t) for t in tokens if _parses(t)]
+        assert parsed and all(p.strategies == () and getattr(p.settings, setting.field) is not None for p in parsed)
+        assert all(memfit.Plan.parse(p.recipe) == p for p in parsed)  # tokens round-trip
+
+
 @pytest.mark.parametrize("form", _readme_forms())
-def test_every_readme_token_is_accepted_by_exactly_one_strategy(form):
+def test_every_readme_token_is_accepted_by_exactly_one_strategy_or_setting(form):
     tokens = concrete_tokens(form)
     for token in tokens:
-        assert len(claims(token)) <= 1, f"{token!r} is claimed by {[c.__name__ for c, _ in claims(token)]}"
+        assert len(_claimants(token)) <= 1, f"{token!r} is claimed by {_claimants(token)}"
     assert any(_parses(t) for t in tokens), f"README token {form!r} does not parse: {tokens}"
 
 
-def test_every_strategy_has_a_row_in_the_readme_table():
-    readme_classes = {type(parse_token(t)) for form in _readme_forms() for t in concrete_tokens(form) if _parses(t)}
-    assert readme_classes == set(strategy_classes())
+def test_every_strategy_and_setting_has_a_row_in_the_readme_table():
+    tokens = [t for form in _readme_forms() for t in concrete_tokens(form) if _parses(t)]
+    assert {type(s) for t in tokens for s in memfit.Plan.parse(t).strategies} == set(strategy_classes())
+    set_fields = {s.field for t in tokens for s in SETTINGS if getattr(memfit.Plan.parse(t).settings, s.field)}
+    assert set_fields == {s.field for s in SETTINGS}
+
+
+def test_run_settings_are_typed_and_their_files_fail_on_unknown_keys():
+    plan = memfit.Plan.parse("int4-g128,lora-8,adamw-8bit,grad-accum-2,bf16-autocast")
+    assert plan.recipe == "int4-g128,lora-8,bf16-autocast,adamw-8bit,grad-accum-2"
+    assert plan.settings == RunSettings(optimizer=memfit.OptimizerKind.ADAMW_8BIT, micro_batches=2,
+                                        autocast=memfit.Precision.BF16)
+    assert memfit.Plan.from_dict(plan.to_dict()) == plan
+    assert memfit.Plan.parse("bf16-master").run.master_weights
+    with pytest.raises(RecipeError, match=r"unknown run setting\(s\) \['optimiser'\]"):
+        memfit.Plan.from_dict({"settings": {"optimiser": "sgd"}})
+    with pytest.raises(RecipeError, match=r"recipe uses 'optimizer' twice \('adafactor'\)"):
+        memfit.Plan.parse("sgd,adafactor")
+
+
+def test_recipe_files_written_with_settings_as_strategies_still_load():
+    legacy = {"strategies": [{"strategy": "int8", "version": 1}, {"strategy": "optimizer", "version": 1, "kind": "sgd"},
+                             {"strategy": "grad-accum", "version": 1, "steps": 4}]}
+    assert memfit.Plan.from_dict(legacy) == memfit.Plan.parse("int8,sgd,grad-accum-4")
 
 
 def test_every_example_token_round_trips_through_its_own_class():
@@ -131,8 +176,8 @@ def test_compress_and_validate_help_list_every_token_family(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = capsys.readouterr().out
-        for cls in strategy_classes():
-            assert ", ".join(cls.forms.split("|")) in text, f"memfit {command} --help lacks {cls.forms}"
+        for forms in [cls.forms for cls in strategy_classes()] + [s.forms for s in SETTINGS]:
+            assert ", ".join(forms.split("|")) in text, f"memfit {command} --help lacks {forms}"
 
 
 def test_train_help_tokens_parse():

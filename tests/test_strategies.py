@@ -30,6 +30,14 @@ def _structure(model: nn.Module) -> dict:
     return {"modules": [(n, type(m).__name__) for n, m in model.named_modules()], "tensors": tensors}
 
 
+def _model_state(model: nn.Module) -> dict:
+    """What a strategy may change: modules, shapes, dtypes, which tensors train, and the modules'
+    switches (activation checkpointing)."""
+    switches = [(n, getattr(m, "gradient_checkpointing", None)) for n, m in model.named_modules()]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {**_structure(model), "switches": switches, "trainable": trainable}
+
+
 @pytest.mark.parametrize("name", TINY_NAMES)
 @pytest.mark.parametrize(("cls", "strategy"), EXAMPLES, ids=IDS)
 def test_strategy_conformance(make_tiny, tokens, name, cls, strategy, tmp_path):
@@ -38,6 +46,7 @@ def test_strategy_conformance(make_tiny, tokens, name, cls, strategy, tmp_path):
     with torch.no_grad():
         baseline = model(tokens).logits
     dry = meta_copy(model)
+    before_state = _model_state(model)
 
     # calibrated methods fit on other text than the tokens they are scored on
     calibration = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(2))
@@ -51,7 +60,8 @@ def test_strategy_conformance(make_tiny, tokens, name, cls, strategy, tmp_path):
     predicted = memfit.estimate(dry, recorded)
     memfit.apply(dry, recorded)
 
-    # 1. it happened
+    # 1. it happened: a strategy changes the model (how a step runs is a run setting, not a strategy)
+    assert _model_state(model) != before_state, f"{strategy.token} left the model as it was"
     assert model.memfit_plan.strategies == (ctx.resolved.get(strategy, strategy),)
     assert (ctx.resolved != {}) == strategy.resolves
     if isinstance(strategy, (memfit.Int8WeightOnly, memfit.Int4WeightOnly)):
@@ -182,4 +192,20 @@ def test_training_strategies_shrink_what_they_claim(make_tiny, cls, strategy):
     after = profile(model, workload)
     assert after.peak_bytes < baseline.peak_bytes
     for category in cls.saves & TRAINING_CATEGORIES:
+        assert after.by_category[category] < baseline.by_category[category], category
+
+
+@pytest.mark.parametrize("token", [t for t in memfit.settings.setting_examples() if t not in ("ddp", "fsdp")])
+def test_run_settings_shrink_what_they_claim(make_tiny, token):
+    from memfit.profile import profile
+    from memfit.settings import SETTINGS
+
+    plan = memfit.Plan.parse(token)
+    saves = next(s.saves for s in SETTINGS if getattr(plan.settings, s.field) is not None)
+    workload = memfit.Workload(mode=memfit.Mode.TRAIN, batch_size=2, seq_len=256)
+    model, _ = make_tiny("tiny-llama")
+    baseline = profile(model, workload)
+    after = profile(model, workload, plan.run)
+    assert saves and after.peak_bytes < baseline.peak_bytes
+    for category in saves:
         assert after.by_category[category] < baseline.by_category[category], category

@@ -48,8 +48,7 @@ def test_8bit_codes_are_the_nearest_to_a_hair(signed):
 def test_8bit_adamw_tracks_fp32_adamw_and_holds_a_quarter_of_its_state(make_tiny):
     model, _ = make_tiny("tiny-llama")
     full = profile(model, TRAIN).by_category["optimizer_state"]
-    memfit.apply(model, "adamw-8bit")
-    eight = profile(model, TRAIN).by_category["optimizer_state"]
+    eight = profile(model, TRAIN, memfit.Plan.parse("adamw-8bit").run).by_category["optimizer_state"]
     assert eight <= 0.27 * full, (eight, full)
 
     torch.manual_seed(0)
@@ -100,7 +99,7 @@ def test_master_weights_keep_fp32_copies_that_bf16_would_round_away():
     params = [p for p in result.model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.bfloat16 for p in params)
     # the optimizer is gone with the run; a fresh one shows the layout on the trained model
-    opt = memfit.strategies.training.build_optimizer(result.model, 1e-4)
+    opt = result.plan.run.build_optimizer(result.model, 1e-4)
     assert [m.dtype for m in opt.masters] == [torch.float32] * len(params)
     p, master = params[0], opt.masters[0]
     p.grad = torch.full_like(p, 1e-3)
@@ -173,9 +172,10 @@ def test_bf16_autocast_matches_torch_autocast_gradients(make_tiny):
     reference, _ = make_tiny("tiny-llama")
     model.train()
     reference.train()
-    memfit.apply(model, "bf16-autocast")
     ids = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
-    model(ids, labels=ids).loss.backward()
+    with memfit.Plan.parse("bf16-autocast").run.forward("cpu"):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = reference(ids, labels=ids).loss
     loss.backward()

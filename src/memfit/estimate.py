@@ -19,7 +19,7 @@ from memfit.memory.report import MemoryReport, weight_report
 from memfit.models.meta import meta_copy
 from memfit.plan import Plan, apply
 from memfit.profile import profile, synthetic_input_facts
-from memfit.strategies.training import Distributed, Parallelism, find
+from memfit.settings import Parallelism, RunSettings
 from memfit.units import format_bytes, parse_bytes
 from memfit.workload import Context, Mode, Workload
 
@@ -39,8 +39,8 @@ def estimate(
         model: a model (real or meta tensors; it is not changed), or a reference: anything
             `memfit.load` accepts, a ``config.json`` path or a bundled config name such as
             ``"llama-3-70b"`` (then only the config is read; see `memfit.io.skeleton`).
-        plan: a `Plan` or recipe string. Training workloads use its optimizer token (``sgd``)
-            or AdamW.
+        plan: a `Plan` or recipe string. Its run settings (`Plan.run`: the optimizer, ``sgd``;
+            micro-batches; processes; autocast) shape the workload; AdamW by default.
         workload: if given, the workload is run on fake tensors under the tracker and the report
             covers its peak (activations, gradients, optimizer state, KV cache); if None, the
             report holds the weights only.
@@ -52,6 +52,7 @@ def estimate(
         >>> memfit.estimate(model, "int4-g128").weight_bytes
         >>> memfit.estimate("llama-3-8b", "bf16,checkpointing", memfit.Workload(mode=memfit.Mode.TRAIN, seq_len=4096))
     """
+    plan = Plan.parse(plan) if isinstance(plan, str) else plan.validate()
     skeleton = meta_copy(model) if isinstance(model, nn.Module) else build_skeleton(model)
     with torch.no_grad():
         apply(skeleton, plan, Context())
@@ -59,14 +60,16 @@ def estimate(
         return weight_report(skeleton)
     mode = FakeTensorMode()
     _to_fake(skeleton, mode, torch.device(workload.device))
-    spread = find(skeleton.memfit_plan, Distributed)
-    if workload.mode is Mode.TRAIN and workload.ranks > 1 and spread is not None:
-        return _estimate_ranks(skeleton, workload, mode, spread.kind)
+    settings = plan.run
+    if workload.mode is Mode.TRAIN and workload.ranks > 1 and settings.parallelism is not None:
+        return _estimate_ranks(skeleton, workload, mode, settings)
     with mode, synthetic_input_facts():
-        return profile(skeleton, workload, decode_steps=DECODE_STEPS)
+        return profile(skeleton, workload, settings, decode_steps=DECODE_STEPS)
 
 
-def _estimate_ranks(skeleton: nn.Module, workload: Workload, mode: FakeTensorMode, kind: Parallelism) -> MemoryReport:
+def _estimate_ranks(
+    skeleton: nn.Module, workload: Workload, mode: FakeTensorMode, settings: RunSettings
+) -> MemoryReport:
     """One rank of a ``ddp``/``fsdp`` run.
 
     FSDP2 runs for real on the fake tensors, over a fake process group of ``workload.ranks``
@@ -78,9 +81,10 @@ def _estimate_ranks(skeleton: nn.Module, workload: Workload, mode: FakeTensorMod
     """
     from memfit.parallel import World, wrap
 
+    kind = settings.parallelism
     if kind is Parallelism.DDP:
         with mode, synthetic_input_facts():
-            report = profile(skeleton, workload)
+            report = profile(skeleton, workload, settings)
         buckets = sum(p.numel() * p.element_size() for p in skeleton.parameters() if p.requires_grad)
         report.by_category["gradients"] += buckets
         report.peak_bytes += buckets
@@ -101,7 +105,7 @@ def _estimate_ranks(skeleton: nn.Module, workload: Workload, mode: FakeTensorMod
         mesh = init_device_mesh(mesh_device.type, (workload.ranks,))  # outside fake mode: it reads values
         with mode, synthetic_input_facts():
             wrap(skeleton, kind, World(rank=0, size=workload.ranks, device=mesh_device), mesh)
-            return profile(skeleton, workload)
+            return profile(skeleton, workload, settings)
     finally:
         dist.destroy_process_group()
 

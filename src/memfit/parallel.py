@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from memfit.models.arch import decoder_parts
-from memfit.strategies.training import Parallelism
+from memfit.settings import Parallelism
 
 
 @dataclasses.dataclass(frozen=True)

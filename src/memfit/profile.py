@@ -24,7 +24,7 @@ from torch import nn
 from memfit.generation import cached_step
 from memfit.memory.report import MemoryReport
 from memfit.memory.tracker import Tracker, track
-from memfit.strategies.training import build_optimizer, micro_batches
+from memfit.settings import RunSettings
 from memfit.workload import Mode, Workload
 
 TRAIN_STEPS = 2
@@ -32,7 +32,12 @@ TIMELINE_POINTS = 400
 
 
 def profile(
-    model: nn.Module, workload: Workload, *, decode_steps: int | None = None, wrapped: nn.Module | None = None
+    model: nn.Module,
+    workload: Workload,
+    settings: RunSettings | None = None,
+    *,
+    decode_steps: int | None = None,
+    wrapped: nn.Module | None = None,
 ) -> MemoryReport:
     """Measure ``workload`` on ``model``: every allocation, tracked (see `memfit.memory.track`).
 
@@ -40,9 +45,9 @@ def profile(
     sized for all of them). With a static cache every step allocates the same shapes, so the peak
     is the same; `memfit.estimate` runs two.
 
-    Training uses the optimizer of the model's plan (`memfit.strategies.Optimizer`; AdamW if
-    none) with a learning rate of 0, so the weights are left as they were; the memory is the same
-    as with any other rate.
+    ``settings``: how the workload runs (`memfit.plan.Plan.run`: optimizer, micro-batches,
+    autocast); default AdamW in one micro-batch. Training uses a learning rate of 0, so the
+    weights are left as they were; the memory is the same as with any other rate.
 
     ``wrapped``: the module to call instead of ``model`` (a ``DistributedDataParallel`` around it).
 
@@ -52,10 +57,11 @@ def profile(
     """
     was_training = model.training
     model.train(workload.mode is Mode.TRAIN)
-    optimizer = build_optimizer(model) if workload.mode is Mode.TRAIN else None
+    settings = settings or RunSettings()
+    optimizer = settings.build_optimizer(model) if workload.mode is Mode.TRAIN else None
     try:
         with track(model, optimizer) as tracker:
-            run_workload(model, workload, tracker, optimizer, decode_steps=decode_steps, wrapped=wrapped)
+            run_workload(model, workload, tracker, optimizer, settings, decode_steps=decode_steps, wrapped=wrapped)
     finally:
         model.train(was_training)
     return tracker.report(top=20, timeline_points=TIMELINE_POINTS)
@@ -66,18 +72,21 @@ def run_workload(
     workload: Workload,
     tracker: Tracker,
     optimizer=None,
+    settings: RunSettings | None = None,
     decode_steps: int | None = None,
     wrapped: nn.Module | None = None,
 ) -> None:
     """Run ``workload`` on ``model`` while ``tracker`` is active (the caller enters it)."""
+    settings = settings or RunSettings()
     vocab = model.config.vocab_size
     device = next(model.parameters()).device
     if workload.mode is Mode.TRAIN:
-        micro, count = micro_batches(getattr(model, "memfit_plan", None), workload)
+        micro, count = settings.split(workload)
         ids = torch.randint(0, vocab, (micro, workload.seq_len), device=device)
         for _ in range(TRAIN_STEPS):
             for _ in range(count):
-                loss = (wrapped or model)(ids, labels=ids, use_cache=False).loss / count
+                with settings.forward(device.type):
+                    loss = (wrapped or model)(ids, labels=ids, use_cache=False).loss / count
                 loss.backward()
                 del loss
             optimizer.step()
@@ -85,10 +94,10 @@ def run_workload(
         return
     ids = torch.randint(0, vocab, (workload.batch_size, workload.seq_len), device=device)
     if workload.mode is Mode.INFER:
-        with torch.no_grad():
+        with torch.no_grad(), settings.forward(device.type):
             model(ids, use_cache=False)
     elif workload.mode is Mode.GENERATE:
-        with torch.no_grad():
+        with torch.no_grad(), settings.forward(device.type):
             cache = kv_cache(model, workload)
             _, token = cached_step(model, ids, cache)
             # allocated during the prompt; the report counts it from its allocation. Keys and

@@ -182,9 +182,10 @@ def run_profile(args: argparse.Namespace) -> int:
     start_bytes = weight_bytes(model)
     make_resident(model)  # mmap-backed weights would otherwise page in during the run
     # one-time work (lazy imports and kernel set-up on the first forward) stays out of the run
-    profile(model, dataclasses.replace(workload, batch_size=1, new_tokens=min(workload.new_tokens, 1)))
+    warm_up = dataclasses.replace(workload, batch_size=1, new_tokens=min(workload.new_tokens, 1))
+    profile(model, warm_up, dataclasses.replace(plan.run, micro_batches=None))
     with _status("running the workload"), RssWatch() as watch:
-        report = profile(model, workload)
+        report = profile(model, workload, plan.run)
     tracked_growth = report.peak_bytes - start_bytes
     extra = {
         "peak_rss_bytes": watch.peak_bytes,

@@ -48,12 +48,13 @@ def calibration_of(args: argparse.Namespace, tokenizer, plan=None):
 
 
 def token_help(width: int = 96, column: int = 24) -> str:
-    """Every registered strategy's token forms and summary, for an epilog (from the registry, so a
-    new strategy shows up by itself)."""
+    """Every registered strategy's and run setting's token forms and summary, for an epilog (from
+    the registry and `memfit.settings`, so a new one shows up by itself)."""
+    from memfit.settings import setting_families
     from memfit.strategies.registry import token_families
 
     lines = ["recipe tokens (comma-separated, or a .json/.yaml recipe file; CAPITALS are numbers or names):"]
-    for forms, summary in token_families():
+    for forms, summary in token_families() + setting_families():
         names = ", ".join(forms.split("|"))
         body = textwrap.wrap(summary, width - column)
         if len(names) + 2 > column - 2:  # the forms get a line of their own

@@ -112,13 +112,12 @@ def _check(args: argparse.Namespace) -> None:
     from memfit.data import read_text
     from memfit.models.refs import resolve_loadable
     from memfit.plan import Plan
-    from memfit.strategies.training import micro_batches
     from memfit.train.distributed import device_type
     from memfit.train.loop import check_run_dir
     from memfit.workload import Mode, Workload
 
     plan = Plan.parse(args.recipe)
-    micro_batches(plan, Workload(mode=Mode.TRAIN, batch_size=args.batch, seq_len=args.seq, ranks=args.nproc))
+    plan.run.split(Workload(mode=Mode.TRAIN, batch_size=args.batch, seq_len=args.seq, ranks=args.nproc))
     device_type(args.device)
     if args.data != "builtin":
         read_text(args.data)

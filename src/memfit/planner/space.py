@@ -1,9 +1,10 @@
 """The planner's search space: combinations of the registered strategies' option grids.
 
-Each registered class declares its options (`Strategy.space`). A candidate plan takes at most one
-option per phase (the empty choice included), so the space grows as the product of the phases'
-option counts; combinations that `Plan.validate` rejects are dropped. Strategies that size
-themselves to the budget (mixed bit-widths) add one plan each (`budget_plans`).
+Each registered class declares its options (`Strategy.space`), and training workloads add the run
+settings' (`memfit.settings.settings_space`), which share the runtime phase. A candidate plan
+takes at most one option per phase (the empty choice included), so the space grows as the product
+of the phases' option counts; combinations that `Plan.validate` rejects are dropped. Strategies
+that size themselves to the budget (mixed bit-widths) add one plan each (`budget_plans`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import itertools
 
 from memfit.errors import RecipeError
 from memfit.plan import Plan
+from memfit.settings import RunSettings, settings_space
 from memfit.strategies.base import Phase, Strategy
 from memfit.strategies.registry import strategy_classes
 from memfit.workload import Workload
@@ -27,14 +29,17 @@ def candidate_plans(workload: Workload | None = None) -> list[Plan]:
         Plans in a deterministic order.
     """
     workload = workload or Workload()
-    by_phase: dict[Phase, list[Strategy]] = {}
+    by_phase: dict[Phase, list[Strategy | RunSettings]] = {}
     for cls in strategy_classes():
         by_phase.setdefault(cls.phase, []).extend(cls.space(workload))
+    by_phase.setdefault(Phase.RUNTIME, []).extend(settings_space(workload))
     choices = [[None, *options] for _, options in sorted(by_phase.items())]
     plans = []
     for combo in itertools.product(*choices):
+        strategies = tuple(s for s in combo if isinstance(s, Strategy))
+        settings = next((s for s in combo if isinstance(s, RunSettings)), RunSettings())
         try:
-            plans.append(Plan(tuple(s for s in combo if s is not None), workload).validate())
+            plans.append(Plan(strategies, workload, settings).validate())
         except RecipeError:
             continue
     return plans

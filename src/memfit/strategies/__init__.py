@@ -13,35 +13,19 @@ from memfit.strategies.quantize.rtn import Int4WeightOnly, Int8WeightOnly
 from memfit.strategies.quantize.w8a8 import W8A8, Fp8Weights
 from memfit.strategies.registry import known_tokens, parse_token, strategy_classes
 from memfit.strategies.targets import Targets
-from memfit.strategies.training import (
-    Autocast,
-    Checkpointing,
-    Distributed,
-    GradAccum,
-    LoRA,
-    MasterWeights,
-    Optimizer,
-    OptimizerKind,
-    Parallelism,
-)
+from memfit.strategies.training import Checkpointing, LoRA, MasterWeights
 
 __all__ = [
-    "Autocast",
     "Cast",
     "Checkpointing",
-    "Distributed",
     "DropLayers",
     "Fp8Weights",
-    "GradAccum",
     "Int4WeightOnly",
     "Int8WeightOnly",
     "LoRA",
     "LowRank",
     "MasterWeights",
     "MixedBits",
-    "Optimizer",
-    "OptimizerKind",
-    "Parallelism",
     "Phase",
     "Precision",
     "Prune",

@@ -7,12 +7,14 @@ fp32: they are tiny and rounding them shifts every position's angle.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from memfit.strategies.base import Phase, Strategy, register_field_type
 from memfit.strategies.quantize.packed import PackedModule
@@ -93,3 +95,60 @@ class Cast(Strategy):
         if config is not None:
             config.dtype = dtype
         return model
+
+
+class RecastLinears(TorchFunctionMode):
+    """Under autocast, a linear with a trainable weight goes through `_CastedLinear`: the bf16
+    input and the weight itself are saved for backward, where the weight is cast again, instead
+    of a bf16 copy of every weight living from forward to backward (plain autocast's cost).
+
+    Entered by `memfit.settings.RunSettings.forward`; activation checkpointing re-enters it for
+    its recompute (`recompute_contexts`), so recomputed layers save the same tensors.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is nn.functional.linear:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            device = x.device.type
+            if isinstance(weight, nn.Parameter) and weight.requires_grad and torch.is_grad_enabled() and (
+                torch.is_autocast_enabled(device)
+            ):
+                return _CastedLinear.apply(x, weight, bias, torch.get_autocast_dtype(device))
+        return func(*args, **kwargs)
+
+
+class _CastedLinear(torch.autograd.Function):
+    """``linear(x, W, b)`` computed in ``dtype`` that saves the input in ``dtype`` and the weight
+    itself (no copy) for backward, where the weight is cast again: the same arithmetic as
+    autocast's, without a low-precision copy of every weight alive between forward and backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        low = x.to(dtype)
+        out = nn.functional.linear(low, weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(low, weight)
+        ctx.x_dtype, ctx.dtype, ctx.has_bias = x.dtype, dtype, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        low, weight = ctx.saved_tensors
+        grad = grad.to(ctx.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight.to(ctx.dtype)).to(ctx.x_dtype)
+        rows = grad.reshape(-1, grad.shape[-1])  # [M, N]
+        if ctx.needs_input_grad[1]:
+            grad_w = (rows.t() @ low.reshape(-1, low.shape[-1])).to(weight.dtype)  # [N, K]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``torch.utils.checkpoint``'s ``context_fn``: a checkpointed layer that ran under
+    `RecastLinears` recomputes under it too (autocast itself is restored by checkpoint)."""
+    active = any(isinstance(mode, RecastLinears) for mode in _get_current_function_mode_stack())
+    return contextlib.nullcontext(), (RecastLinears() if active else contextlib.nullcontext())

@@ -63,8 +63,11 @@ def claims(token: str) -> list[tuple[type[Strategy], Strategy | RecipeError]]:
     return found
 
 
-def parse_token(token: str) -> Strategy:
+def parse_token(token: str, also_known: tuple[str, ...] = ()) -> Strategy:
     """Turn one recipe token (``"int4-g128"``) into a strategy.
+
+    Args:
+        also_known: other tokens the caller accepts (run settings), named in the error.
 
     Raises:
         RecipeError: no registered strategy accepts the token, or the one that claims it rejects
@@ -81,7 +84,7 @@ def parse_token(token: str) -> Strategy:
         return result
     raise RecipeError(
         f"unknown recipe token {token!r}",
-        f"known tokens: {', '.join(known_tokens())} (run `memfit validate --help`)",
+        f"known tokens: {', '.join(known_tokens() + list(also_known))} (run `memfit validate --help`)",
     )
 
 

@@ -25,15 +25,8 @@ from memfit.errors import BudgetError, CheckpointError, OutputError, RecipeError
 from memfit.memory.report import MemoryReport
 from memfit.memory.tracker import track
 from memfit.plan import Plan, apply
-from memfit.strategies.training import (
-    Distributed,
-    GradAccum,
-    LoRA,
-    Parallelism,
-    build_optimizer,
-    find,
-    micro_batches,
-)
+from memfit.settings import Parallelism, RunSettings
+from memfit.strategies.training import LoRA
 from memfit.train import checkpoint, distributed
 from memfit.train.data import TokenWindows, training_windows
 from memfit.units import format_bytes, parse_bytes
@@ -170,14 +163,12 @@ def check_run_dir(out: str | Path | None, resume: bool) -> None:
 def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, budget, seed, out, resume, save_every,
            progress, work_progress) -> TrainResult:
     plan = Plan.parse(recipe) if isinstance(recipe, str) else recipe.validate()
-    spread = find(plan, Distributed)
     ranks = distributed.planned_ranks()
-    if ranks > 1 and spread is None:  # torchrun without a token: data-parallel
-        plan = Plan(plan.strategies + (Distributed(kind=Parallelism.DDP),), plan.workload).validate()
-        spread = find(plan, Distributed)
+    if ranks > 1 and plan.settings.parallelism is None:  # torchrun without a token: data-parallel
+        plan = dataclasses.replace(plan, settings=dataclasses.replace(plan.settings, parallelism=Parallelism.DDP))
     device_type = distributed.device_type(device)
     workload = Workload(mode=Mode.TRAIN, batch_size=batch, seq_len=seq, ranks=ranks, device=device_type)
-    micro_batches(plan, workload)  # the batch splits, or a clear error before anything loads
+    plan.run.split(workload)  # the batch splits, or a clear error before anything loads
 
     _seed(seed)
     reference = model if isinstance(model, (str, Path)) else None
@@ -190,7 +181,8 @@ def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, bud
     windows = training_windows(tokenizer, data, seq, seed)
     if budget is not None:  # before joining the process group: predicting fsdp starts a fake one
         plan = fit_micro_batch(model, plan, workload, budget)
-    micro, count = micro_batches(plan, workload)
+    settings = plan.run
+    micro, count = settings.split(workload)
     world = distributed.join(device_type)
 
     calibration = None
@@ -202,10 +194,10 @@ def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, bud
     apply(model, plan, Context(calibration=calibration, device=str(world.device), progress=work_progress))
     model.to(world.device)
     model.train()
-    trained = distributed.wrap(model, None if spread is None else spread.kind, world)
+    trained = distributed.wrap(model, settings.parallelism, world)
     if lr is None:
-        lr = DEFAULT_LORA_LR if find(plan, LoRA) else DEFAULT_LR
-    optimizer = build_optimizer(model, lr)
+        lr = DEFAULT_LORA_LR if any(isinstance(s, LoRA) for s in plan.strategies) else DEFAULT_LR
+    optimizer = settings.build_optimizer(model, lr)
     warmup = max(1, int(steps * WARMUP_SHARE))
     schedule = lambda s: min((s + 1) / warmup, 1.0 - 0.9 * max(0, s - warmup) / max(1, steps - warmup))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -222,7 +214,7 @@ def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, bud
                 f"the run under {str(out)!r} already finished its {steps} steps", "start a new run with another --out"
             )
 
-    step_fn = _Stepper(trained, optimizer, scheduler, windows, world, batch, micro, count)
+    step_fn = _Stepper(trained, optimizer, scheduler, windows, world, batch, micro, count, settings)
     tokens, seconds = 0, 0.0
     with track(model, optimizer) as tracker:
         for step in range(start, steps):
@@ -255,10 +247,11 @@ def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, bud
 class _Stepper:
     """One optimizer step: the micro-batches' forward and backward, then the optimizer."""
 
-    def __init__(self, trained, optimizer, scheduler, windows: TokenWindows, world, batch, micro, count) -> None:
+    def __init__(self, trained, optimizer, scheduler, windows: TokenWindows, world, batch, micro, count,
+                 settings: RunSettings) -> None:
         self.trained, self.optimizer, self.scheduler = trained, optimizer, scheduler
         self.windows, self.world, self.batch = windows, world, batch
-        self.micro, self.count = micro, count
+        self.micro, self.count, self.settings = micro, count, settings
 
     def __call__(self, step: int) -> float:
         while True:
@@ -283,7 +276,8 @@ class _Stepper:
             ids = ids.to(self.world.device)
             last = i == self.count - 1
             with contextlib.nullcontext() if last else _no_sync(self.trained):
-                loss = self.trained(ids, labels=ids, use_cache=False).loss / self.count
+                with self.settings.forward(self.world.device.type):
+                    loss = self.trained(ids, labels=ids, use_cache=False).loss / self.count
                 loss.backward()
             total += float(loss.detach())
             del loss
@@ -325,14 +319,13 @@ def fit_micro_batch(model: nn.Module, plan: Plan, workload: Workload, budget: in
 
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     per_rank = workload.batch_size // workload.ranks
-    fixed = find(plan, GradAccum)
-    options = [fixed.steps] if fixed else [n for n in range(1, per_rank + 1) if per_rank % n == 0]
+    fixed = plan.settings.micro_batches
+    options = [fixed] if fixed else [n for n in range(1, per_rank + 1) if per_rank % n == 0]
     peak = None
     for count in options:
-        strategies = tuple(s for s in plan.strategies if not isinstance(s, GradAccum))
-        if count > 1:
-            strategies += (GradAccum(steps=count),)
-        candidate = Plan(strategies, plan.workload).validate()
+        micro_batches = count if count > 1 else None
+        settings = plan.settings if fixed else dataclasses.replace(plan.settings, micro_batches=micro_batches)
+        candidate = dataclasses.replace(plan, settings=settings)
         peak = estimate(model, candidate, workload).peak_bytes
         log.info("micro-batch %d: predicted peak %s", per_rank // count, format_bytes(peak))
         if peak <= budget_bytes:
@@ -401,8 +394,7 @@ def _save(model, tokenizer, plan: Plan, out: Path, world, reference, calibration
     from memfit.io import save
 
     target = out / "model"
-    spread = find(plan, Distributed)
-    if world.size > 1 and spread is not None and spread.kind is Parallelism.FSDP:
+    if world.size > 1 and plan.settings.parallelism is Parallelism.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
