@@ -71,8 +71,9 @@ def main() -> None:
         start = time.perf_counter()
         predicted = memfit.estimate(model, recipe, workload)
         seconds = time.perf_counter() - start
-        applied = memfit.apply(memfit.load("demo")[0], recipe) if recipe != "none" else model
-        tracked = profile(applied, workload)
+        plan = memfit.Plan.parse(recipe)
+        applied = memfit.apply(memfit.load("demo")[0], plan) if recipe != "none" else model
+        tracked = profile(applied, workload, plan.run)
         categories = ", ".join(f"{k} {v:,}" for k, v in tracked.by_category.items() if v)
         peak_diff = predicted.peak_bytes / tracked.peak_bytes - 1
         print(f"| {label(recipe, workload)} | {predicted.peak_bytes:,} | {tracked.peak_bytes:,} | {peak_diff:+.2e} "
@@ -91,7 +92,8 @@ def main() -> None:
     batch = max_batch_size(model, BATCH_BUDGET, BATCH_WORKLOAD, BATCH_RECIPE)
     at = lambda b: dataclasses.replace(BATCH_WORKLOAD, batch_size=b)
     next_peak = memfit.estimate(model, BATCH_RECIPE, at(batch + 1)).peak_bytes
-    tracked = profile(memfit.apply(memfit.load("demo")[0], BATCH_RECIPE), at(batch)).peak_bytes
+    plan = memfit.Plan.parse(BATCH_RECIPE)
+    tracked = profile(memfit.apply(memfit.load("demo")[0], plan), at(batch), plan.run).peak_bytes
     print("\n| budget | workload, recipe | max batch | tracked peak at it | predicted peak at batch + 1 |")
     print("|---|---|---|---|---|")
     print(f"| {BATCH_BUDGET} ({parse_bytes(BATCH_BUDGET):,}) | {label(BATCH_RECIPE, at(batch))} | {batch} "

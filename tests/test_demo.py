@@ -17,6 +17,8 @@ pytestmark = pytest.mark.slow
 
 FP32_PARAMETERS = 134_515_008  # SmolLM2-135M, tied embedding counted once
 COMPRESSED: dict[str, dict] = {}  # recipe -> metrics, filled by the compress test
+# tests that share COMPRESSED and the fp32 metrics run on one pytest-xdist worker (make test: --dist loadgroup)
+SHARED = pytest.mark.xdist_group("demo-compress")
 
 
 def run_json(*args: str) -> dict:
@@ -37,6 +39,7 @@ def outputs(tmp_path_factory):
     return tmp_path_factory.mktemp("demo-outputs")
 
 
+@SHARED
 def test_fp32_perplexity_and_bytes(fp32):
     assert 13 < fp32["perplexity"] < 17
     assert fp32["eval_tokens"] == 16_384
@@ -44,6 +47,7 @@ def test_fp32_perplexity_and_bytes(fp32):
     assert fp32["decode_tokens_per_s"] > 0 and fp32["prefill_tokens_per_s"] > 0
 
 
+@SHARED
 @pytest.mark.parametrize(("recipe", "max_bytes", "max_increase"), [("int8", 0.27, 0.005), ("int4-g128", 0.16, 0.40)])
 def test_compress_meets_bytes_and_quality_and_reloads_identically(fp32, outputs, recipe, max_bytes, max_increase):
     out = outputs / recipe
@@ -56,6 +60,7 @@ def test_compress_meets_bytes_and_quality_and_reloads_identically(fp32, outputs,
     assert reloaded["perplexity"] == pytest.approx(compressed["perplexity"], rel=1e-4)
 
 
+@SHARED
 def test_streamed_gptq_halves_the_rtn_loss_within_predicted_memory(fp32, outputs):
     """GPTQ int4-g128 on 32 windows of 512 tokens, the checkpoint read layer by layer: at most half
     of round-to-nearest's perplexity increase, a tracked peak under 60% of the fp32 weights, and
@@ -139,7 +144,8 @@ def test_predicted_memory_equals_tracked_memory(demo, recipe, workload):
     model = copy.deepcopy(demo[0])
     work = memfit.Workload.from_dict(workload)
     predicted = memfit.estimate(model, recipe, work)
-    tracked = profile(memfit.apply(model, recipe), work)
+    plan = memfit.Plan.parse(recipe)
+    tracked = profile(memfit.apply(model, plan), work, plan.run)
     assert predicted == tracked
     if work.mode is memfit.Mode.GENERATE:  # 30 layers, 3 KV heads of 64, fp32
         assert tracked.by_category["kv_cache"] == 2 * 30 * 3 * 64 * (64 + 32) * 4 * 4
@@ -158,7 +164,8 @@ def test_max_batch_size_under_1_gib_holds_when_run(demo):
     at = lambda b: memfit.Workload(mode=memfit.Mode.TRAIN, seq_len=256, batch_size=b)
     assert batch >= 2
     assert memfit.estimate(demo[0], recipe, at(batch + 1)).peak_bytes > budget
-    assert profile(memfit.apply(copy.deepcopy(demo[0]), recipe), at(batch)).peak_bytes <= budget
+    plan = memfit.Plan.parse(recipe)  # its sgd is a run setting, handed to the runner
+    assert profile(memfit.apply(copy.deepcopy(demo[0]), plan), at(batch), plan.run).peak_bytes <= budget
 
 
 def test_profile_explains_the_rss_growth_of_a_training_step(tmp_path):

@@ -55,6 +55,7 @@ def pruned(demo):
     return results
 
 
+@pytest.mark.xdist_group("demo-prune")  # one worker computes the module's pruned models
 def test_calibrated_pruning_keeps_perplexity_within_twice_dense_and_sparsegpt_leads(pruned):
     dense = pruned["dense"][0]
     ratio = {recipe: perplexity / dense for recipe, (perplexity, _) in pruned.items() if recipe != "streamed"}
@@ -64,6 +65,7 @@ def test_calibrated_pruning_keeps_perplexity_within_twice_dense_and_sparsegpt_le
     assert ratio["prune-2of4-sparsegpt"] <= min(5.0, ratio["prune-2of4-wanda"]), ratio
 
 
+@pytest.mark.xdist_group("demo-prune")  # one worker computes the module's pruned models
 def test_pruned_linears_hold_at_most_56_percent_of_their_dense_bytes(pruned):
     dense_bytes = pruned["dense"][1]
     for recipe, (_, held) in pruned.items():
@@ -80,6 +82,7 @@ def test_sparse_int8_holds_at_most_16_percent_of_dense_fp32(demo):
     assert _linear_bytes(work) / _linear_bytes(model) <= 0.16
 
 
+@pytest.mark.xdist_group("demo-prune")  # one worker computes the module's pruned models
 def test_streamed_sparsegpt_peak_stays_under_the_model_plus_two_layers(demo, pruned):
     """The whole fp32 model plus two decoder layers' working set (weights, calibration inputs and
     outputs, X^T X sums) bounds the tracked peak; the prediction made before the run is within 10%."""

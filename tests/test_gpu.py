@@ -36,9 +36,10 @@ def test_cuda_prediction_equals_measurement(make_tiny):
     model, _ = make_tiny("tiny-llama")
     workload = Workload(mode=Mode.TRAIN, batch_size=2, seq_len=128, device="cuda")
     predicted = memfit.estimate(model, "bf16-autocast,checkpointing", workload)
-    memfit.apply(model, "bf16-autocast,checkpointing")
+    plan = memfit.Plan.parse("bf16-autocast,checkpointing")
+    memfit.apply(model, plan)
     model.to("cuda")
-    assert predicted == profile(model, workload)
+    assert predicted == profile(model, workload, plan.run)
 
 
 @pytest.mark.parametrize("recipe", ["adamw-8bit", "bf16-master,adafactor", "int4-g32,lora-8", "bf16-autocast"])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +83,22 @@ def test_fsdp_on_two_ranks_shards_weights_gradients_and_optimizer_state(single, 
         torch.testing.assert_close(loaded(ids).logits, single.model.eval()(ids).logits, rtol=1e-3, atol=1e-3)
 
 
+def _kill_ranks_of(out: Path) -> None:
+    """SIGKILL every process whose command line names ``out`` (torchrun's ranks outlive its agent)."""
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
 def test_a_sharded_run_killed_while_writing_resumes_to_the_same_loss(tmp_path):
     import signal
 
@@ -98,8 +116,9 @@ def test_a_sharded_run_killed_while_writing_resumes_to_the_same_loss(tmp_path):
     while "stalled writing checkpoint 6" not in line:
         line = killed.stderr.readline()
         assert line or killed.poll() is None, "the run ended before stalling"
-    os.killpg(killed.pid, signal.SIGKILL)  # torchrun and both ranks
+    os.killpg(killed.pid, signal.SIGKILL)  # torchrun
     killed.wait()
+    _kill_ranks_of(tmp_path / "killed")  # the ranks run in sessions of their own
     # resuming restores the DTensor shards of the weights and of AdamW's moments on each rank
     resumed = subprocess.run([*args, "--out", str(tmp_path / "killed"), "--resume"], capture_output=True, text=True,
                              timeout=600)

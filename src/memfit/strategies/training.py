@@ -26,13 +26,22 @@ if TYPE_CHECKING:
     from memfit.workload import Context, Workload
 
 
-def _training_only(cls: type[Strategy], workload: Workload) -> list[Strategy]:
-    return cls.examples() if workload.mode is Mode.TRAIN else []
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _TrainingStrategy(Strategy):
+    """A strategy the planner offers for training workloads only; its example is its default."""
+
+    @classmethod
+    def examples(cls) -> list[Strategy]:
+        return [cls()]
+
+    @classmethod
+    def space(cls, workload: Workload) -> list[Strategy]:
+        return cls.examples() if workload.mode is Mode.TRAIN else []
 
 
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Checkpointing(Strategy):
+class Checkpointing(_TrainingStrategy):
     """Activation checkpointing: keep only each decoder layer's input, recompute the rest in backward.
 
     Memory: activations saved for backward fall from every intermediate of every layer to one
@@ -76,10 +85,6 @@ class Checkpointing(Strategy):
     def examples(cls) -> list[Strategy]:
         return [cls(), cls(every=2)]
 
-    @classmethod
-    def space(cls, workload: Workload) -> list[Strategy]:
-        return _training_only(cls, workload)
-
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is None:
@@ -94,7 +99,7 @@ class Checkpointing(Strategy):
 
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MasterWeights(Strategy):
+class MasterWeights(_TrainingStrategy):
     """bf16 weights trained through fp32 master copies (``bf16-master``).
 
     The model's floating weights become bf16, so the forward and backward compute in bf16 and
@@ -124,21 +129,13 @@ class MasterWeights(Strategy):
         match = re.fullmatch(r"(bf16|fp16)-master", token)
         return cls(precision=Precision(match.group(1))) if match else None
 
-    @classmethod
-    def examples(cls) -> list[Strategy]:
-        return [cls()]
-
-    @classmethod
-    def space(cls, workload: Workload) -> list[Strategy]:
-        return _training_only(cls, workload)
-
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         return Cast(precision=self.precision).apply(model, ctx)
 
 
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRA(Strategy):
+class LoRA(_TrainingStrategy):
     """Low-rank adapters (LoRA, through peft) on every linear layer of the decoder; the rest frozen.
 
     Each targeted Linear y = W x gains y += (alpha / r) B A x with A [r, K], B [N, r], B zero at
@@ -181,14 +178,6 @@ class LoRA(Strategy):
         if rank < 1:
             raise RecipeError(f"recipe token {token!r} has rank 0", "use lora-R with R >= 1, such as lora-8")
         return cls(rank=rank, alpha=int(match.group(2) or 2 * rank))
-
-    @classmethod
-    def examples(cls) -> list[Strategy]:
-        return [cls()]
-
-    @classmethod
-    def space(cls, workload: Workload) -> list[Strategy]:
-        return _training_only(cls, workload)
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         inject(model, self.rank, self.alpha)
