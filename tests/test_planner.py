@@ -25,11 +25,22 @@ def test_space_has_every_option_once_and_the_empty_plan_first():
     assert "fp16" in [p.recipe for p in candidate_plans(memfit.Workload(device="cuda"))]
 
 
-def test_optimize_fits_the_budget_and_picks_the_lowest_perplexity(make_tiny):
-    model, tokenizer = make_tiny("tiny-llama")
+SHARED = pytest.mark.xdist_group("planner-30")  # the tests reading `optimized` run on one pytest-xdist worker
+
+
+@pytest.fixture(scope="module")
+def optimized():
+    """One search of tiny-llama at 30%, shared by the tests that only read its result."""
+    model, tokenizer = memfit.load("tiny-llama")
     before = memfit.weight_bytes(model)
     result = memfit.optimize(model, tokenizer, "30%", num_tokens=TOKENS, measure_speed=False)
-    assert memfit.weight_bytes(model) == before  # input left unchanged
+    return result, memfit.weight_bytes(model) == before
+
+
+@SHARED
+def test_optimize_fits_the_budget_and_picks_the_lowest_perplexity(optimized):
+    result, input_unchanged = optimized
+    assert input_unchanged
     fitting = [c for c in result.candidates if c.fits and c.skipped is None]
     assert all(c.metrics.weight_bytes <= result.budget_bytes for c in fitting)
     assert all(c.metrics is None for c in result.candidates if not c.fits)
@@ -40,10 +51,11 @@ def test_optimize_fits_the_budget_and_picks_the_lowest_perplexity(make_tiny):
         assert c.metrics.weight_bytes == c.predicted_weight_bytes
 
 
-def test_optimize_is_deterministic(make_tiny):
+@SHARED
+def test_optimize_is_deterministic(make_tiny, optimized):
     model, tokenizer = make_tiny("tiny-llama")
-    first = memfit.optimize(model, tokenizer, "40%", num_tokens=TOKENS, measure_speed=False)
-    second = memfit.optimize(model, tokenizer, "40%", num_tokens=TOKENS, measure_speed=False)
+    first = optimized[0]
+    second = memfit.optimize(model, tokenizer, "30%", num_tokens=TOKENS, measure_speed=False)
     ranking = lambda r: [(c.plan.recipe, c.predicted_weight_bytes, c.metrics and c.metrics.perplexity)
                          for c in r.candidates]
     assert ranking(first) == ranking(second)
@@ -88,9 +100,9 @@ def test_a_budget_only_pruning_meets_gets_a_pruned_plan(make_tiny):
     assert result.best.metrics.perplexity == min(c.metrics.perplexity for c in evaluated)
 
 
-def test_pruning_is_skipped_where_the_plan_without_it_fits(make_tiny):
-    model, tokenizer = make_tiny("tiny-llama")
-    result = memfit.optimize(model, tokenizer, "30%", num_tokens=TOKENS, measure_speed=False)
+@SHARED
+def test_pruning_is_skipped_where_the_plan_without_it_fits(optimized):
+    result = optimized[0]
     by_recipe = {c.plan.recipe: c for c in result.candidates}
     assert not _structure(result.best.plan)
     skipped = by_recipe["prune-50-sparsegpt,int8"]
