@@ -48,7 +48,7 @@ def measure_recipe(model_ref: str, recipe: str, tokens: int, extra=None) -> dict
     if plan.needs_calibration:
         model, tokenizer, source = lazy if lazy is not None else (*load(model_ref), None)
         calibration = calibration_windows(tokenizer)
-        predicted = predict_calibration_memory(model, plan, *calibration.shape, streamed=source is not None).peak_bytes
+        predicted = predict_calibration_memory(model, plan, calibration, source=source).peak_bytes
         with track(None if source is not None else model) as tracker:
             memfit.apply(model, plan, memfit.Context(calibration=calibration, source=source))
             if source is not None:

@@ -193,7 +193,9 @@ def test_streaming_never_holds_the_whole_float_model(make_tiny, tmp_path):
     "drop-layers-1", "lowrank-mlp-50-act,int8",
 ])
 @pytest.mark.parametrize("streamed", [False, True], ids=["loaded", "streamed"])
-def test_calibration_peak_is_predicted_within_10_percent(make_tiny, tmp_path, recipe, streamed):
+def test_calibration_peak_is_predicted_within_1_percent(make_tiny, tmp_path, recipe, streamed):
+    """The prediction runs the calibration on fake tensors; the real run, tracked, peaks at the
+    same bytes (the tiny model's 1% is a few kilobytes)."""
     from memfit.compress import predict_calibration_memory
     from memfit.memory.tracker import track
     from memfit.models.load import load_lazy
@@ -202,14 +204,17 @@ def test_calibration_peak_is_predicted_within_10_percent(make_tiny, tmp_path, re
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     calibration = torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(7))
+    source = None
     if streamed:
         model, _, source = load_lazy(tmp_path)
-    else:
-        source = None
     plan = memfit.Plan.parse(recipe)
-    predicted = predict_calibration_memory(model, plan, 8, 128, streamed=streamed)
+    predicted = predict_calibration_memory(model, plan, calibration, source=source)
+    assert all(p.is_meta for p in model.parameters()) if streamed else not any(p.is_meta for p in model.parameters())
     with track(None if streamed else model) as tracker:
         memfit.apply(model, plan, memfit.Context(calibration=calibration, source=source))
+        if source is not None:
+            source.materialize(model)
     peak = tracker.report().peak_bytes
-    assert abs(predicted.peak_bytes / peak - 1) <= 0.10, (predicted, peak)
+    assert abs(predicted.peak_bytes / peak - 1) <= 0.01, (predicted, peak)
     assert sum(predicted.parts.values()) == predicted.peak_bytes
+    assert predicted.phase.startswith(plan.strategies[0].token) and " step " in predicted.phase, predicted.phase

@@ -39,6 +39,7 @@ def test_compress_then_eval_gives_the_same_numbers(capsys, tmp_path):
     assert main(["compress", "--model", "tiny-llama", "--recipe", "int8", "--out", str(out), *TOKENS, "--json"]) == 0
     compressed = _last_json(capsys)
     assert compressed["recipe"] == "int8" and compressed["out"] == str(out)
+    assert compressed["predicted_calibration_bytes"] is None and compressed["calibration_peak_bytes"] is None
     assert main(["eval", "--model", str(out), *TOKENS, "--json"]) == 0
     reloaded = _last_json(capsys)
     assert reloaded["weight_bytes"] == compressed["metrics"]["weight_bytes"] == 94_016
@@ -219,7 +220,11 @@ def test_compress_with_gptq_calibrates_and_reloads(capsys, tmp_path, streamed):
     args = ["compress", "--model", ref, "--recipe", "int4-g32-gptq", "--calibration-windows", "4",
             "--out", str(out), *TOKENS, "--json"]
     assert main(args) == 0
-    compressed = _last_json(capsys)["metrics"]
+    data = _last_json(capsys)
+    # the prediction printed before the run (fake tensors) and the tracked peak of the run itself
+    predicted, tracked = data["predicted_calibration_bytes"], data["calibration_peak_bytes"]
+    assert tracked > 0 and abs(predicted / tracked - 1) <= 0.01, (predicted, tracked)
+    compressed = data["metrics"]
     assert main(["eval", "--model", str(out), *TOKENS, "--json"]) == 0
     reloaded = _last_json(capsys)
     assert reloaded["weight_bytes"] == compressed["weight_bytes"]

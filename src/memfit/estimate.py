@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memfit.errors import BudgetError, RecipeError
 from memfit.io import skeleton as build_skeleton
 from memfit.memory.report import MemoryReport, weight_report
-from memfit.models.meta import meta_copy
+from memfit.models.meta import meta_copy, to_fake
 from memfit.plan import Plan, apply
 from memfit.profile import profile, synthetic_input_facts
 from memfit.settings import Parallelism, RunSettings
@@ -59,7 +59,7 @@ def estimate(
     if workload is None:
         return weight_report(skeleton)
     mode = FakeTensorMode()
-    _to_fake(skeleton, mode, torch.device(workload.device))
+    to_fake(skeleton, mode, torch.device(workload.device))
     settings = plan.run
     if workload.mode is Mode.TRAIN and workload.ranks > 1 and settings.parallelism is not None:
         return _estimate_ranks(skeleton, workload, mode, settings)
@@ -108,23 +108,6 @@ def _estimate_ranks(
             return profile(skeleton, workload, settings)
     finally:
         dist.destroy_process_group()
-
-
-def _to_fake(model: nn.Module, mode: FakeTensorMode, device: torch.device) -> None:
-    """Replace every meta tensor of ``model`` by a fake tensor on ``device`` (ties kept), so
-    operators dispatch as they would on that device."""
-    converter = mode.fake_tensor_converter
-    memo: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
-                if tensor is None:
-                    continue
-                if id(tensor) not in memo:
-                    fake = converter.from_meta_and_device(mode, tensor.to("meta"), device)
-                    is_param = isinstance(tensor, nn.Parameter)
-                    memo[id(tensor)] = nn.Parameter(fake, requires_grad=tensor.requires_grad) if is_param else fake
-                table[name] = memo[id(tensor)]
 
 
 def max_batch_size(

@@ -10,7 +10,8 @@ from memfit.export import FORMATS
 
 EPILOG = """\
 calibrated recipes read a safetensors model directory layer by layer (streamed);
-their predicted peak memory is printed before they start (--max-memory caps it)
+their peak memory is predicted by running the calibration on fake tensors and printed
+before they start (--max-memory caps it); the run itself is tracked
 
 examples:
   memfit compress --model demo --recipe int8 --out smollm2-int8
@@ -19,7 +20,8 @@ examples:
   memfit compress --model demo --recipe int8 --format gguf-q8_0 --out smollm2-q8_0.gguf
 
 JSON (last stdout line): {"recipe", "out", "metrics": {the keys of memfit eval},
-  "predicted_calibration_bytes": int or null}"""
+  "predicted_calibration_bytes": int or null, "calibration_peak_bytes": int or null}
+  (the predicted and the tracked peak of applying the recipe; null without calibration)"""
 
 
 def add_parser(subparsers) -> None:
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     predicted = None if result.predicted_calibration is None else result.predicted_calibration.peak_bytes
     if args.json:
         console.print_json({"recipe": result.plan.recipe, "out": str(args.out), "metrics": result.metrics.to_dict(),
-                            "predicted_calibration_bytes": predicted})
+                            "predicted_calibration_bytes": predicted,
+                            "calibration_peak_bytes": result.calibration_peak_bytes})
     else:
         console.table(f"memfit compress: {args.model} with {result.plan.recipe} -> {args.out}", ("metric", "value"),
                       console.metrics_rows(result.metrics))
@@ -78,4 +81,4 @@ def _print_prediction(predicted, windows: int, window: int, streamed: bool) -> N
     parts = ", ".join(f"{name} {format_bytes(n)}" for name, n in predicted.parts.items() if n)
     console.stderr.print(f"calibration: {windows} windows of {window} tokens, "
                          f"{'streamed' if streamed else 'model loaded'}; predicted peak "
-                         f"{format_bytes(predicted.peak_bytes)} at {predicted.phase} ({parts})")
+                         f"{format_bytes(predicted.peak_bytes)} in {predicted.phase} ({parts})")

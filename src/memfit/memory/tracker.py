@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import array
+import contextlib
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -66,6 +67,7 @@ class Tracker(TorchDispatchMode):
         self._param_modules: dict[int, str] = {}  # id(parameter) -> the module holding it
         self._held: list[tuple[Any, str]] = []
         self._in_step = False
+        self._window_peak = 0  # the most live at once since `rise` began measuring
 
     # -- entering and leaving ---------------------------------------------------------------------
     def __enter__(self) -> Tracker:
@@ -109,6 +111,19 @@ class Tracker(TorchDispatchMode):
         self._held.append((obj, category))
         self._classify_held()
 
+    @contextlib.contextmanager
+    def rise(self) -> Iterator[list[int]]:
+        """Measure the most bytes live at once inside the block above what was live at its start:
+        ``with tracker.rise() as rise: ...`` then ``rise[0]``."""
+        outer, start = self._window_peak, self._live_total
+        self._window_peak = start
+        result = [0]
+        try:
+            yield result
+        finally:
+            result[0] = self._window_peak - start
+            self._window_peak = max(outer, self._window_peak)
+
     # -- the dispatch hook --------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -141,6 +156,8 @@ class Tracker(TorchDispatchMode):
         self._live[category] += num_bytes
         self._live_total += num_bytes
         self._events.append(index + 1)
+        if self._live_total > self._window_peak:
+            self._window_peak = self._live_total
         if self._live_total > self._peak_bytes:
             self._peak_bytes, self._peak_event = self._live_total, len(self._events) - 1
 
@@ -217,6 +234,16 @@ class Tracker(TorchDispatchMode):
     def peak_bytes(self) -> int:
         """The largest total held at once so far."""
         return self._peak_bytes
+
+    @property
+    def events(self) -> int:
+        """Allocations and frees recorded so far (a position in the run, for `peak_event`)."""
+        return len(self._events)
+
+    @property
+    def peak_event(self) -> int:
+        """The position (see `events`) of the event after which the peak was reached; -1 before any."""
+        return self._peak_event
 
     @property
     def live_bytes(self) -> int:
@@ -359,6 +386,13 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             stack.extend(tree_flatten(item)[0] if not isinstance(item, dict) else item.values())
         elif hasattr(item, "__dict__") and not isinstance(item, (nn.Module, type)):
             stack.extend(vars(item).values())
+
+
+def active_tracker() -> Tracker | None:
+    """The innermost `Tracker` recording now, if any."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return next((m for m in reversed(_get_current_dispatch_mode_stack()) if isinstance(m, Tracker)), None)
 
 
 def track(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> Tracker:

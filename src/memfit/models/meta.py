@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -32,6 +33,23 @@ def meta_copy(model: nn.Module) -> nn.Module:
             tensor, nn.Parameter
         ) else meta
     return copy.deepcopy(model, memo)
+
+
+def to_fake(model: nn.Module, mode: FakeTensorMode, device: torch.device) -> None:
+    """Replace every meta tensor of ``model`` by a fake tensor on ``device`` (ties kept), so
+    operators dispatch as they would on that device."""
+    converter = mode.fake_tensor_converter
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in memo:
+                    fake = converter.from_meta_and_device(mode, tensor.to("meta"), device)
+                    is_param = isinstance(tensor, nn.Parameter)
+                    memo[id(tensor)] = nn.Parameter(fake, requires_grad=tensor.requires_grad) if is_param else fake
+                table[name] = memo[id(tensor)]
 
 
 def skeleton(ref: str | Path | Ref) -> PreTrainedModel:

@@ -52,14 +52,24 @@ class CheckpointSource:
         return name in self._files
 
     def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name``, in its own memory (not a view of the mapped file)."""
+        """The tensor ``name``, in its own memory (not a view of the mapped file), converted to
+        ``dtype``: always one new tensor made from the stored one, so what a read holds does not
+        depend on where the file placed it."""
         if name not in self._files:
             raise CheckpointError(f"{str(self.directory)!r} has no tensor {name!r}", "check the checkpoint")
+        stored = self._stored(name)
+        if self.dtype is not None and stored.is_floating_point() and stored.dtype != self.dtype:
+            return stored.to(self.dtype)
+        return stored.clone()
+
+    def _stored(self, name: str) -> torch.Tensor:
         with safe_open(self._files[name], "pt") as f:
-            tensor = f.get_tensor(name)
-        if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
-        return tensor.clone() if tensor.untyped_storage().data_ptr() % 64 else tensor
+            return f.get_tensor(name)
+
+    def fake(self) -> CheckpointSource:
+        """This checkpoint as a prediction reads it: the same tensors, shapes and dtypes, made
+        with ``torch.empty`` (fake tensors under `FakeTensorMode`), no data read."""
+        return _FakeCheckpointSource(self.directory, self.dtype)
 
     def materialize(self, model: nn.Module, prefix: str = "", recurse: bool = True) -> None:
         """Give every parameter and buffer still on the meta device under ``prefix`` (a module
@@ -108,3 +118,24 @@ class CheckpointSource:
                 self.materialize(model, fqn, recurse=False)
             elif module is not head or tied:
                 self.materialize(model, fqn)
+
+
+# safetensors header dtype names
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _FakeCheckpointSource(CheckpointSource):
+    """A `CheckpointSource` whose reads allocate what a real read would, without reading data."""
+
+    def _stored(self, name: str) -> torch.Tensor:
+        with safe_open(self._files[name], "pt") as f:
+            stored = f.get_slice(name)
+            shape, dtype = stored.get_shape(), stored.get_dtype()
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{name!r} in {str(self.directory)!r} has dtype {dtype}, unknown to memfit",
+                                  "convert the checkpoint to float32, float16 or bfloat16")
+        return torch.empty(shape, dtype=_DTYPES[dtype])

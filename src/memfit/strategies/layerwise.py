@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from memfit.memory.fake import shape_determined
 from memfit.models.arch import decoder_parts
 
 if TYPE_CHECKING:
@@ -51,13 +52,20 @@ def capture_first_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor]
 
 
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
-    """The layer's outputs for every batch, paired with the same keyword arguments."""
-    outputs = []
+    """The layer's outputs for every batch, paired with the same keyword arguments.
+
+    Without hooks inside the layer (nothing observes it), a batch's forward allocates by shapes
+    alone: a prediction on fake tensors runs each distinct shape once and replays the rest
+    (`memfit.memory.fake.shape_determined`)."""
+
+    def forward(hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        out = layer(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    observed = any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
+    run = forward if observed else shape_determined(forward)  # a new cache per call: the layer is fixed
     with torch.no_grad():
-        for hidden, kwargs in inputs:
-            out = layer(hidden, **kwargs)
-            outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
-    return outputs
+        return [(run(hidden, kwargs), kwargs) for hidden, kwargs in inputs]
 
 
 def observe_inputs(

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from memfit.errors import RecipeError
+from memfit.memory.fake import is_fake, value_or
 from memfit.models.arch import LLAMA, decoder_parts
 from memfit.strategies.base import Phase, Strategy, register_field_type
 from memfit.strategies.layerwise import InputStatistics, LayerInputs, calibrate_layers, run_layer
@@ -121,12 +122,12 @@ def whitening(hessian: torch.Tensor) -> torch.Tensor:
         RecipeError: no damping makes the matrix positive definite (NaN or inf inputs).
     """
     h = hessian.float()
-    mean = float(h.diagonal().mean())
+    mean = value_or(h.diagonal().mean(), 1.0)  # a prediction has no values: any positive mean
     damp = _DAMP * mean if mean > 0 else 1.0
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for _ in range(_DAMP_TRIES):
         lower, info = torch.linalg.cholesky_ex(h + damp * eye)
-        if int(info) == 0:
+        if value_or(info, 0) == 0:  # a prediction assumes the factorization succeeds
             return lower
         damp *= 10
     raise RecipeError(
@@ -360,7 +361,7 @@ class LowRank(Strategy):
         n, k = linear.out_features, linear.in_features
         if self.keep is not None:
             rank = budget_rank(n, k, self.keep)
-        elif singular_values is None:  # a prediction before data: the parameter-budget rank
+        elif singular_values is None or is_fake(singular_values):  # a prediction: the parameter-budget rank
             rank = budget_rank(n, k, self.energy)
         else:
             rank = energy_rank(singular_values, self.energy)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memfit.memory.fake import value_or
 from memfit.strategies.quantize import kernels
 from memfit.strategies.quantize.packed import Int8Linear
 
@@ -69,15 +70,25 @@ class SparseLinear(nn.Module):
         self.in_features = in_features
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None) -> SparseLinear:
-        """The weights of ``weight`` [N, K] where ``keep`` is True (the same count in every row)."""
+    def from_dense(
+        cls, weight: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None, kept: int | None = None
+    ) -> SparseLinear:
+        """The weights of ``weight`` [N, K] where ``keep`` is True (the same count in every row).
+
+        Args:
+            kept: the count kept per row, if the caller knows it (a prediction on fake tensors
+                cannot count the mask); checked against the mask on real tensors.
+        """
         n, _ = weight.shape
         counts = keep.sum(dim=1)
-        kept = int(counts[0]) if n else 0
-        if not bool((counts == kept).all()):
-            raise ValueError(f"every row must keep the same number of weights, got {counts.unique().tolist()}")
+        if kept is None:
+            kept = int(counts[0]) if n else 0
+        if not value_or((counts == kept).all(), True):
+            raise ValueError(f"every row must keep {kept} weights, got {counts.unique().tolist()}")
         layer = cls.empty(weight, kept, bias)
-        layer.values.weight.data = weight.detach()[keep].view(n, kept).clone()
+        # the kept positions in row order, by a fixed count (shapes known before the values)
+        positions = torch.nonzero_static(keep.reshape(-1), size=n * kept).squeeze(1)
+        layer.values.weight.data = weight.detach().reshape(-1)[positions].view(n, kept)
         layer.mask = pack_mask(keep)
         return layer
 

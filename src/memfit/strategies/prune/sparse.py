@@ -159,7 +159,8 @@ class Prune(Strategy):
                         pruned = SparseLinear.empty(linear.weight, kept, linear.bias)
                     else:
                         keep = keep_mask(magnitude_scores(linear.weight), self.sparsity, self.group)
-                        pruned = SparseLinear.from_dense(linear.weight, keep, linear.bias)
+                        kept = kept_per_row(linear.in_features, self.sparsity, self.group)
+                        pruned = SparseLinear.from_dense(linear.weight, keep, linear.bias, kept)
                     set_submodule(layer, name, pruned)
                 ctx.report(f"{self.token}: pruning layers", index + 1, len(parts.layers))
         return model
@@ -195,7 +196,8 @@ class Prune(Strategy):
         def finish(index: int, layer: nn.Module) -> None:
             for name, keep in masks.items():
                 linear = layer.get_submodule(name)
-                set_submodule(layer, name, SparseLinear.from_dense(linear.weight, keep, linear.bias))
+                kept = kept_per_row(linear.in_features, self.sparsity, self.group)
+                set_submodule(layer, name, SparseLinear.from_dense(linear.weight, keep, linear.bias, kept))
             masks.clear()
 
         return process, finish

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from memfit.memory.fake import shape_determined
 from memfit.strategies.prune.masks import drop_lowest, keep_mask, pruned_count
 from memfit.strategies.quantize.gptq import GptqSettings, upper_cholesky_of_inverse
 
 
+@shape_determined
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -43,8 +45,8 @@ def sparsegpt_prune(
     if group and settings.block % group:
         raise ValueError(f"N:M groups of {group} must divide the block of {settings.block} columns")
     dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    torch.diagonal(h).masked_fill_(dead, 1)
+    w.masked_fill_(dead, 0)
     torch.diagonal(h).add_(settings.damp * torch.diagonal(h).mean())
     hinv = upper_cholesky_of_inverse(h)
     del h

@@ -16,6 +16,7 @@ Mistral, Qwen2, SmolLM): ``mlp.{gate,up,down}_proj`` and ``self_attn.{q,k,v,o}_p
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.errors import RecipeError
+from memfit.memory.fake import value_or
 from memfit.models.arch import LLAMA, decoder_parts
 from memfit.strategies.base import Phase, Strategy
 from memfit.strategies.layerwise import calibrate_layers, observe_inputs
@@ -384,15 +386,17 @@ class DropLayers(_Shrink):
                 if total > 1
                 else "a model with one decoder layer has none to drop",
             )
+        last = list(range(total - self.num_layers, total))  # what a prediction without values drops
         if has_values(model) or ctx.source is not None:
             influence = block_influence(model, ctx.calibration_for(self.token), ctx, self.token)
-            dropped = sorted(torch.argsort(influence, stable=True)[: self.num_layers].tolist())
+            dropped = sorted(value_or(torch.argsort(influence, stable=True)[: self.num_layers], last))
+            scores = value_or(influence, [math.nan] * total)
             ctx.note(
                 f"{self.token}: dropped decoder layers {dropped} of {total} (lowest block influence: "
-                f"{', '.join(f'{influence[i]:.3g}' for i in dropped)})"
+                f"{', '.join(f'{scores[i]:.3g}' for i in dropped)})"
             )
         else:
-            dropped = list(range(total - self.num_layers, total))
+            dropped = last
         kept = [i for i in range(total) if i not in dropped]
         for index in reversed(dropped):
             del layers[index]  # the ModuleList renumbers its keys: model.layers.0, 1, ...

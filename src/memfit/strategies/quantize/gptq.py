@@ -14,6 +14,8 @@ import dataclasses
 
 import torch
 
+from memfit.memory.fake import shape_determined, value_or
+
 
 @dataclasses.dataclass(frozen=True)
 class GptqSettings:
@@ -30,6 +32,7 @@ class GptqSettings:
     act_order: bool = True
 
 
+@shape_determined
 def gptq_round(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -59,12 +62,13 @@ def gptq_round(
     n, k = w.shape
     scale = scale.float()
     zero = zero.float()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    dead = torch.diagonal(h) == 0  # inputs that were always zero: their columns carry nothing
+    torch.diagonal(h).masked_fill_(dead, 1)
+    w.masked_fill_(dead, 0)
     order = torch.argsort(torch.diagonal(h), descending=True) if settings.act_order else torch.arange(k)
     w, h = w[:, order], h[order][:, order]
-    column_group = order // group_size  # the grid each visited column keeps
+    # the grid each visited column keeps (a prediction without values visits them in order)
+    column_group = value_or(order // group_size, [j // group_size for j in range(k)])
     torch.diagonal(h).add_(settings.damp * torch.diagonal(h).mean())
     hinv = upper_cholesky_of_inverse(h)
     del h
@@ -93,7 +97,7 @@ def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
     extra = torch.diagonal(h).mean() * 0.01
     for _ in range(8):
         lower, info = torch.linalg.cholesky_ex(h)
-        if info == 0:
+        if value_or(info, 0) == 0:  # a prediction assumes the factorization succeeds
             inverse = torch.cholesky_inverse(lower)
             del lower
             return torch.linalg.cholesky(inverse, upper=True)

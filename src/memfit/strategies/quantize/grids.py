@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from memfit.memory.fake import shape_determined
+
 CHUNK_VALUES = 1 << 22  # rows are rounded in chunks of about this many values (16 MB of fp32)
 
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +52,7 @@ def _per_row(weight: torch.Tensor, dtype: torch.dtype, top: float, round_fn) -> 
     return q, scale
 
 
+@shape_determined
 def quantize_int4_groups(
     weight: torch.Tensor, group_size: int, *, shrink: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8), refits: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

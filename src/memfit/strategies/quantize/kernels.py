@@ -21,6 +21,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 # Rows (tokens) up to which the packed CPU kernels beat dequantize + F.linear, measured by
 # benchmarks/kernels.py (docs/benchmarks.md): int8 crosses over between 64 and 512 rows; int4 never did.
@@ -173,15 +174,17 @@ def cpu_int4_layout() -> Int4Layout | None:
     convert = getattr(torch, "_convert_weight_to_int4pack_for_cpu", None)
     if convert is None or not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         return None
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (144, 64), dtype=torch.int32, generator=gen)  # 144 = 2*64 + 16
-    try:
-        reference = convert(q, 2)
-    except RuntimeError:
-        return None
-    for layout in (Int4Layout(64, True), Int4Layout(32, True), Int4Layout(32, False)):
-        if torch.equal(layout.pack(q), reference):
-            return layout
+    # a property of the machine, not of the run: outside any tracker or fake-tensor mode
+    with _disable_current_modes():
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (144, 64), dtype=torch.int32, generator=gen)  # 144 = 2*64 + 16
+        try:
+            reference = convert(q, 2)
+        except RuntimeError:
+            return None
+        for layout in (Int4Layout(64, True), Int4Layout(32, True), Int4Layout(32, False)):
+            if torch.equal(layout.pack(q), reference):
+                return layout
     return None
 
 

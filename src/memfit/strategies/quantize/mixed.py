@@ -226,11 +226,14 @@ class MixedBits(Strategy):
                 ctx.source.materialize(model)
                 ctx.note(f"{self.token}: the sensitivity runs read the whole checkpoint (not streamed)")
             gains = self._measure(model, units, ctx)
-        else:  # a dry run has no values: assume divergence proportional to size (bytes are what it predicts)
+        else:
+            gains = None
+        if gains is None:  # a prediction has no values: assume divergence proportional to size
             gains = [{4: 0.0, 8: c[4] * 0.9, FLOAT: float(c[4])} for c in costs]
         return tuple(allocate(costs, gains, cap))
 
-    def _measure(self, model: nn.Module, units, ctx: Context) -> list[dict[int, float]]:
+    def _measure(self, model: nn.Module, units, ctx: Context) -> list[dict[int, float]] | None:
+        """Each unit's divergence removed by int8 and by float; None on fake tensors."""
         from memfit.strategies.quantize.sensitivity import unit_sensitivities
 
         batches = _sensitivity_batches(ctx.calibration)
@@ -240,6 +243,8 @@ class MixedBits(Strategy):
         # int8's divergence is measured once for all units together and shared in proportion
         everything = [(0, [m for _, unit in units for _, m in unit])]
         int8_total = unit_sensitivities(model, batches, everything, fake_quantize_int8)[0]
+        if int8_total is None:
+            return None
         share = sum(int4) or 1.0
         return [{4: 0.0, 8: kl - int8_total * kl / share, FLOAT: kl} for kl in int4]
 

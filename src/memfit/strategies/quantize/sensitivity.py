@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.errors import RecipeError
+from memfit.memory.fake import is_fake
 from memfit.models.arch import decoder_parts
 from memfit.strategies.layerwise import capture_first_layer_inputs, run_layer
 
@@ -32,9 +33,10 @@ def unit_sensitivities(
     units: list[Unit],
     fake_quantize: Callable[[torch.Tensor], torch.Tensor],
     progress: Callable[[int, int], None] | None = None,
-) -> list[float]:
+) -> list[float | None]:
     """Mean KL divergence (nats per token) from the model's outputs when only each unit's weights
-    are replaced by ``fake_quantize(weight)``; one float per unit, in order."""
+    are replaced by ``fake_quantize(weight)``; one float per unit, in order (None on fake tensors:
+    a prediction runs the same passes but has no divergence to read)."""
     parts = decoder_parts(model)
     norm, head = _tail(model)
     with torch.no_grad():
@@ -93,13 +95,14 @@ def _rows(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def _kl(reference: list[torch.Tensor], hidden: list[torch.Tensor], norm: nn.Module, head: nn.Module) -> float:
+def _kl(reference: list[torch.Tensor], hidden: list[torch.Tensor], norm: nn.Module, head: nn.Module) -> float | None:
     """Mean KL(reference || model) per token, the model's log-probabilities computed from
     ``hidden`` a chunk of rows at a time (a vocabulary-wide float tensor per row is the large part)."""
-    total, count = 0.0, 0
+    total, count = None, 0
     for ref, h in zip(reference, hidden, strict=True):
         for log_p, rows in zip(ref.split(CHUNK_ROWS), _rows(h).split(CHUNK_ROWS), strict=True):
             log_q = _chunk_log_probs(norm, head, rows)
-            total += F.kl_div(log_q, log_p, reduction="sum", log_target=True).item()
+            kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+            total = kl if total is None else total + kl
         count += ref.shape[0]
-    return total / count
+    return None if is_fake(total) else total.item() / count

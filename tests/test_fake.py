@@ -1,0 +1,45 @@
+"""Running real code on fake tensors: values a prediction assumes, and kernels replayed by shape."""
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from memfit.memory.fake import is_fake, shape_determined, value_or
+from memfit.memory.tracker import track
+
+CALLS = []
+
+
+@shape_determined
+def _kernel(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Allocates a [N, width] temporary and a [N, 2 * width] one, keeps neither; returns [N]."""
+    CALLS.append(width)
+    wide = x[:, None].expand(-1, width).clone()
+    wider = torch.cat([wide, wide], dim=1)
+    del wide
+    return wider.sum(dim=1)
+
+
+def test_value_or_reads_real_tensors_and_assumes_for_fake_ones():
+    assert value_or(torch.tensor(3), 7) == 3 and value_or(torch.tensor([1, 2]), []) == [1, 2]
+    with FakeTensorMode():
+        fake = torch.empty(2)
+        assert is_fake(fake) and value_or(fake, [5, 6]) == [5, 6]
+    assert not is_fake(torch.empty(2))
+
+
+def test_a_shape_determined_kernel_runs_once_per_shape_on_fake_tensors_and_the_peak_is_the_same():
+    def peaks(make):
+        CALLS.clear()
+        with track() as tracker:
+            x = make(64)
+            outs = [_kernel(x, 8) for _ in range(3)] + [_kernel(x, 16)]
+        return tracker.peak_bytes, tracker.live_bytes, list(CALLS), [tuple(o.shape) for o in outs]
+
+    real = peaks(lambda n: torch.ones(n))
+    with FakeTensorMode():
+        fake = peaks(lambda n: torch.empty(n))
+    assert real[2] == [8, 8, 8, 16]  # real tensors always run
+    assert fake[2] == [8, 16]  # fake: once per signature, then replayed
+    assert fake[0] == real[0] and fake[1] == real[1] and fake[3] == real[3]
+    # x, three [64] results, and the width-16 call's [64, 16] and [64, 32] temporaries; then x and four results
+    assert real[0] == 4 * (64 + 3 * 64 + 64 * 16 + 64 * 32) and real[1] == 4 * 5 * 64
