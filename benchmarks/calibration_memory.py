@@ -35,8 +35,8 @@ def run(recipe: str, windows: int, tokens: int) -> dict:
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         seconds = time.perf_counter() - start
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    phase = next((line.split(" in ", 1)[1].split(" (")[0] for line in done.stderr.splitlines()
-                  if "predicted peak" in line), "")
+    phase = next((line.split(" in ", 1)[1].rsplit(" (", 1)[0] for line in done.stderr.splitlines()
+                  if "; predicted peak " in line), "")
     return {"recipe": recipe, "predicted": result["predicted_calibration_bytes"],
             "tracked": result["calibration_peak_bytes"], "phase": phase, "seconds": seconds}
 

@@ -79,6 +79,6 @@ def _print_prediction(predicted, windows: int, window: int, streamed: bool) -> N
     from memfit.units import format_bytes
 
     parts = ", ".join(f"{name} {format_bytes(n)}" for name, n in predicted.parts.items() if n)
-    console.stderr.print(f"calibration: {windows} windows of {window} tokens, "
-                         f"{'streamed' if streamed else 'model loaded'}; predicted peak "
-                         f"{format_bytes(predicted.peak_bytes)} in {predicted.phase} ({parts})")
+    line = (f"calibration: {windows} windows of {window} tokens, {'streamed' if streamed else 'model loaded'}; "
+            f"predicted peak {format_bytes(predicted.peak_bytes)} in {predicted.phase} ({parts})")
+    console.stderr.print(line, soft_wrap=True)  # one line, whatever the terminal's width

@@ -41,45 +41,62 @@ def value_or(tensor: torch.Tensor, assumed: Any) -> Any:
 
 def shape_determined(fn: F) -> F:
     """Mark ``fn`` as allocating by its arguments' shapes, dtypes and its other (hashable)
-    arguments alone, with no effect but its result. On real tensors it simply runs. On fake
-    tensors under a tracker, the first call of each signature runs and is measured (the peak it
-    adds above the bytes live at its start, and its outputs); later calls allocate the same
-    outputs and a block of the remaining peak, then free the block, so the tracker sees the same
-    peak and the same bytes left behind without the operators running again. A call whose
-    outputs are views into larger or shared storage is not replayed: it runs every time.
+    arguments alone, with no effect but its result and writes into its arguments (which fake
+    tensors do not hold); its first positional tensor tells real calls from fake ones.
+
+    On real tensors it simply runs. On fake tensors under a tracker, the first call of each
+    signature runs and is measured (the peak it adds above the bytes live at its start, and its
+    outputs); later calls allocate the same outputs and a block of the remaining peak, then free
+    the block, so the tracker sees the same peak and the same bytes left behind without the
+    operators running again. A call whose outputs are views into larger or shared storage is not
+    replayed: it runs every time.
     """
-    measured: dict[tuple, tuple[int, list[tuple[torch.Size, torch.dtype, torch.device]], Any] | None] = {}
+    measured: dict[tuple, tuple[int, list[Any], Any] | None] = {}
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        leaves = tree_flatten((args, kwargs))[0]
-        tracker = active_tracker()
-        if tracker is None or not any(isinstance(x, torch.Tensor) and is_fake(x) for x in leaves):
+        first = next((x for x in args if isinstance(x, torch.Tensor)), None)
+        if first is None or not is_fake(first):  # real tensors (a run's tensors are all real or all fake)
             return fn(*args, **kwargs)
+        tracker = active_tracker()
+        if tracker is None:
+            return fn(*args, **kwargs)
+        leaves = tree_flatten((args, kwargs))[0]
         key = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
-        if key in measured and measured[key] is not None:
-            peak, shapes, spec = measured[key]
-            outputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in shapes]
-            rest = peak - sum(_nbytes(t) for t in outputs)
+        if measured.get(key) is not None:
+            peak, recorded, spec = measured[key]
+            outputs = [torch.empty(x[0], dtype=x[1], device=x[2]) if isinstance(x, tuple) else x for x in recorded]
+            tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
+            rest = peak - sum(_nbytes(t) for t in tensors)
             if rest > 0:
-                block = torch.empty(rest, dtype=torch.uint8, device=outputs[0].device if outputs else "cpu")
+                block = torch.empty(rest, dtype=torch.uint8, device=first.device)
                 del block
             return tree_unflatten(outputs, spec)
         with tracker.rise() as rise:
             out = fn(*args, **kwargs)
         if key not in measured:
-            outputs, spec = tree_flatten(out)
-            inputs = {x.untyped_storage()._cdata for x in leaves if isinstance(x, torch.Tensor)}
-            storages = [t.untyped_storage() for t in outputs if isinstance(t, torch.Tensor)]
-            whole = (
-                len(storages) == len(outputs)
-                and all(s.nbytes() == _nbytes(t) for s, t in zip(storages, outputs, strict=True))
-                and len({s._cdata for s in storages} | inputs) == len(storages) + len(inputs)
-            )
-            measured[key] = (rise[0], [(t.shape, t.dtype, t.device) for t in outputs], spec) if whole else None
+            measured[key] = _replayable(out, leaves, rise[0])
         return out
 
     return run  # type: ignore[return-value]
+
+
+def _replayable(out: Any, inputs: list[Any], peak: int) -> tuple[int, list[Any], Any] | None:
+    """``(peak, outputs as (shape, dtype, device) or plain values, tree spec)``, or None when the
+    outputs are not new whole tensors (a view of an input, two sharing one storage) or hold
+    values other than None, numbers and strings."""
+    outputs, spec = tree_flatten(out)
+    tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
+    if any(not isinstance(x, (torch.Tensor, type(None), bool, int, float, str)) for x in outputs):
+        return None
+    storages = {t.untyped_storage()._cdata for t in tensors}
+    owned = {x.untyped_storage()._cdata for x in inputs if isinstance(x, torch.Tensor)}
+    if len(storages) < len(tensors) or storages & owned:
+        return None
+    if any(t.untyped_storage().nbytes() != _nbytes(t) for t in tensors):
+        return None
+    recorded = [(t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else t for t in outputs]
+    return peak, recorded, spec
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -127,13 +127,21 @@ class Tracker(TorchDispatchMode):
     # -- the dispatch hook --------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # most operators return one tensor, and many (views, in-place updates) a known storage:
+        # those cost a dictionary look-up (this hook runs on every operator of a run)
+        if isinstance(out, torch.Tensor):
+            if _local(out).untyped_storage()._cdata in self._live_blocks:
+                return out
+            outputs: Iterable[torch.Tensor] = (out,)
+        else:
+            outputs = list(_tensors(out))
         in_backward = torch._C._current_graph_task_id() != -1
         module = OPTIMIZER if self._in_step else self._stack.current(in_backward)
         # inside a module's forward: an activation; in backward, the optimizer step or between
         # modules: a temporary
         category = ACTIVATIONS if module not in (None, OPTIMIZER) and not in_backward else TEMPORARY
         module = module or ""
-        for tensor in _tensors(out):
+        for tensor in outputs:
             self._add(tensor, category, module)
         return out
 

@@ -10,7 +10,7 @@ per weight, eight to a byte along each row.
 Held at 50% sparsity: half the values plus K/8 bytes of mask per row (53% of fp32; with int8
 values 16%). The forward rebuilds the layer's dense weight from the two (`dense_weight`) and
 runs one dense matmul; with int8 values at decode it scatters the int8 codes and uses the packed
-int8 kernel. `benchmarks/kernels.py` compares this with a CSR sparse matmul.
+int8 kernel. `benchmarks/packed_kernels.py` compares this with a CSR sparse matmul.
 """
 
 from __future__ import annotations

@@ -66,13 +66,22 @@ def sparsegpt_prune(
             if group and i % group == 0 and start + i + group <= k:
                 costs = w_block[:, i : i + group] ** 2 / cost_scale[:, i : i + group]
                 block_keep[:, i : i + group] = keep_mask(costs, sparsity, group)
-            column = w_block[:, i]
-            kept = torch.where(block_keep[:, i], column, torch.zeros_like(column))
-            error = (column - kept) / hinv_block[i, i]
-            w_block[:, i:] -= error[:, None] * hinv_block[i, i:][None, :]
-            w_block[:, i] = kept
-            errors[:, i] = error
+            _prune_column(w_block, errors, block_keep, hinv_block, i)
         w[:, start:end] = w_block
         w[:, end:] -= errors @ hinv[start:end, end:]
     return w, keep
 
+
+
+@shape_determined  # the same shapes for the same column of every block: a prediction replays them
+def _prune_column(
+    w_block: torch.Tensor, errors: torch.Tensor, block_keep: torch.Tensor, hinv_block: torch.Tensor, i: int
+) -> None:
+    """Zero the pruned weights of column ``i`` of the block, record the error and push it onto the
+    block's columns after it."""
+    column = w_block[:, i]
+    kept = torch.where(block_keep[:, i], column, torch.zeros_like(column))
+    error = (column - kept) / hinv_block[i, i]
+    w_block[:, i:] -= error[:, None] * hinv_block[i, i:][None, :]
+    w_block[:, i] = kept
+    errors[:, i] = error

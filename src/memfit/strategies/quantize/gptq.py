@@ -80,15 +80,24 @@ def gptq_round(
         hinv_block = hinv[start:end, start:end]
         for i in range(end - start):
             g = column_group[start + i]
-            s, z = scale[g], zero[g]
-            column = w_block[:, i]
-            code = (column / s).round().add_(z).clamp_(qmin, qmax)
-            codes[:, start + i] = code
-            error = (column - (code - z) * s) / hinv_block[i, i]
-            w_block[:, i:] -= error[:, None] * hinv_block[i, i:][None, :]
-            errors[:, i] = error
+            _round_column(w_block, errors, codes[:, start + i], hinv_block, scale[g], zero[g], i, qmin, qmax)
         w[:, end:] -= errors @ hinv[start:end, end:]
     return codes[:, torch.argsort(order)]
+
+
+@shape_determined  # the same shapes for the same column of every block: a prediction replays them
+def _round_column(
+    w_block: torch.Tensor, errors: torch.Tensor, code_out: torch.Tensor, hinv_block: torch.Tensor,
+    s: torch.Tensor, z: torch.Tensor, i: int, qmin: int, qmax: int,
+) -> None:
+    """Round column ``i`` of the block onto its grid (into ``code_out``), record its error and push
+    the error onto the block's columns after it."""
+    column = w_block[:, i]
+    code = (column / s).round().add_(z).clamp_(qmin, qmax)
+    code_out.copy_(code)
+    error = (column - (code - z) * s) / hinv_block[i, i]
+    w_block[:, i:] -= error[:, None] * hinv_block[i, i:][None, :]
+    errors[:, i] = error
 
 
 def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 PyTorch ships CPU kernels for weight-only quantized matmuls, ``torch._weight_int8pack_mm`` and
 ``torch._weight_int4pack_mm_for_cpu``, which take bf16 inputs. The path is chosen per call by the
-number of rows (tokens), from the crossovers measured by benchmarks/kernels.py on the demo model's
+number of rows (tokens), from the crossovers measured by benchmarks/packed_kernels.py on the demo model's
 shapes (2-core AVX-512 CPU): the int8 kernel runs one row 3-4x faster than an fp32 ``F.linear`` but
 512 rows about 1.2x slower than dequantize + ``F.linear``, so it serves up to `INT8_KERNEL_MAX_ROWS`
 rows; the int4 kernel beats dequantizing at every row count measured (1 to 512), so it serves all
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 
 # Rows (tokens) up to which the packed CPU kernels beat dequantize + F.linear, measured by
-# benchmarks/kernels.py (docs/benchmarks.md): int8 crosses over between 64 and 512 rows; int4 never did.
+# benchmarks/packed_kernels.py (docs/benchmarks.md): int8 crosses over between 64 and 512 rows; int4 never did.
 INT8_KERNEL_MAX_ROWS = 64
 INT4_KERNEL_MAX_ROWS = 1 << 62
 

@@ -5,7 +5,7 @@ fp32 F.linear on the float weight, the packed int8/int4 kernels (bf16 inputs), a
 F.linear in fp32. Prints medians in microseconds and the kernel/dequantize ratio; the kernel pays
 off while the ratio is below 1.
 
-    .venv/bin/python benchmarks/kernels.py [--repeats 30]
+    .venv/bin/python benchmarks/packed_kernels.py [--repeats 30]
 """
 
 from __future__ import annotations
