@@ -40,7 +40,8 @@ from memfit.workload import Context, ProgressFn
 @dataclasses.dataclass(frozen=True)
 class CalibrationMemory:
     """A calibration run's peak (bytes), where in the run it falls, and what was live at it by
-    category (`memfit.memory.CATEGORIES`; the weights are ``parameters``)."""
+    category (`memfit.memory.CATEGORIES`: the loaded model's weights are ``parameters``; weights
+    read from a streamed checkpoint are allocated outside any module and count as ``temporary``)."""
 
     peak_bytes: int
     phase: str
