@@ -7,6 +7,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "memfit"
 MAX_LINES = 600
@@ -132,3 +134,13 @@ def test_type_checking_imports_and_submodule_imports_are_read_as_they_mean():
 def test_every_layer_in_the_list_exists():
     present = {layer_of(module_name(p)) for p in SRC.rglob("*.py")}
     assert set(layer_order()) == present
+
+
+@pytest.mark.xdist_group("codebase")
+def test_xdist_groups_reach_one_worker(request):
+    """`make test` runs `--dist loadgroup`: a group's tests must carry its name to the scheduler, or
+    the module fixtures they share (the demo's pruned models, the planner's optimize run) are
+    computed once on each worker."""
+    if not getattr(request.config.option, "loadgroup", False):  # set on pytest-xdist workers
+        pytest.skip("runs under pytest-xdist --dist loadgroup (make test)")
+    assert request.node.nodeid.endswith("@codebase"), request.node.nodeid

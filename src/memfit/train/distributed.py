@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -69,8 +70,52 @@ def join(device: str | None = None) -> World:
 
 
 def leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group once no gloo worker thread still has a collective to release.
+
+    A gloo worker thread drops a finished collective's tensors after `wait()` has returned, and
+    dropping a tensor Python has seen takes the GIL. If that thread has not run by the time the
+    interpreter finalizes, it dies taking the GIL and the process aborts after its work is done
+    ("terminate called without an active exception"; seen under CPU contention after FSDP's
+    state-dict gather). Destroying the group does not join those threads (FSDP's mesh keeps the
+    group alive), so after a barrier this waits until every worker thread is asleep again.
+    """
+    if not dist.is_initialized():
+        return
+    gloo = dist.get_backend() == "gloo"
+    dist.barrier()
+    dist.destroy_process_group()
+    if gloo:
+        _wait_for_gloo_threads()
+
+
+def _wait_for_gloo_threads(limit_s: float = 2.0) -> None:
+    """Sleep (releasing the GIL) until no ``pt_gloo_runloop`` thread is runnable in three polls in a row."""
+    deadline, quiet = time.monotonic() + limit_s, 0
+    while quiet < 3 and time.monotonic() < deadline:
+        time.sleep(0.002)
+        states = _thread_states("pt_gloo_runloop")
+        if states is None:  # no /proc: give the threads a fixed moment instead
+            time.sleep(0.05)
+            return
+        quiet = quiet + 1 if "R" not in states else 0
+
+
+def _thread_states(name: str) -> list[str] | None:
+    """The scheduler states ("R", "S", ...) of this process's threads called ``name``; None without /proc."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    states = []
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended
+            continue
+        if stat[stat.index("(") + 1 : stat.rindex(")")] == name:
+            states.append(stat[stat.rindex(")") + 2])
+    return states
 
 
 def mean(value: float, world: World) -> float:
