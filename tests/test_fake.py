@@ -41,5 +41,37 @@ def test_a_shape_determined_kernel_runs_once_per_shape_on_fake_tensors_and_the_p
     assert real[2] == [8, 8, 8, 16]  # real tensors always run
     assert fake[2] == [8, 16]  # fake: once per signature, then replayed
     assert fake[0] == real[0] and fake[1] == real[1] and fake[3] == real[3]
+    # untracked, the same real calls give the same values
+    x = torch.arange(64.0)
+    assert torch.equal(_kernel(x, 8), _kernel.__wrapped__(x, 8))
     # x, three [64] results, and the width-16 call's [64, 16] and [64, 32] temporaries; then x and four results
     assert real[0] == 4 * (64 + 3 * 64 + 64 * 16 + 64 * 32) and real[1] == 4 * 5 * 64
+
+
+def test_real_calls_after_the_first_run_out_of_the_trackers_sight_and_count_the_same():
+    """On real tensors the tracker measures a signature's first call and counts later ones from
+    it (outputs, and the peak as a block): the figures equal a run that tracks every operator."""
+    from memfit.memory.tracker import Tracker
+
+    seen = []
+    hook = Tracker.__torch_dispatch__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return hook(self, func, types, args, kwargs)
+
+    def run(kernel):
+        seen.clear()
+        with track() as tracker:
+            x = torch.ones(64)
+            outs = [kernel(x, 8) for _ in range(5)]
+            total = torch.stack(outs).sum()
+        return tracker.peak_bytes, tracker.live_bytes, len(seen), total.item()
+
+    Tracker.__torch_dispatch__ = counting
+    try:
+        replayed, every = run(_kernel), run(_kernel.__wrapped__)
+    finally:
+        Tracker.__torch_dispatch__ = hook
+    assert replayed[0] == every[0] and replayed[1] == every[1] and replayed[3] == every[3] == 5 * 64 * 16
+    assert replayed[2] < every[2] - 3  # four calls' operators were not dispatched through the tracker

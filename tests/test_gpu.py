@@ -84,3 +84,30 @@ def test_nccl_ddp_and_fsdp_match_one_process(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         losses = json.loads(done.stdout.strip().splitlines()[-1])["losses"]
         assert max(abs(a - b) / b for a, b in zip(losses, single, strict=True)) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_runtime_with_cuda_graphs_decodes_transformers_greedy_tokens(make_tiny, dtype):
+    from memfit.runtime import Engine
+
+    model, _ = make_tiny("tiny-llama")
+    model.to("cuda", dtype)
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    expected = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=64, min_new_tokens=64,
+                              do_sample=False)[0, 12:].tolist()
+    engine = Engine(model, compile=True)
+    assert [s.tokens[0] for s in engine.stream([prompt], 64)] == expected
+    assert engine.compiled
+    assert [s.tokens[0] for s in engine.stream([prompt], 64)] == expected  # graphs replayed
+
+
+def test_the_runtime_decodes_packed_int8_on_cuda(make_tiny):
+    from memfit.runtime import Engine
+
+    model, _ = make_tiny("tiny-qwen2")
+    memfit.apply(model, "int8")
+    model.to("cuda")
+    prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    expected = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=32, min_new_tokens=32,
+                              do_sample=False)[0, 9:].tolist()
+    assert [s.tokens[0] for s in Engine(model, compile=True).stream([prompt], 32)] == expected

@@ -2,7 +2,8 @@
 
 The verbs: `load` a model, `estimate` what a plan would hold, `profile` what a workload holds,
 `apply` a plan, `evaluate` the result, `compress` (apply, measure, save in one streamed run),
-`optimize` (search for the best plan under a budget), `train` (fine-tune under a budget) and `save`.
+`optimize` (search for the best plan under a budget), `train` (fine-tune under a budget), `save`, and
+`generate` (text through memfit's runtime: static KV cache, compiled decode step).
 
 Example:
     >>> import memfit
@@ -31,6 +32,7 @@ from memfit.memory.report import MemoryReport, weight_bytes
 from memfit.plan import Plan, apply
 from memfit.planner.search import Candidate, OptimizeResult, optimize
 from memfit.profile import profile
+from memfit.runtime import Generation, Sampling, generate
 from memfit.settings import OptimizerKind, Parallelism, RunSettings
 from memfit.strategies import (
     W8A8,
@@ -64,6 +66,7 @@ __all__ = [
     "compress",
     "estimate",
     "evaluate",
+    "generate",
     "load",
     "optimize",
     "profile",
@@ -73,6 +76,7 @@ __all__ = [
     "Candidate",
     "CompressResult",
     "Context",
+    "Generation",
     "MemoryReport",
     "Metrics",
     "Mode",
@@ -81,6 +85,7 @@ __all__ = [
     "Parallelism",
     "Plan",
     "RunSettings",
+    "Sampling",
     "StepInfo",
     "TrainResult",
     "Workload",

@@ -7,9 +7,10 @@ fake ones it is ``assumed``, the answer a healthy run gives (a Cholesky factoriz
 scale folds into the norm before it). Everything else (which tensors are allocated, when they are
 freed) is the same code either way, so the tracker sees the same allocations.
 
-Kernels that loop over columns (GPTQ, SparseGPT) run tens of thousands of small operators, and on
-fake tensors each costs a dispatch through the tracker and the fake-tensor mode: a prediction that
-ran them all would take as long as the calibration. Their allocations depend on their arguments'
+Kernels that loop over columns (GPTQ, SparseGPT) run tens of thousands of small operators, and
+each costs a dispatch through the tracker (and, on fake tensors, the fake-tensor mode): a
+prediction that ran them all would take as long as the calibration, and a tracked calibration
+twice as long as an untracked one. Their allocations depend on their arguments'
 shapes alone, so `shape_determined` measures one call per signature under the tracker and replays
 its effect (the same peak above the start, the same outputs) for every later call.
 """
@@ -44,34 +45,46 @@ def shape_determined(fn: F) -> F:
     arguments alone, with no effect but its result and writes into its arguments (which fake
     tensors do not hold); its first positional tensor tells real calls from fake ones.
 
-    On real tensors it simply runs. On fake tensors under a tracker, the first call of each
-    signature runs and is measured (the peak it adds above the bytes live at its start, and its
-    outputs); later calls allocate the same outputs and a block of the remaining peak, then free
-    the block, so the tracker sees the same peak and the same bytes left behind without the
-    operators running again. A call whose outputs are views into larger or shared storage is not
-    replayed: it runs every time.
+    Without a tracker it simply runs. Under a tracker, the first call of each signature runs and
+    is measured (the peak it adds above the bytes live at its start, and its outputs). Later calls
+    on fake tensors allocate the same outputs and a block of the remaining peak, then free the
+    block, so the tracker sees the same peak and the same bytes left behind without the operators
+    running again. Later calls on real tensors run with the tracker paused (its per-operator
+    hook would otherwise cost more than the kernel), and the tracker then counts their outputs
+    and the same block. Real and fake calls are measured separately, so a tracked run's figures
+    come from its own first calls. A call whose outputs are views into larger or shared storage
+    is not replayed: it runs, tracked, every time.
     """
     measured: dict[tuple, tuple[int, list[Any], Any] | None] = {}
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         first = next((x for x in args if isinstance(x, torch.Tensor)), None)
-        if first is None or not is_fake(first):  # real tensors (a run's tensors are all real or all fake)
-            return fn(*args, **kwargs)
         tracker = active_tracker()
-        if tracker is None:
+        if first is None or tracker is None:
+            return fn(*args, **kwargs)
+        fake = is_fake(first)  # a run's tensors are all real or all fake
+        if not fake and not tracker.alone():
             return fn(*args, **kwargs)
         leaves = tree_flatten((args, kwargs))[0]
-        key = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
+        key = (fake, *((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves))
         if measured.get(key) is not None:
             peak, recorded, spec = measured[key]
-            outputs = [torch.empty(x[0], dtype=x[1], device=x[2]) if isinstance(x, tuple) else x for x in recorded]
+            if fake:
+                outputs = [torch.empty(x[0], dtype=x[1], device=x[2]) if isinstance(x, tuple) else x for x in recorded]
+                out = tree_unflatten(outputs, spec)
+            else:
+                with tracker.paused():
+                    out = fn(*args, **kwargs)
+                outputs = tree_flatten(out)[0]
             tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
+            if not fake:
+                tracker.adopt(tensors)
             rest = peak - sum(_nbytes(t) for t in tensors)
             if rest > 0:
                 block = torch.empty(rest, dtype=torch.uint8, device=first.device)
                 del block
-            return tree_unflatten(outputs, spec)
+            return out
         with tracker.rise() as rise:
             out = fn(*args, **kwargs)
         if key not in measured:

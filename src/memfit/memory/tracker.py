@@ -135,15 +135,40 @@ class Tracker(TorchDispatchMode):
             outputs: Iterable[torch.Tensor] = (out,)
         else:
             outputs = list(_tensors(out))
+        category, module = self._where()
+        for tensor in outputs:
+            self._add(tensor, category, module)
+        return out
+
+    def _where(self) -> tuple[str, str]:
+        """The category and module a tensor allocated now is counted under."""
         in_backward = torch._C._current_graph_task_id() != -1
         module = OPTIMIZER if self._in_step else self._stack.current(in_backward)
         # inside a module's forward: an activation; in backward, the optimizer step or between
         # modules: a temporary
         category = ACTIVATIONS if module not in (None, OPTIMIZER) and not in_backward else TEMPORARY
-        module = module or ""
-        for tensor in outputs:
+        return category, module or ""
+
+    # -- operators run out of sight (memfit.memory.fake.shape_determined on real tensors) -------------
+    def alone(self) -> bool:
+        """True if this tracker is the only dispatch mode active (no fake-tensor mode under it)."""
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        return _get_current_dispatch_mode_stack() == [self]
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run operators without recording them; count what they leave behind with `adopt`."""
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            yield
+
+    def adopt(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count tensors made while `paused` as allocated now (storages already counted are skipped)."""
+        category, module = self._where()
+        for tensor in tensors:
             self._add(tensor, category, module)
-        return out
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def _add(self, tensor: torch.Tensor, category: str, module: str | None, move: bool = False) -> None:

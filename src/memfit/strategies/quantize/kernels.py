@@ -209,6 +209,7 @@ def int4_linear(
     group_size: int,
     layout: Int4Layout,
     bias: torch.Tensor | None,
+    scale_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with ``W[n, k] = (q[n, k] - zero_point[g, n]) * scale[g, n]``, ``g = k // group_size``.
 
@@ -216,20 +217,27 @@ def int4_linear(
         qweight: uint8 [N, K // 2] in ``layout``.
         scale: bf16 [G, N] with ``G = ceil(K / group_size)`` (the last group may be short).
         zero_point: uint8 [G, N], values 0..15.
+        scale_zero: `int4_scale_zero` of the two, if computed once beforehand.
     """
     k = qweight.shape[1] * 2
     # The int4 kernel has no derivative: inputs that need a gradient take the dequantize path.
     needs_grad = x.requires_grad and torch.is_grad_enabled()
     if layout != PLAIN and not needs_grad and _kernel_ok(x, INT4_KERNEL_MAX_ROWS):
-        # The kernel computes (q - 8) * s + z: its float zero is z = (8 - zero_point) * s.
-        s = scale.float()
-        scale_zero = torch.stack([s, (8 - zero_point.float()) * s], dim=-1).to(torch.bfloat16)  # [G, N, 2]
+        if scale_zero is None:
+            scale_zero = int4_scale_zero(scale, zero_point)
         x2 = x.reshape(-1, k).to(torch.bfloat16)  # x2: [M, K]
         out = torch._weight_int4pack_mm_for_cpu(x2, qweight, group_size, scale_zero)
         out = out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
     else:
         out = F.linear(x, dequantize_int4(qweight, scale, zero_point, group_size, layout, x.dtype))
     return out if bias is None else out + bias.to(out.dtype)
+
+
+def int4_scale_zero(scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """The CPU int4 kernel's operand [G, N, 2] bf16: it computes (q - 8) * s + z, so its float
+    zero is z = (8 - zero_point) * s."""
+    s = scale.float()
+    return torch.stack([s, (8 - zero_point.float()) * s], dim=-1).to(torch.bfloat16)
 
 
 def dequantize_int4(

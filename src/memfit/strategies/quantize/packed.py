@@ -220,8 +220,23 @@ class Int4Linear(PackedModule):
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         return kernels.int4_linear(
-            x, self.qweight, self.scale, self.zero_point, self.group_size, self.layout, self.bias
+            x, self.qweight, self.scale, self.zero_point, self.group_size, self.layout, self.bias,
+            scale_zero=self.__dict__.get("_scale_zero"),
         )
+
+    def prepare_for_runtime(self) -> int:
+        """Compute the CPU kernel's scale-and-zero operand once (memfit's runtime calls this: a
+        compiled step cannot feed the kernel an operand computed inside it, and computing it every
+        step costs time). Held outside the buffers, [G, N, 2] bf16; returns its bytes (0 if the
+        kernel does not apply)."""
+        if self.layout == PLAIN or self.qweight.device.type != "cpu":
+            return 0
+        with torch.no_grad():
+            self.__dict__["_scale_zero"] = kernels.int4_scale_zero(self.scale, self.zero_point)
+        return self.__dict__["_scale_zero"].numel() * 2
+
+    def release_runtime(self) -> None:
+        self.__dict__.pop("_scale_zero", None)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return kernels.dequantize_int4(self.qweight, self.scale, self.zero_point, self.group_size, self.layout, dtype)

@@ -1,0 +1,168 @@
+"""The decoder forward the runtime compiles: a llama-family model read through its own modules,
+with a static KV cache written in place.
+
+`Decoder` takes the parts of a Hugging Face decoder-only model (embedding, layers, final norm,
+output head) and runs them without transformers' per-call machinery (mask builders, cache
+objects, output dataclasses). Projections, MLPs and norms are called as the model's own modules,
+so every format memfit saves runs unchanged: packed int8/int4/fp8 Linears, bitmask-sparse and
+low-rank layers, LoRA adapters merged or not, structurally pruned shapes. What this module does
+itself is the attention: rotary embedding from a table precomputed once for every position (by
+the model's own rotary module, so any rope scaling it implements is kept), the new keys and
+values written into `KVCache` at their columns, and scaled dot-product attention over the whole
+static cache with a mask, so every decode step has the same shapes and compiles once.
+
+Rows are left-padded: all rows of a batch end at the same column, row ``b`` starts at column
+``pad[b]``, and its rotary positions count from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memfit.errors import RecipeError
+from memfit.models.arch import LAYOUTS, decoder_parts, layout_of
+
+SUPPORTED = tuple(LAYOUTS)
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer, preallocated: ``keys[i]``, ``values[i]`` are [B, KV, L, D].
+
+    ``L`` (`max_len`) bounds prompt plus new tokens; columns are written in place, never reallocated.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, kv_heads, max_len, head_dim)
+        make = lambda: [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]  # noqa: E731
+        cache = cls(keys=make(), values=make())
+        if torch.device(device).type == "cuda":  # CUDA graphs may then write into them in place
+            for tensor in cache.tensors():
+                torch._dynamo.mark_static_address(tensor)
+        return cache
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values]
+
+
+class Decoder:
+    """A causal LM's forward over a `KVCache`.
+
+    Args:
+        model: a Hugging Face decoder-only model of a type in `memfit.models.arch.LAYOUTS`.
+
+    Raises:
+        RecipeError: the architecture is not one the runtime knows.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        config = model.config
+        if getattr(config, "model_type", None) not in LAYOUTS:
+            raise RecipeError(
+                f"the runtime does not know model type {getattr(config, 'model_type', None)!r}",
+                f"it runs {', '.join(SUPPORTED)}",
+            )
+        self.model, self.config, self.layout = model, config, layout_of(model)
+        base = getattr(model, getattr(model, "base_model_prefix", "model"))
+        self.embed, self.norm, self.rotary = base.embed_tokens, base.norm, base.rotary_emb
+        self.layers = list(decoder_parts(model).layers)[: config.num_hidden_layers]
+        self.head = model.get_output_embeddings()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = self.head_dim**-0.5
+        self.dtype = self.norm.weight.dtype
+        self.device = self.norm.weight.device
+        window = getattr(config, "sliding_window", None)
+        self.window = window if window and getattr(config, "use_sliding_window", True) else None
+        self._cos = self._sin = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A zeroed cache for ``batch`` rows of up to ``max_len`` tokens; sizes the rotary table too."""
+        self.rotary_table(max_len)
+        return KVCache.allocate(
+            len(self.layers), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device
+        )
+
+    def rotary_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, D] in the model's dtype, from the model's rotary module (computed once)."""
+        if self._cos is None or self._cos.shape[0] < length:
+            positions = torch.arange(length, device=self.device)[None]
+            probe = torch.empty(0, dtype=self.dtype, device=self.device)
+            with torch.no_grad():
+                cos, sin = self.rotary(probe, positions)
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos, self._sin
+
+    def forward(
+        self, ids: torch.Tensor, columns: torch.Tensor, pad: torch.Tensor, cache: KVCache, last_only: bool = True
+    ) -> torch.Tensor:
+        """Logits for ``ids`` [B, T] placed at cache columns ``columns`` [T] (consecutive).
+
+        ``pad`` [B]: the first column of each row (its left padding). Returns float logits
+        [B, V] for the last position, or [B, T, V] with ``last_only=False``.
+        """
+        positions = (columns[None, :] - pad[:, None]).clamp(min=0)  # [B, T]
+        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [B, 1, T, D]
+        keys = torch.arange(cache.max_len, device=ids.device)  # [L]
+        allowed = (keys[None, None, :] <= columns[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
+        if self.window is not None:
+            allowed &= keys[None, None, :] > columns[None, :, None] - self.window
+        # a padding position sees itself, so no row of the mask is empty (an all-masked row gives
+        # NaN in some attention kernels, and NaN keys would poison later steps through 0 * NaN)
+        allowed |= keys[None, None, :] == columns[None, :, None]
+        mask = allowed[:, None]  # [B, 1, T, L]
+        h = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            h = h + self._attention(layer, getattr(layer, self.layout.input_norm)(h), cos, sin, mask, columns,
+                                    cache.keys[i], cache.values[i])
+            h = h + getattr(layer, self.layout.mlp)(getattr(layer, self.layout.post_attention_norm)(h))
+        h = self.norm(h[:, -1:] if last_only else h)
+        logits = self.head(h).float()
+        return logits[:, -1] if last_only else logits
+
+    __call__ = forward
+
+    def _attention(self, layer, x, cos, sin, mask, columns, key_cache, value_cache) -> torch.Tensor:
+        names = self.layout
+        block = getattr(layer, names.attention)
+        b, t, _ = x.shape
+        shape = (b, t, -1, self.head_dim)
+        q = getattr(block, names.q)(x).view(shape).transpose(1, 2)  # [B, H, T, D]
+        k = getattr(block, names.k)(x).view(shape).transpose(1, 2)  # [B, KV, T, D]
+        v = getattr(block, names.v)(x).view(shape).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        key_cache.index_copy_(2, columns, k)
+        value_cache.index_copy_(2, columns, v)
+        out = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=mask, scale=self.scaling,
+                                             enable_gqa=q.shape[1] != key_cache.shape[1])
+        return getattr(block, names.o)(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,172 @@
+"""`Engine`: prefill and decode over a static KV cache, the decode step compiled, tokens streamed.
+
+The single-token decode step is compiled with ``torch.compile`` (inductor; on CUDA with CUDA
+graphs, ``mode="reduce-overhead"``): every step has the same shapes (the whole static cache is
+attended, with a mask), so it compiles once per batch size and cache length. Cache lengths are
+rounded up to a multiple of `CACHE_STEP`, so prompts of similar length share a compiled step.
+Inductor caches what it compiled on disk (``TORCHINDUCTOR_CACHE_DIR``, by default
+``/tmp/torchinductor_<user>``), so a second process with the same model and shapes skips code
+generation and the C++ compiler; it still traces the step (a few seconds). If compiling fails,
+the engine says so once on stderr and runs the same step eagerly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from memfit.errors import RecipeError
+from memfit.runtime.decoder import Decoder, KVCache
+from memfit.runtime.sampling import GREEDY, Sampler, Sampling
+
+CACHE_STEP = 256  # cache lengths are rounded up to a multiple of this
+
+
+def _step(decoder: Decoder, ids: torch.Tensor, columns: torch.Tensor, pad: torch.Tensor, cache: KVCache):
+    return decoder.forward(ids, columns, pad, cache)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_step(device_type: str):
+    """The decode step compiled for ``device_type`` (one wrapper per process, so its graphs are shared)."""
+    if device_type not in _COMPILED:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _COMPILED[device_type] = torch.compile(_step, mode=mode, dynamic=False, fullgraph=True)
+    return _COMPILED[device_type]
+
+
+@dataclasses.dataclass
+class Step:
+    """One decode step's new token per row (None for rows that had already stopped)."""
+
+    tokens: list[int | None]
+
+
+class Engine:
+    """Generation for one model: a `Decoder`, its caches, and the compiled step.
+
+    Args:
+        model: a decoder-only causal LM (any format memfit saves).
+        compile: compile the decode step (default: yes); False runs it eagerly.
+    """
+
+    def __init__(self, model: nn.Module, *, compile: bool = True) -> None:
+        model.eval()
+        self.decoder = Decoder(model)
+        # operands the packed kernels would otherwise recompute every step, held while the engine lives
+        self.workspace_bytes = sum(
+            m.prepare_for_runtime() for m in model.modules() if hasattr(m, "prepare_for_runtime")
+        )
+        self.compile = compile
+        self.compiled = False  # whether the last generation's decode steps ran compiled
+        self.compile_seconds = 0.0  # time the first compiled step took (tracing and compiling)
+        self._failed = not compile
+        self._cache: KVCache | None = None
+        self._warm: tuple[int, int] | None = None  # the (batch, cache length) the step last ran for
+
+    @property
+    def context_length(self) -> int:
+        config = self.decoder.config
+        return int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
+
+    def cache_for(self, batch: int, length: int) -> KVCache:
+        """The engine's cache, reallocated only when ``batch`` or the rounded ``length`` changes."""
+        max_len = min(-(-length // CACHE_STEP) * CACHE_STEP, max(length, self.context_length))
+        cache = self._cache
+        if cache is None or cache.batch != batch or cache.max_len != max_len:
+            self._cache = None  # free the old one first
+            cache = self._cache = self.decoder.new_cache(batch, max_len)
+        return cache
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: Sampling = GREEDY,
+        eos: Sequence[int] = (),
+    ) -> Iterator[Step]:
+        """Yield each step's new tokens for prompts of token ids (left-padded into one batch).
+
+        A row stops at an EOS id (which is yielded) or after ``max_new_tokens``; the iterator
+        ends when every row has stopped. The first step is the prefill's.
+
+        Raises:
+            RecipeError: an empty prompt, ``max_new_tokens < 1``, or a prompt as long as the context.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise RecipeError("the prompt is empty", "give at least one token of prompt")
+        if max_new_tokens < 1:
+            raise RecipeError(f"max new tokens must be at least 1 (got {max_new_tokens})", "pass a positive count")
+        longest = max(len(p) for p in prompts)
+        if longest >= self.context_length:
+            raise RecipeError(
+                f"the prompt has {longest} tokens; the model's context is {self.context_length}",
+                "shorten the prompt",
+            )
+        max_new_tokens = min(max_new_tokens, self.context_length - longest)
+        decoder, device = self.decoder, self.decoder.device
+        cache = self.cache_for(len(prompts), longest + max_new_tokens)
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        ids = ids.to(device)
+        pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+        sampler = Sampler(sampling, device)
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(len(prompts), decoder.vocab_size, dtype=torch.bool, device=device)
+            for row, prompt in enumerate(prompts):
+                seen[row, torch.tensor(list(prompt), device=device)] = True
+        step = self._decode_fn()
+        if self._warm != (cache.batch, cache.max_len):  # compile (or load) the step before the clock starts:
+            # a dummy step at column 0, which the prefill then overwrites
+            # inputs shaped and strided as the decode steps' (a view of the prompt would compile again)
+            step(decoder, torch.zeros(len(prompts), dtype=torch.long, device=device)[:, None],
+                 torch.zeros(1, dtype=torch.long, device=device), pad, cache)
+            self._warm = (cache.batch, cache.max_len)
+        logits = decoder.forward(ids, torch.arange(longest, device=device), pad, cache)
+        done = [False] * len(prompts)
+        eos = set(eos)
+        for produced in range(max_new_tokens):
+            token = sampler(logits, seen)  # [B]
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            values = token.tolist()
+            yield Step([None if d else v for d, v in zip(done, values, strict=True)])
+            done = [d or v in eos for d, v in zip(done, values, strict=True)]
+            if all(done) or produced + 1 == max_new_tokens:
+                return
+            column = torch.tensor([longest + produced], device=device)
+            logits = step(decoder, token[:, None], column, pad, cache)
+
+    def _decode_fn(self):
+        if self._failed:
+            self.compiled = False
+            return _step
+        compiled = compiled_step(self.decoder.device.type)
+
+        def run(*args):
+            if self._failed:
+                return _step(*args)
+            began = time.perf_counter()
+            try:
+                out = compiled(*args)
+            except Exception as exc:  # the compiler's failures are many kinds; eager always works
+                self._failed, self.compiled = True, False
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                sys.stderr.write(f"memfit: compiling the decode step failed ({type(exc).__name__}: {first}); "
+                                 "decoding eagerly\n")
+                return _step(*args)
+            if not self.compiled:
+                self.compiled, self.compile_seconds = True, time.perf_counter() - began
+            return out
+
+        return run
