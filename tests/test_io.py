@@ -101,3 +101,24 @@ def test_output_gets_ordinary_permissions(make_tiny, tmp_path):
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_saved_int4_model_is_rebuilt_from_shapes_without_rounding_again(make_tiny, tmp_path, tokens, monkeypatch):
+    """Loading builds the packed modules on the meta device from the recipe: the rounding search
+    (which ran at save time) must not run again, and the loaded model computes what was saved."""
+    import memfit
+    from memfit.strategies.quantize import grids
+
+    model, tokenizer = make_tiny("tiny-llama")
+    memfit.apply(model, "int4-g32")
+    memfit.save(model, tokenizer, tmp_path / "int4")
+    with torch.no_grad():
+        expected = model(tokens).logits
+
+    def no_rounding(*args):
+        raise AssertionError("the 4-bit grid search ran while loading")
+
+    monkeypatch.setattr(grids, "_round_int4", no_rounding)
+    loaded, _ = memfit.load(tmp_path / "int4")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, expected, rtol=0, atol=0)

@@ -67,11 +67,13 @@ def quantize_int4_groups(
     Returns:
         (values 0..15 as uint8 [N, K], bf16 scales [G, N], uint8 zero points [G, N]).
     """
-    w = weight.detach().float()
-    if w.is_meta:  # the search changes values, never shapes: skip it when there are no values
-        shrink, refits = (1.0,), 0
-    n, k = w.shape
+    n, k = weight.shape
     num_groups = math.ceil(k / group_size)
+    if weight.is_meta:  # no values: the shapes alone (rebuilding a saved model, byte estimates)
+        meta = dict(device="meta")
+        return (torch.empty(n, k, dtype=torch.uint8, **meta), torch.empty(num_groups, n, dtype=torch.bfloat16, **meta),
+                torch.empty(num_groups, n, dtype=torch.uint8, **meta))
+    w = weight.detach().float()
     pad = num_groups * group_size - k
     if pad:  # padded columns repeat the last one and get zero weight in the fit
         w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)

@@ -118,6 +118,8 @@ class Int4Layout:
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         """Values 0..15 as integers [N, K] -> uint8 [N, K // 2] in this layout."""
         n, k = q.shape
+        if q.is_meta:  # every layout holds two values per byte
+            return torch.empty(n, k // 2, dtype=torch.uint8, device="meta")
         q = q.to(torch.uint8)
         if self.block_n == 0:
             return q[:, 0::2] | (q[:, 1::2] << 4)
