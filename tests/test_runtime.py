@@ -217,3 +217,23 @@ def test_bad_generate_input_is_one_line_and_exit_2(capsys, args, fragment):
     assert main(["generate", "--model", "tiny-llama", "--no-compile", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0] and "Traceback" not in err[0], err
+
+
+def test_the_int4_operand_lives_as_long_as_an_engine_uses_it(make_tiny):
+    """An engine precomputes the CPU int4 kernel's scale/zero operand on each packed Linear and
+    drops it when the last engine that uses it is gone."""
+    from memfit.strategies.quantize.packed import Int4Linear
+
+    model, _ = make_tiny("tiny-llama")
+    memfit.apply(model, "int4-g32")
+    linears = [m for m in model.modules() if isinstance(m, Int4Linear) and m.prepare_for_runtime()]
+    for m in linears:
+        m.release_runtime()
+    if not linears:
+        pytest.skip("this CPU's PyTorch has no int4 kernel layout")
+    first, second = Engine(model, compile=False), Engine(model, compile=False)
+    assert first.workspace_bytes == second.workspace_bytes > 0
+    del first
+    assert all("_scale_zero" in m.__dict__ for m in linears)
+    del second
+    assert not any("_scale_zero" in m.__dict__ for m in linears)

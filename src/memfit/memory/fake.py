@@ -78,7 +78,7 @@ def shape_determined(fn: F) -> F:
                     out = fn(*args, **kwargs)
                 outputs = tree_flatten(out)[0]
             tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
-            if not fake:
+            if not fake:  # what ran out of sight is counted now, before the peak block
                 tracker.adopt(tensors)
             rest = peak - sum(_nbytes(t) for t in tensors)
             if rest > 0:

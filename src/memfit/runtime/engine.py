@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -42,6 +43,11 @@ def compiled_step(device_type: str):
     return _COMPILED[device_type]
 
 
+def _release(modules: list[nn.Module]) -> None:
+    for module in modules:
+        module.release_runtime()
+
+
 @dataclasses.dataclass
 class Step:
     """One decode step's new token per row (None for rows that had already stopped)."""
@@ -61,15 +67,19 @@ class Engine:
         model.eval()
         self.decoder = Decoder(model)
         # operands the packed kernels would otherwise recompute every step, held while the engine lives
-        self.workspace_bytes = sum(
-            m.prepare_for_runtime() for m in model.modules() if hasattr(m, "prepare_for_runtime")
-        )
-        self.compile = compile
+        prepared = [m for m in model.modules() if hasattr(m, "prepare_for_runtime")]
+        self.workspace_bytes = sum(m.prepare_for_runtime() for m in prepared)
+        weakref.finalize(self, _release, prepared)
         self.compiled = False  # whether the last generation's decode steps ran compiled
         self.compile_seconds = 0.0  # time the first compiled step took (tracing and compiling)
         self._failed = not compile
         self._cache: KVCache | None = None
         self._warm: tuple[int, int] | None = None  # the (batch, cache length) the step last ran for
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the static cache the engine holds (0 before its first generation)."""
+        return self._cache.nbytes if self._cache is not None else 0
 
     @property
     def context_length(self) -> int:
@@ -126,9 +136,10 @@ class Engine:
             for row, prompt in enumerate(prompts):
                 seen[row, torch.tensor(list(prompt), device=device)] = True
         step = self._decode_fn()
-        if self._warm != (cache.batch, cache.max_len):  # compile (or load) the step before the clock starts:
-            # a dummy step at column 0, which the prefill then overwrites
-            # inputs shaped and strided as the decode steps' (a view of the prompt would compile again)
+        if self._warm != (cache.batch, cache.max_len):
+            # compile (or load) the step before the first token's clock stops: a dummy step at column 0,
+            # which the prefill overwrites, with inputs strided as the decode steps' (a view of the
+            # prompt would compile a second graph)
             step(decoder, torch.zeros(len(prompts), dtype=torch.long, device=device)[:, None],
                  torch.zeros(1, dtype=torch.long, device=device), pad, cache)
             self._warm = (cache.batch, cache.max_len)

@@ -146,7 +146,7 @@ def stream(
         result.append(Generation(
             text=detok.text, prompt_tokens=len(ids), new_tokens=count, ttft_s=first_at - began,
             decode_tokens_per_s=(count - 1) / (end - first_at) if count > 1 and end > first_at else 0.0,
-            kv_cache_bytes=engine._cache.nbytes if engine._cache is not None else 0, compiled=engine.compiled,
+            kv_cache_bytes=engine.cache_bytes, compiled=engine.compiled,
             stopped=stopped,
         ))
 

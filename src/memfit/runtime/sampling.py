@@ -73,8 +73,8 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if s.top_p < 1.0:
             ordered, order = logits.sort(dim=-1, descending=True)
-            cumulative = ordered.softmax(-1).cumsum(-1)
-            drop = cumulative - ordered.softmax(-1) >= s.top_p  # mass before a token already reaches p
+            probs = ordered.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= s.top_p  # mass before a token already reaches p
             logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
         probs = logits.softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]

@@ -231,12 +231,18 @@ class Int4Linear(PackedModule):
         kernel does not apply)."""
         if self.layout == PLAIN or self.qweight.device.type != "cpu":
             return 0
-        with torch.no_grad():
-            self.__dict__["_scale_zero"] = kernels.int4_scale_zero(self.scale, self.zero_point)
+        self.__dict__["_runtime_users"] = self.__dict__.get("_runtime_users", 0) + 1
+        if "_scale_zero" not in self.__dict__:
+            with torch.no_grad():
+                self.__dict__["_scale_zero"] = kernels.int4_scale_zero(self.scale, self.zero_point)
         return self.__dict__["_scale_zero"].numel() * 2
 
     def release_runtime(self) -> None:
-        self.__dict__.pop("_scale_zero", None)
+        """Drop the operand when the last engine that prepared it is gone."""
+        users = self.__dict__.get("_runtime_users", 0) - 1
+        self.__dict__["_runtime_users"] = max(users, 0)
+        if users <= 0:
+            self.__dict__.pop("_scale_zero", None)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return kernels.dequantize_int4(self.qweight, self.scale, self.zero_point, self.group_size, self.layout, dtype)
