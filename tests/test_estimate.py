@@ -66,6 +66,10 @@ def test_max_batch_size_is_the_largest_that_fits(make_tiny):
 
 
 def _kv_formula(config, batch: int, tokens: int, bytes_per_element: int) -> int:
+    """The runtime's static cache: prompt plus new tokens rounded up to the engine's cache step."""
+    from memfit.runtime.engine import cache_length
+
+    tokens = cache_length(tokens, config.max_position_embeddings)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * batch * bytes_per_element
 

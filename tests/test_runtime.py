@@ -87,7 +87,7 @@ def test_compiled_step_gives_the_eager_tokens_and_is_reused(make_tiny):
 def test_a_failing_compiler_falls_back_to_eager_and_says_so_once(make_tiny, monkeypatch, capsys):
     model, _ = make_tiny("tiny-llama")
 
-    def broken(device_type):
+    def broken(*args):
         def fail(*args):
             raise RuntimeError("no C++ compiler\nsecond line")
         return fail

@@ -4,9 +4,11 @@
   (the first token of each window has no context and is not scored);
 - weight bytes: storage of every parameter and buffer the model holds, shared storage once;
 - peak RSS: the process's peak resident memory so far (``getrusage``);
-- prefill tokens/s: one forward over one 512-token window, median of 3;
-- decode tokens/s: 64 greedy single-token steps with the KV cache after a 32-token prompt,
-  batch 1, median of 3 after 8 untimed warm-up steps (the prompt's prefill is not timed).
+- prefill tokens/s: a 512-token prompt to its first token through memfit's runtime, median of 3;
+- decode tokens/s: 64 greedy decode steps of the runtime (its static KV cache; the eager step, or
+  the compiled one with ``compile=True``) after a 32-token prompt, batch 1, median of 3 after 8
+  untimed warm-up steps (the prompt's prefill is not timed).
+For architectures the runtime does not run, both time transformers' forward instead.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from memfit.data import eval_text, token_windows
 from memfit.generation import cached_step
 from memfit.memory.report import weight_bytes
 from memfit.memory.rss import lifetime_peak_rss_bytes as peak_rss_bytes
+from memfit.runtime import Engine, runs_on_runtime
 from memfit.workload import ProgressFn
 
 DEFAULT_TOKENS = 16_384
@@ -59,6 +62,7 @@ def evaluate(
     num_tokens: int = DEFAULT_TOKENS,
     window: int = WINDOW,
     measure_speed: bool = True,
+    compile: bool = False,
     progress: ProgressFn | None = None,
 ) -> Metrics:
     """Measure perplexity, weight bytes, peak memory and prefill/decode speed.
@@ -70,6 +74,8 @@ def evaluate(
         num_tokens: tokens to score, in whole windows (default 16,384).
         window: tokens per window (default 512).
         measure_speed: also time prefill and decode (skip for quick quality checks).
+        compile: time the runtime's compiled decode step (what ``memfit generate`` runs) instead of
+            its eager one; compiling costs tens of seconds per model on a CPU.
         progress: ``progress(description, done, total)`` callback.
 
     Returns:
@@ -85,7 +91,7 @@ def evaluate(
     if measure_speed:
         prompt = windows[0]
         prefill = prefill_tokens_per_s(model, prompt[:PREFILL_TOKENS])
-        decode = decode_tokens_per_s(model, prompt[:PROMPT_TOKENS], DECODE_TOKENS)
+        decode = decode_tokens_per_s(model, prompt[:PROMPT_TOKENS], DECODE_TOKENS, compile=compile)
     return Metrics(
         perplexity=ppl,
         eval_tokens=windows.numel(),
@@ -112,9 +118,42 @@ def perplexity(model: nn.Module, windows: torch.Tensor, progress: ProgressFn | N
     return math.exp(total_nll / total_count)
 
 
+def prefill_tokens_per_s(model: nn.Module, ids: torch.Tensor, repeats: int = REPEATS, compile: bool = False) -> float:
+    """Tokens/s from a prompt of ``ids`` [T] to its first token through the runtime (batch 1), median
+    of ``repeats`` after one untimed run; transformers' forward for architectures the runtime does not run."""
+    if not runs_on_runtime(model):
+        return hf_prefill_tokens_per_s(model, ids, repeats)
+    engine, prompt = Engine(model, compile=compile), ids.tolist()
+
+    def first_token() -> None:
+        next(iter(engine.stream([prompt], 1)))
+
+    first_token()  # warm-up: allocates the cache (and compiles the step)
+    return len(prompt) / statistics.median(_timed(first_token) for _ in range(repeats))
+
+
+def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int = REPEATS,
+                        compile: bool = False) -> float:
+    """Tokens/s of ``new_tokens`` greedy decode steps after ``prompt`` [T] through the runtime (batch 1; the
+    prefill is not timed), median of ``repeats`` after `WARMUP_STEPS` untimed steps; transformers'
+    cached forward for architectures the runtime does not run."""
+    if not runs_on_runtime(model):
+        return hf_decode_tokens_per_s(model, prompt, new_tokens, repeats)
+    engine, ids = Engine(model, compile=compile), prompt.tolist()
+    rates = []
+    for repeat in range(repeats + 1):  # the first run, of a few steps, warms up
+        count = new_tokens if repeat else min(new_tokens, WARMUP_STEPS)
+        steps = engine.stream([ids], count + 1)
+        next(steps)  # the prefill's token
+        elapsed = _timed(lambda steps=steps: sum(1 for _ in steps))
+        if repeat:
+            rates.append(count / elapsed)
+    return statistics.median(rates)
+
+
 @torch.inference_mode()
-def prefill_tokens_per_s(model: nn.Module, ids: torch.Tensor, repeats: int = REPEATS) -> float:
-    """Tokens/s of one forward over ``ids`` [T] (batch 1, no cache), median of ``repeats``."""
+def hf_prefill_tokens_per_s(model: nn.Module, ids: torch.Tensor, repeats: int = REPEATS) -> float:
+    """Tokens/s of transformers' forward over ``ids`` [T] (batch 1, no cache), median of ``repeats``."""
     ids = ids.to(_device_of(model))[None]
     model(ids[:, :8], use_cache=False)  # warm-up: first-call allocations and kernel selection
     times = [_timed(lambda: model(ids, use_cache=False)) for _ in range(repeats)]
@@ -122,8 +161,9 @@ def prefill_tokens_per_s(model: nn.Module, ids: torch.Tensor, repeats: int = REP
 
 
 @torch.inference_mode()
-def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int = REPEATS) -> float:
-    """Tokens/s of ``new_tokens`` greedy single-token steps with the KV cache, median of ``repeats``."""
+def hf_decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int = REPEATS) -> float:
+    """Tokens/s of ``new_tokens`` greedy single-token steps of transformers' forward with its dynamic
+    cache, median of ``repeats`` (what memfit measured before its runtime)."""
     prompt = prompt.to(_device_of(model))[None]  # [1, T]
     rates = []
     for repeat in range(repeats + 1):  # the first run, of a few steps, warms up

@@ -20,6 +20,7 @@ nothing is unpickled.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -36,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from memfit.errors import CheckpointError, OutputError, RecipeError
+from memfit.memory.rss import trim_freed_memory
 from memfit.models.load import Loaded, load_pretrained
 from memfit.models.meta import meta_model
 from memfit.models.meta import skeleton as external_skeleton
@@ -258,6 +260,7 @@ def load_saved(path: Path):
     apply(model, Plan(rebuild, plan.workload), Context())
     model.memfit_plan = plan
     state = _read_tensors(weights)
+    state._metadata = _convert_saved(model, state)
     for alias, source in manifest.get("tied", {}).items():
         if source not in state:
             raise CheckpointError(f"{str(path)!r}: tied tensor {alias!r} points at missing {source!r}", "save again")
@@ -273,6 +276,29 @@ def load_saved(path: Path):
     _retie(model, manifest.get("tied", {}))
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+TRIM_EVERY = 4 << 20  # bytes converted between returns of the freed temporaries to the system
+
+
+def _convert_saved(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Convert packed tensors whose kernel layout differs from the saved one, one module at a time.
+
+    Each saved copy is freed as soon as its module's is made, and the conversion's freed
+    temporaries are returned to the system every `TRIM_EVERY` bytes: glibc keeps such holes
+    resident, and without both the load's peak was twice the packed bytes. Returns the
+    ``load_state_dict`` metadata that says which modules are converted already.
+    """
+    metadata, converted = {}, 0
+    for name, module in model.named_modules():
+        if hasattr(module, "convert_saved"):
+            metadata[name] = module.convert_saved(state, f"{name}.")
+            converted += state[f"{name}.qweight"].nbytes if f"{name}.qweight" in state else 0
+            if converted >= TRIM_EVERY:
+                trim_freed_memory()
+                converted = 0
+    trim_freed_memory()
+    return metadata
 
 
 def _retie(model: torch.nn.Module, tied: dict[str, str]) -> None:
@@ -301,12 +327,48 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+# safetensors' dtype names (https://github.com/huggingface/safetensors, the header format)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_tensors(weights: Path) -> collections.OrderedDict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each read once from the file into its own allocation.
+
+    Not through safetensors' memory map: mapped pages count in the process's memory while the
+    copies are made (the peak was twice the file), and tensors at arbitrary file offsets can be
+    misaligned for the packed CPU kernels' vector loads (a segfault in _weight_int8pack_mm). A
+    fresh allocation is 64-byte aligned. safetensors still checks the header first.
+    """
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            # Copy into fresh allocations: tensors read at arbitrary file offsets can be misaligned
-            # for the packed CPU kernels' vector loads (seen as a segfault in _weight_int8pack_mm).
-            return {name: f.get_tensor(name).clone() for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (SafetensorError, OSError, ValueError) as exc:
+        with safe_open(str(weights), framework="pt") as f:  # validates the header and the offsets
+            names = list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
+        with open(weights, "rb", buffering=0) as raw:
+            size = int.from_bytes(raw.read(8), "little")
+            header = json.loads(raw.read(size))
+            return collections.OrderedDict((name, _read_one(raw, 8 + size, name, header[name])) for name in names)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{str(weights)!r} is corrupt: {exc}", "save the model again") from None
 
+
+def _read_one(raw, base: int, name: str, info: dict) -> torch.Tensor:
+    dtype = _DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"tensor {name!r} has dtype {info['dtype']!r}, which memfit does not read")
+    start, end = info["data_offsets"]
+    tensor = torch.empty(info["shape"], dtype=dtype)
+    if tensor.nbytes != end - start:
+        raise ValueError(f"tensor {name!r} holds {end - start} bytes, its shape needs {tensor.nbytes}")
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    raw.seek(base + start)
+    done = 0
+    while done < len(view):
+        got = raw.readinto(view[done:])
+        if not got:
+            raise ValueError(f"the file ends inside tensor {name!r}")
+        done += got
+    return tensor

@@ -24,6 +24,7 @@ from torch import nn
 from memfit.generation import cached_step
 from memfit.memory.report import MemoryReport
 from memfit.memory.tracker import Tracker, track
+from memfit.runtime import Engine, runs_on_runtime
 from memfit.settings import RunSettings
 from memfit.workload import Mode, Workload
 
@@ -97,6 +98,11 @@ def run_workload(
         with torch.no_grad(), settings.forward(device.type):
             model(ids, use_cache=False)
     elif workload.mode is Mode.GENERATE:
+        steps = workload.new_tokens if decode_steps is None else min(decode_steps, workload.new_tokens)
+        if runs_on_runtime(model):
+            with torch.no_grad(), settings.forward(device.type):
+                _generate_with_runtime(model, ids, workload, tracker, steps)
+            return
         with torch.no_grad(), settings.forward(device.type):
             cache = kv_cache(model, workload)
             _, token = cached_step(model, ids, cache)
@@ -104,9 +110,20 @@ def run_workload(
             # values only: the cache's position counters are bookkeeping.
             layers = getattr(cache, "layers", None)
             tracker.hold([(layer.keys, layer.values) for layer in layers] if layers else cache)
-            steps = workload.new_tokens if decode_steps is None else min(decode_steps, workload.new_tokens)
             for _ in range(steps):
                 _, token = cached_step(model, token, cache)
+
+
+def _generate_with_runtime(model: nn.Module, ids: torch.Tensor, workload: Workload, tracker: Tracker,
+                           steps: int) -> None:
+    """What `memfit generate` runs (its eager step): the engine's workspace, its static cache
+    (rounded up as the engine rounds it), the prefill, then ``steps`` decode steps."""
+    engine = Engine(model, compile=False)
+    cache = engine.cache_for(workload.batch_size, workload.seq_len + max(workload.new_tokens, 1))
+    tracker.hold(cache.tensors())
+    pad = torch.zeros(workload.batch_size, dtype=torch.long, device=ids.device)
+    for _ in engine.tokens(ids, pad, cache, steps + 1):
+        pass
 
 
 def kv_cache(model: nn.Module, workload: Workload):

@@ -12,6 +12,10 @@ examples:
   memfit eval --model ./smollm2-int8 --json
   memfit eval --model tiny-llama --text notes.txt --tokens 4096
 
+Speeds are memfit's runtime (what `memfit generate` runs): prefill is a 512-token prompt to its first
+token; decode is 64 greedy steps after a 32-token prompt, batch 1, with the eager decode step, or
+with --compile the compiled one (`memfit generate`'s default; compiling takes tens of seconds).
+
 JSON (last stdout line): {"perplexity", "eval_tokens", "weight_bytes", "peak_rss_bytes",
 "prefill_tokens_per_s", "decode_tokens_per_s"}"""
 
@@ -23,6 +27,8 @@ def add_parser(subparsers) -> None:
     )
     options.add_model(parser)
     options.add_eval(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="time the compiled decode step (memfit generate's) instead of the eager one")
     options.add_json(parser)
     parser.set_defaults(run=run)
 
@@ -34,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     text = options.eval_text_of(args)
     model, tokenizer = load(args.model)
     with console.progress_bar() as progress:
-        metrics = evaluate(model, tokenizer, text=text, num_tokens=args.tokens, progress=progress)
+        metrics = evaluate(model, tokenizer, text=text, num_tokens=args.tokens, compile=args.compile,
+                           progress=progress)
     if args.json:
         console.print_json(metrics.to_dict())
     else:

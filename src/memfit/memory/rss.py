@@ -8,6 +8,7 @@ Where that is not possible (other systems, restricted containers) it falls back 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 import resource
@@ -107,3 +108,13 @@ def return_freed_memory(threshold_bytes: int = 64 * 1024) -> bool:
         return bool(mmap_set and libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
     except (OSError, AttributeError):
         return False
+
+
+def trim_freed_memory() -> None:
+    """Give the pages of freed heap blocks back to the system now (glibc's ``malloc_trim``).
+
+    For a phase that frees many mid-sized temporaries among blocks that stay (a layout conversion
+    on load): the holes they leave stay resident otherwise. Does nothing where the C library is not glibc.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -6,9 +6,9 @@
 - `generate()` / `stream()` (generate.py): text in, text out.
 """
 
-from memfit.runtime.decoder import Decoder, KVCache
+from memfit.runtime.decoder import Decoder, KVCache, runs_on_runtime
 from memfit.runtime.engine import Engine
 from memfit.runtime.generate import Generation, generate, stream
 from memfit.runtime.sampling import Sampling
 
-__all__ = ["Decoder", "Engine", "Generation", "KVCache", "Sampling", "generate", "stream"]
+__all__ = ["Decoder", "Engine", "Generation", "KVCache", "Sampling", "generate", "runs_on_runtime", "stream"]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memfit import native
 from memfit.errors import RecipeError
 from memfit.models.arch import LAYOUTS, decoder_parts, layout_of
 
@@ -65,6 +66,11 @@ class KVCache:
         return [*self.keys, *self.values]
 
 
+def runs_on_runtime(model: nn.Module) -> bool:
+    """Whether the runtime runs ``model``'s architecture."""
+    return getattr(getattr(model, "config", None), "model_type", None) in LAYOUTS
+
+
 class Decoder:
     """A causal LM's forward over a `KVCache`.
 
@@ -77,7 +83,7 @@ class Decoder:
 
     def __init__(self, model: nn.Module) -> None:
         config = model.config
-        if getattr(config, "model_type", None) not in LAYOUTS:
+        if not runs_on_runtime(model):
             raise RecipeError(
                 f"the runtime does not know model type {getattr(config, 'model_type', None)!r}",
                 f"it runs {', '.join(SUPPORTED)}",
@@ -104,9 +110,10 @@ class Decoder:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A zeroed cache for ``batch`` rows of up to ``max_len`` tokens; sizes the rotary table too."""
         self.rotary_table(max_len)
-        return KVCache.allocate(
-            len(self.layers), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device
-        )
+        # under autocast the projections give keys and values in the autocast dtype: hold them in it
+        device_type = self.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.dtype
+        return KVCache.allocate(len(self.layers), batch, self.kv_heads, max_len, self.head_dim, dtype, self.device)
 
     def rotary_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, D] in the model's dtype, from the model's rotary module (computed once)."""
@@ -140,9 +147,9 @@ class Decoder:
         for i, layer in enumerate(self.layers):
             h = h + self._attention(layer, getattr(layer, self.layout.input_norm)(h), cos, sin, mask, columns,
                                     cache.keys[i], cache.values[i])
-            h = h + getattr(layer, self.layout.mlp)(getattr(layer, self.layout.post_attention_norm)(h))
+            h = h + self._mlp(getattr(layer, self.layout.mlp), getattr(layer, self.layout.post_attention_norm)(h))
         h = self.norm(h[:, -1:] if last_only else h)
-        logits = self.head(h).float()
+        logits = project(self.head, h).float()
         return logits[:, -1] if last_only else logits
 
     __call__ = forward
@@ -152,15 +159,61 @@ class Decoder:
         block = getattr(layer, names.attention)
         b, t, _ = x.shape
         shape = (b, t, -1, self.head_dim)
-        q = getattr(block, names.q)(x).view(shape).transpose(1, 2)  # [B, H, T, D]
-        k = getattr(block, names.k)(x).view(shape).transpose(1, 2)  # [B, KV, T, D]
-        v = getattr(block, names.v)(x).view(shape).transpose(1, 2)
+        q = project(getattr(block, names.q), x).view(shape).transpose(1, 2)  # [B, H, T, D]
+        k = project(getattr(block, names.k), x).view(shape).transpose(1, 2)  # [B, KV, T, D]
+        v = project(getattr(block, names.v), x).view(shape).transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        key_cache.index_copy_(2, columns, k)
-        value_cache.index_copy_(2, columns, v)
-        out = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=mask, scale=self.scaling,
-                                             enable_gqa=q.shape[1] != key_cache.shape[1])
-        return getattr(block, names.o)(out.transpose(1, 2).reshape(b, t, -1))
+        key_cache.index_copy_(2, columns, k.to(key_cache.dtype))  # no-ops unless autocast changed the dtypes
+        value_cache.index_copy_(2, columns, v.to(value_cache.dtype))
+        if t == 1:
+            out = _attend_one(q, key_cache, value_cache, mask, self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=mask, scale=self.scaling,
+                                                 enable_gqa=q.shape[1] != key_cache.shape[1])
+        return project(getattr(block, names.o), out.transpose(1, 2).reshape(b, t, -1))
+
+    @staticmethod
+    def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # the gated MLP of every architecture in LAYOUTS, its projections through `project`; any
+        # other module (a replaced or restructured MLP) is called as it is
+        if type(mlp).__name__ in GATED_MLPS and _plain_call(mlp):
+            return project(mlp.down_proj, mlp.act_fn(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
+        return mlp(x)
+
+
+GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x))
+
+
+def _plain_call(module: nn.Module) -> bool:
+    # nothing (a hook, a patched forward) changes what calling the module does
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; a float ``nn.Linear`` at decode rows runs memfit's native kernel (at one row
+    PyTorch's float matmuls read the weight at about half the bandwidth the kernel does)."""
+    if type(module) is nn.Linear and module.weight.dtype == x.dtype and _plain_call(module) and native.applies(x):
+        out = native.gemv_float(x.reshape(-1, x.shape[-1]), module.weight).reshape(*x.shape[:-1], -1)
+        return out if module.bias is None else out + module.bias
+    return module(x)
+
+
+def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """Attention of one query per row [B, H, 1, D] over the whole cache [B, KV, L, D], in float32.
+
+    A decode step's attention as plain matmuls and a softmax, which the compiler fuses: PyTorch's
+    CPU flash-attention kernel took 165 us per layer for one bf16 query over 256 keys (a third of
+    the demo model's bf16 decode step), this about a tenth of that. Query heads are grouped by the
+    key-value head they share (GQA) instead of repeating the cache.
+    """
+    b, h, _, d = q.shape
+    kv = keys.shape[1]
+    grouped = q.reshape(b, kv, h // kv, d).float()  # [B, KV, G, D]
+    scores = grouped @ keys.float().transpose(-1, -2) * scale  # [B, KV, G, L]
+    scores = scores.masked_fill(~mask[:, :, 0, None, :], float("-inf"))  # mask [B, 1, 1, L]
+    out = scores.softmax(-1) @ values.float()  # [B, KV, G, D]
+    return out.reshape(b, h, 1, d).to(q.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

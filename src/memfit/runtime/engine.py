@@ -1,7 +1,7 @@
 """`Engine`: prefill and decode over a static KV cache, the decode step compiled, tokens streamed.
 
 The single-token decode step is compiled with ``torch.compile`` (inductor; on CUDA with CUDA
-graphs, ``mode="reduce-overhead"``): every step has the same shapes (the whole static cache is
+graphs, inductor's ``triton.cudagraphs``): every step has the same shapes (the whole static cache is
 attended, with a mask), so it compiles once per batch size and cache length. Cache lengths are
 rounded up to a multiple of `CACHE_STEP`, so prompts of similar length share a compiled step.
 Inductor caches what it compiled on disk (``TORCHINDUCTOR_CACHE_DIR``, by default
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import types
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -32,15 +33,32 @@ def _step(decoder: Decoder, ids: torch.Tensor, columns: torch.Tensor, pad: torch
     return decoder.forward(ids, columns, pad, cache)
 
 
-_COMPILED: dict[str, object] = {}
+def cache_length(tokens: int, context_length: int) -> int:
+    """The cache length the engine allocates for ``tokens`` (prompt plus new): rounded up to a
+    multiple of `CACHE_STEP`, but not past the model's context unless ``tokens`` is."""
+    return min(-(-tokens // CACHE_STEP) * CACHE_STEP, max(tokens, context_length))
 
 
-def compiled_step(device_type: str):
-    """The decode step compiled for ``device_type`` (one wrapper per process, so its graphs are shared)."""
-    if device_type not in _COMPILED:
-        mode = "reduce-overhead" if device_type == "cuda" else None
-        _COMPILED[device_type] = torch.compile(_step, mode=mode, dynamic=False, fullgraph=True)
-    return _COMPILED[device_type]
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {device type: compiled step}
+
+
+def compiled_step(model: nn.Module, device_type: str):
+    """The decode step compiled for ``model`` on ``device_type`` (engines of one model share its graphs).
+
+    Guards on the model's modules and parameters are left out (``skip_guard_on_all_nn_modules_unsafe``):
+    checking them on every call cost 2 ms per token of the demo model, 14% of a compiled int4 step.
+    That is safe because each model gets its own copy of the step's code object, and dynamo keeps
+    compiled graphs per code object: a graph is only ever called with the model it was traced on.
+    """
+    steps = _COMPILED.setdefault(model, {})
+    if device_type not in steps:
+        code = _step.__code__.replace(co_name=f"_step_{id(model):x}")
+        fresh = types.FunctionType(code, _step.__globals__, code.co_name)
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if device_type == "cuda":
+            options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
+        steps[device_type] = torch.compile(fresh, dynamic=False, fullgraph=True, options=options)
+    return steps[device_type]
 
 
 def _release(modules: list[nn.Module]) -> None:
@@ -88,7 +106,7 @@ class Engine:
 
     def cache_for(self, batch: int, length: int) -> KVCache:
         """The engine's cache, reallocated only when ``batch`` or the rounded ``length`` changes."""
-        max_len = min(-(-length // CACHE_STEP) * CACHE_STEP, max(length, self.context_length))
+        max_len = cache_length(length, self.context_length)
         cache = self._cache
         if cache is None or cache.batch != batch or cache.max_len != max_len:
             self._cache = None  # free the old one first
@@ -122,47 +140,68 @@ class Engine:
                 "shorten the prompt",
             )
         max_new_tokens = min(max_new_tokens, self.context_length - longest)
-        decoder, device = self.decoder, self.decoder.device
+        device = self.decoder.device
         cache = self.cache_for(len(prompts), longest + max_new_tokens)
         ids = torch.zeros(len(prompts), longest, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             ids[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-        ids = ids.to(device)
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-        sampler = Sampler(sampling, device)
-        seen = None
-        if sampling.repetition_penalty != 1.0:
-            seen = torch.zeros(len(prompts), decoder.vocab_size, dtype=torch.bool, device=device)
-            for row, prompt in enumerate(prompts):
-                seen[row, torch.tensor(list(prompt), device=device)] = True
         step = self._decode_fn()
         if self._warm != (cache.batch, cache.max_len):
             # compile (or load) the step before the first token's clock stops: a dummy step at column 0,
             # which the prefill overwrites, with inputs strided as the decode steps' (a view of the
             # prompt would compile a second graph)
-            step(decoder, torch.zeros(len(prompts), dtype=torch.long, device=device)[:, None],
+            step(self.decoder, torch.zeros(len(prompts), dtype=torch.long, device=device)[:, None],
                  torch.zeros(1, dtype=torch.long, device=device), pad, cache)
             self._warm = (cache.batch, cache.max_len)
-        logits = decoder.forward(ids, torch.arange(longest, device=device), pad, cache)
         done = [False] * len(prompts)
         eos = set(eos)
-        for produced in range(max_new_tokens):
-            token = sampler(logits, seen)  # [B]
-            if seen is not None:
-                seen.scatter_(1, token[:, None], True)
+        for produced, token in enumerate(self.tokens(ids.to(device), pad, cache, max_new_tokens, sampling, step)):
             values = token.tolist()
             yield Step([None if d else v for d, v in zip(done, values, strict=True)])
             done = [d or v in eos for d, v in zip(done, values, strict=True)]
             if all(done) or produced + 1 == max_new_tokens:
                 return
-            column = torch.tensor([longest + produced], device=device)
-            logits = step(decoder, token[:, None], column, pad, cache)
+
+    def tokens(
+        self,
+        ids: torch.Tensor,
+        pad: torch.Tensor,
+        cache: KVCache,
+        max_new_tokens: int,
+        sampling: Sampling = GREEDY,
+        step=None,
+    ) -> Iterator[torch.Tensor]:
+        """Each step's sampled tokens [B] for left-padded ``ids`` [B, T] (the first is the prefill's).
+
+        The loop `stream` runs, without reading any value: it runs on fake tensors too, so
+        `memfit.estimate` predicts the runtime's memory by running this. ``step``: the decode step
+        (default: eager). Stopping early is the caller's: close the iterator.
+        """
+        decoder, device = self.decoder, self.decoder.device
+        step = step or _step
+        longest = ids.shape[1]
+        sampler = Sampler(sampling, device)
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            real = torch.arange(longest, device=device)[None] >= pad[:, None]  # left padding is not seen
+            counts = torch.zeros(ids.shape[0], decoder.vocab_size, dtype=torch.long, device=device)
+            seen = counts.scatter_add_(1, ids, real.long()) > 0
+        logits = decoder.forward(ids, torch.arange(longest, device=device), pad, cache)
+        for produced in range(max_new_tokens):
+            token = sampler(logits, seen)  # [B]
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            yield token
+            if produced + 1 < max_new_tokens:
+                column = torch.arange(longest + produced, longest + produced + 1, device=device)
+                logits = step(decoder, token[:, None], column, pad, cache)
 
     def _decode_fn(self):
         if self._failed:
             self.compiled = False
             return _step
-        compiled = compiled_step(self.decoder.device.type)
+        compiled = compiled_step(self.decoder.model, self.decoder.device.type)
 
         def run(*args):
             if self._failed:

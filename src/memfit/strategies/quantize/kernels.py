@@ -7,6 +7,8 @@ shapes (2-core AVX-512 CPU): the int8 kernel runs one row 3-4x faster than an fp
 512 rows about 1.2x slower than dequantize + ``F.linear``, so it serves up to `INT8_KERNEL_MAX_ROWS`
 rows; the int4 kernel beats dequantizing at every row count measured (1 to 512), so it serves all
 of them. Inputs are cast to bf16 for the kernels and the outputs back to the activation dtype.
+At up to `native.MAX_ROWS` rows (decode), memfit's own kernels (`native`, compiled for this CPU on
+first use) take the place of both: they read the weights about twice as fast there.
 
 The CPU int4 kernel reads weights in an ISA-specific blocked nibble layout (see
 aten/src/ATen/native/cpu/int4mm_kernel.cpp). memfit packs that layout itself, checked once against
@@ -22,6 +24,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
+
+from memfit import native
 
 # Rows (tokens) up to which the packed CPU kernels beat dequantize + F.linear, measured by
 # benchmarks/packed_kernels.py (docs/benchmarks.md): int8 crosses over between 64 and 512 rows; int4 never did.
@@ -54,7 +58,9 @@ def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``x @ (qweight * scale[:, None]).T + bias`` for an int8 weight [N, K] with per-row scales [N]."""
-    if int8_kernel_applies(x):
+    if native.applies(x) and scale.dtype == torch.bfloat16:
+        out = native.gemv_int8(x.reshape(-1, x.shape[-1]), qweight, scale).reshape(*x.shape[:-1], qweight.shape[0])
+    elif int8_kernel_applies(x):
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # x2: [M, K]
         out = torch._weight_int8pack_mm(x2, qweight, scale.to(torch.bfloat16))
         out = out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
@@ -164,6 +170,8 @@ class Int4Layout:
 
 
 PLAIN = Int4Layout()
+NATIVE_INT4_LAYOUT = Int4Layout(block_n=64, half_pairs=True)  # the blocked layout native.gemv_int4 reads
+NATIVE_INT4_LAYOUTS = (PLAIN, NATIVE_INT4_LAYOUT)  # the layouts native.gemv_int4 reads
 
 
 @functools.lru_cache(maxsize=1)
@@ -224,7 +232,10 @@ def int4_linear(
     k = qweight.shape[1] * 2
     # The int4 kernel has no derivative: inputs that need a gradient take the dequantize path.
     needs_grad = x.requires_grad and torch.is_grad_enabled()
-    if layout != PLAIN and not needs_grad and _kernel_ok(x, INT4_KERNEL_MAX_ROWS):
+    if layout in NATIVE_INT4_LAYOUTS and group_size % 2 == 0 and native.applies(x) and scale.dtype == torch.bfloat16:
+        out = native.gemv_int4(x.reshape(-1, k), qweight, scale, zero_point, group_size, layout != PLAIN)
+        out = out.reshape(*x.shape[:-1], qweight.shape[0])
+    elif layout != PLAIN and not needs_grad and _kernel_ok(x, INT4_KERNEL_MAX_ROWS):
         if scale_zero is None:
             scale_zero = int4_scale_zero(scale, zero_point)
         x2 = x.reshape(-1, k).to(torch.bfloat16)  # x2: [M, K]

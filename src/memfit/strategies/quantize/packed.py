@@ -177,6 +177,9 @@ class Int8Embedding(PackedModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
 
 
+_CONVERTED = "memfit_kernel_layout"  # load_state_dict local metadata: qweight is in the kernel layout
+
+
 class Int4Linear(PackedModule):
     """A Linear whose weight is 4-bit, asymmetric, in groups of ``group_size`` input columns.
 
@@ -261,11 +264,24 @@ class Int4Linear(PackedModule):
         if self.layout != PLAIN and not self.qweight.is_meta:
             destination[prefix + "qweight"] = PLAIN.pack(self.layout.unpack(self.qweight))
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def convert_saved(self, state: dict[str, Any], prefix: str) -> dict[str, bool]:
+        """Convert this module's saved (plain) ``qweight`` in ``state`` to its kernel layout, in place.
+
+        A loader that holds the whole state calls this before ``load_state_dict``, so each plain
+        tensor is freed as soon as it is converted (converting inside ``load_state_dict`` keeps
+        every plain tensor alive in the caller's dict: twice the packed bytes). Returns the local
+        metadata that tells ``_load_from_state_dict`` the tensor is converted already.
+        """
         key = prefix + "qweight"
-        if key in state_dict and self.layout != PLAIN:
-            state_dict[key] = self.layout.pack(PLAIN.unpack(state_dict[key]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if key in state and self.layout != PLAIN and not state[key].is_meta:
+            state[key] = self.layout.pack(PLAIN.unpack(state[key]))
+        return {_CONVERTED: True}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, *args: Any,
+                              **kwargs: Any) -> None:
+        if not local_metadata.get(_CONVERTED):
+            self.convert_saved(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
