@@ -204,6 +204,19 @@ def test_generate_json_contract(capsys):
     assert data["compiled"] is False and data["peak_rss_bytes"] >= data["baseline_rss_bytes"] > 0
 
 
+def test_ctrl_c_while_streaming_stops_with_exit_130_and_no_traceback(capsys, monkeypatch):
+    import memfit.runtime
+
+    def interrupted(*args, **kwargs):
+        yield "Once"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(memfit.runtime, "stream", interrupted)
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "hello", "--no-compile"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == "Once" and captured.err == "memfit generate: interrupted\n"
+
+
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "max new tokens must be at least 1"),

@@ -35,8 +35,19 @@ def rss_bytes() -> int:
     return kib * 1024 if kib is not None else lifetime_peak_rss_bytes()
 
 
+_hwm_reset = False  # whether an RssWatch reset the kernel's high-water mark in this process
+
+
 def lifetime_peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """The process's peak resident set size so far.
+
+    On Linux the kernel's high-water mark (``VmHWM``), unless an `RssWatch` has reset it: then
+    ``ru_maxrss``. Not ``ru_maxrss`` first, because Linux carries it across ``exec``: a process
+    started by a larger one (a benchmark's child) reported its parent's peak as its own.
+    """
+    kib = None if _hwm_reset else _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -57,8 +68,10 @@ class RssWatch:
     """
 
     def __enter__(self) -> RssWatch:
+        global _hwm_reset
         try:
             Path("/proc/self/clear_refs").write_text("5")
+            _hwm_reset = True
             self.exact = _status_kib("VmHWM") is not None
         except OSError:
             self.exact = False
