@@ -11,8 +11,14 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# Bytecode: pip would compile every installed module (half the install; torch alone 13 s) while a
+# test run imports a fraction of them. Installing without it and letting the first import of each
+# module write its .pyc costs less, and memfit's own modules (an editable install) are compiled once
+# instead of in every test process, which PYTHONDONTWRITEBYTECODE=1 in the environment would cause.
+unexport PYTHONDONTWRITEBYTECODE
 install: $(BIN)/python
-	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	$(PIP) install --quiet --no-compile -c constraints.txt -e '.[test]'
+	$(BIN)/python -c "import memfit.cli.main"  # what every process imports, compiled once before workers race
 
 demo: install
 	$(BIN)/memfit optimize --model demo --budget $(BUDGET) --out memfit-out

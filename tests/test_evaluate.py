@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -21,6 +22,32 @@ def test_token_windows_cut_whole_windows(make_tiny):
     windows = token_windows(tokenizer, "abcdefghij" * 30, num_tokens=250, window=64)
     assert windows.shape == (3, 64) and windows.dtype == torch.long
     assert windows[0, :3].tolist() == [97, 98, 99]
+
+
+def test_windows_come_from_one_encoding_per_tokenizer_and_text(make_tiny):
+    _, tokenizer = make_tiny()
+    text = "A text no other test encodes. " + eval_text()[:20_000]
+    calls = []
+    original = type(tokenizer).__call__
+
+    def counting(self, text, **kwargs):
+        calls.append(text)
+        return original(self, text, **kwargs)
+
+    type(tokenizer).__call__ = counting
+    try:
+        first = token_windows(tokenizer, text, 512, 128)
+        first[:] = 0  # windows are the caller's own: changing them changes nothing cached
+        again = token_windows(tokenizer, text, 1024, 256)
+        assert len(calls) == 1
+        assert again.flatten()[:512].tolist() == tokenizer(text, add_special_tokens=False)["input_ids"][:512]
+        assert len(calls) == 2
+        other = copy.deepcopy(tokenizer)  # another vocabulary encodes the same text differently
+        other.add_tokens(["statement"])
+        changed = token_windows(other, text, 1024, 256)
+        assert len(calls) == 3 and not torch.equal(changed, again)
+    finally:
+        type(tokenizer).__call__ = original
 
 
 def test_too_short_text_is_a_data_error(make_tiny):

@@ -9,6 +9,8 @@ which never overlap, so calibrated methods are never scored on the text they wer
 from __future__ import annotations
 
 import functools
+import hashlib
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -76,13 +78,45 @@ def token_windows(tokenizer, text: str, num_tokens: int, window: int) -> torch.T
     """
     if num_tokens < window:
         raise DataError(f"{num_tokens} tokens is less than one window of {window}", f"ask for at least {window}")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = _encode(tokenizer, text)
     num_windows = min(num_tokens, len(ids)) // window
     if num_windows == 0:
         raise DataError(
             f"the text has {len(ids)} tokens, fewer than one window of {window}", "pass a longer text"
         )
-    return torch.tensor(ids[: num_windows * window], dtype=torch.long).view(num_windows, window)
+    return ids[: num_windows * window].view(num_windows, window).clone()
+
+
+# Encoded texts by (tokenizer, text) fingerprint: evaluation and calibration encode the same text
+# with the same tokenizer again and again (the planner twice per candidate), and encoding the
+# built-in half costs more than evaluating a small model on a few windows of it.
+_ENCODED: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+_ENCODED_ENTRIES = 4  # the evaluation and calibration halves of two tokenizers; 1 MB each for the demo
+
+
+def _encode(tokenizer, text: str) -> torch.Tensor:
+    """``tokenizer(text)``'s ids without special tokens, as a LongTensor (read-only: callers copy)."""
+    key = _fingerprint(tokenizer, text)
+    ids = _ENCODED.get(key) if key else None
+    if ids is None:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        if key:
+            _ENCODED[key] = ids
+            while len(_ENCODED) > _ENCODED_ENTRIES:
+                _ENCODED.popitem(last=False)
+    else:
+        _ENCODED.move_to_end(key)
+    return ids
+
+
+def _fingerprint(tokenizer, text: str) -> tuple[str, str] | None:
+    # A fast tokenizer's whole state is its backend's JSON; the Python-side switch that changes
+    # encoding is split_special_tokens. Other tokenizers are not cached.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    state = f"{type(tokenizer).__qualname__}|{getattr(tokenizer, 'split_special_tokens', None)}|{backend.to_str()}"
+    return hashlib.sha256(state.encode()).hexdigest(), hashlib.sha256(text.encode()).hexdigest()
 
 
 CALIBRATION_WINDOWS = 32
