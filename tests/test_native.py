@@ -55,6 +55,7 @@ def test_the_linear_paths_take_the_native_kernels_at_decode_rows_only():
     assert not native.applies(needs_grad)  # no derivative: training takes the dequantize path
 
 
+@pytest.mark.xdist_group("inductor")  # one worker pays inductor's first compile (about 10 s cold)
 def test_fake_tensors_and_compiled_graphs_call_the_operators():
     q, scale, zero = quantize_int4_groups(torch.randn(128, 256), 64)
     packed = PLAIN.pack(q)

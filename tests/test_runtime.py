@@ -68,6 +68,7 @@ def test_every_saved_format_decodes_the_same_tokens_as_transformers(make_tiny, r
     assert _runtime(loaded, [prompt])[0] == _hf_greedy(loaded, prompt), recipe
 
 
+@pytest.mark.xdist_group("inductor")  # one worker pays inductor's first compile (about 10 s cold)
 def test_compiled_step_gives_the_eager_tokens_and_is_reused(make_tiny):
     model, _ = make_tiny("tiny-llama")
     prompt = _prompt()

@@ -194,15 +194,15 @@ def test_grad_accumulation_gives_the_full_batch_losses_with_a_lower_peak():
 
 def test_budget_picks_the_largest_micro_batch_that_fits(make_tiny):
     model, _ = make_tiny("tiny-llama")
-    wl = Workload(mode=Mode.TRAIN, batch_size=8, seq_len=64)
-    peaks = {n: memfit.estimate(model, "none" if n == 1 else f"grad-accum-{n}", wl).peak_bytes for n in (1, 2, 4, 8)}
-    assert peaks[1] > peaks[2] > peaks[4] > peaks[8]
-    budget = (peaks[2] + peaks[4]) // 2  # micro-batch 4 (2 micro-batches) is too big, 2 fits
-    result = memfit.train("tiny-llama", steps=2, batch=8, seq=64, budget=budget, device="cpu")
-    assert result.plan.recipe == "grad-accum-4"
+    wl = Workload(mode=Mode.TRAIN, batch_size=4, seq_len=64)
+    peaks = {n: memfit.estimate(model, "none" if n == 1 else f"grad-accum-{n}", wl).peak_bytes for n in (1, 2, 4)}
+    assert peaks[1] > peaks[2] > peaks[4]
+    budget = (peaks[1] + peaks[2]) // 2  # the whole batch of 4 is too big, micro-batches of 2 fit
+    result = memfit.train("tiny-llama", steps=2, batch=4, seq=64, budget=budget, device="cpu")
+    assert result.plan.recipe == "grad-accum-2"
     assert result.peak_bytes[0] <= budget
     with pytest.raises(memfit.BudgetError, match=r"a micro-batch of 1 sequence\(s\) of 64 tokens needs .* over"):
-        memfit.train("tiny-llama", steps=2, batch=8, seq=64, budget=peaks[8] // 2, device="cpu")
+        memfit.train("tiny-llama", steps=2, batch=4, seq=64, budget=peaks[4] // 2, device="cpu")
 
 
 def test_out_of_memory_retries_the_step_with_smaller_micro_batches():

@@ -99,19 +99,33 @@ def _kill_ranks_of(out: Path) -> None:
                 os.kill(int(proc.name), signal.SIGKILL)
 
 
+RESUMABLE = """\
+import json, logging, sys
+import memfit
+logging.basicConfig(level=logging.INFO)  # "resumed from ..." on stderr
+result = memfit.train("tiny-llama", steps=6, batch=4, seq=32, recipe="fsdp", device="cpu", out=sys.argv[1],
+                      save_every=3, resume=sys.argv[2] == "resume")
+print(json.dumps({"losses": result.losses}))
+"""
+
+
 def test_a_sharded_run_killed_while_writing_resumes_to_the_same_loss(tmp_path):
     import signal
 
     from memfit.train import checkpoint
 
-    args = [sys.executable, "-m", "memfit.cli.main", "train", "--model", "tiny-llama", "--steps", "6", "--batch", "4",
-            "--seq", "32", "--recipe", "fsdp", "--nproc", "2", "--save-every", "3", "--device", "cpu", "--json"]
+    # torchrun on a script rather than `memfit train --nproc 2` (the DDP test above runs that path):
+    # one process fewer to start at each launch
+    script = tmp_path / "resumable.py"
+    script.write_text(RESUMABLE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               str(tmp_path / "killed")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # the uninterrupted reference in one process: sharded losses equal it to about 1e-7 (the test above)
     expected = memfit.train("tiny-llama", steps=6, batch=4, seq=32, device="cpu").losses
 
-    killed = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True,
-                              env={**os.environ, checkpoint.STALL_ENV: "6"})
+    killed = subprocess.Popen([*command, "fresh"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True, env={**env, checkpoint.STALL_ENV: "6"})
     line = ""
     while "stalled writing checkpoint 6" not in line:
         line = killed.stderr.readline()
@@ -119,9 +133,12 @@ def test_a_sharded_run_killed_while_writing_resumes_to_the_same_loss(tmp_path):
     os.killpg(killed.pid, signal.SIGKILL)  # torchrun
     killed.wait()
     _kill_ranks_of(tmp_path / "killed")  # the ranks run in sessions of their own
+    root = tmp_path / "killed" / "checkpoints"
+    assert [p.name for p in checkpoint.complete(root)] == ["step-3"]
     # resuming restores the DTensor shards of the weights and of AdamW's moments on each rank
-    resumed = subprocess.run([*args, "--out", str(tmp_path / "killed"), "--resume"], capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run([*command, "resume"], capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    losses = json.loads(resumed.stdout.strip().splitlines()[-1])["losses"]
+    assert resumed.stderr.count(f"resumed from {root / 'step-3'}") == 2  # each rank
+    losses = json.loads(resumed.stdout.strip().splitlines()[-1])["losses"]  # both ranks print the same line
+    assert len(losses) == 6
     assert abs(losses[-1] - expected[-1]) <= 1e-5 * abs(expected[-1])
