@@ -48,7 +48,8 @@ def test_compress_then_eval_gives_the_same_numbers(capsys, tmp_path):
 
 def test_optimize_json_contract_and_report(capsys, tmp_path):
     out, report = tmp_path / "best", tmp_path / "reports" / "r.html"
-    args = ["optimize", "--model", "tiny-llama", "--budget", "30%", "--out", str(out), "--report", str(report)]
+    args = ["optimize", "--model", "tiny-llama", "--budget", "30%", "--calibration-windows", "4", "--out", str(out),
+            "--report", str(report)]
     assert main([*args, *TOKENS, "--json"]) == 0
     data = _last_json(capsys)
     assert set(data) == {"budget_bytes", "plan", "out", "metrics", "candidates"}
@@ -157,12 +158,12 @@ def test_estimate_optimizer_flag_is_the_recipe_token(capsys):
 
 def test_estimate_budget_prints_the_largest_batch(capsys):
     base = ["estimate", "--model", "tiny-llama", "--mode", "train", "--seq", "32"]
-    assert main([*base, "--budget", "6MB", "--json"]) == 0
+    assert main([*base, "--budget", "2.5MB", "--json"]) == 0
     batch = _last_json(capsys)["max_batch_size"]
     at = lambda b: (main([*base, "--batch", str(b), "--json"]), _last_json(capsys)["peak_bytes"])[1]
-    assert batch > 1 and at(batch) <= 6_000_000 < at(batch + 1)
-    assert main([*base, "--budget", "6MB"]) == 0
-    assert f"largest batch under 6 MB: {batch}" in capsys.readouterr().out
+    assert batch > 1 and at(batch) <= 2_500_000 < at(batch + 1)
+    assert main([*base, "--budget", "2.5MB"]) == 0
+    assert f"largest batch under 2.5 MB: {batch}" in capsys.readouterr().out
     assert main([*base, "--budget", "10KB"]) == 2
     _one_line_error(capsys, "batch size 1 needs", "over the budget of 10 KB")
 

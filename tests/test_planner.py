@@ -1,6 +1,7 @@
 import pytest
 
 import memfit
+from memfit.data import calibration_windows
 from memfit.errors import BudgetError
 from memfit.evaluate import Metrics
 from memfit.planner.report import render_markdown, write_reports
@@ -10,6 +11,13 @@ from memfit.strategies.base import Phase
 from memfit.units import format_bytes
 
 TOKENS = 1024
+
+
+def _search(model, tokenizer, budget, **kwargs):
+    """`memfit.optimize` as these tests run it: 1024 evaluation tokens, and 4 calibration windows of
+    256 tokens (the default 32 of 512 is sized for real models; the search logic is the same)."""
+    calibration = calibration_windows(tokenizer, windows=4, window=256)
+    return memfit.optimize(model, tokenizer, budget, num_tokens=TOKENS, calibration=calibration, **kwargs)
 
 
 def test_space_has_every_option_once_and_the_empty_plan_first():
@@ -33,7 +41,7 @@ def optimized():
     """One search of tiny-llama at 30%, shared by the tests that only read its result."""
     model, tokenizer = memfit.load("tiny-llama")
     before = memfit.weight_bytes(model)
-    result = memfit.optimize(model, tokenizer, "30%", num_tokens=TOKENS, measure_speed=False)
+    result = _search(model, tokenizer, "30%", measure_speed=False)
     return result, memfit.weight_bytes(model) == before
 
 
@@ -55,7 +63,7 @@ def test_optimize_fits_the_budget_and_picks_the_lowest_perplexity(optimized):
 def test_optimize_is_deterministic(make_tiny, optimized):
     model, tokenizer = make_tiny("tiny-llama")
     first = optimized[0]
-    second = memfit.optimize(model, tokenizer, "30%", num_tokens=TOKENS, measure_speed=False)
+    second = _search(model, tokenizer, "30%", measure_speed=False)
     ranking = lambda r: [(c.plan.recipe, c.predicted_weight_bytes, c.metrics and c.metrics.perplexity)
                          for c in r.candidates]
     assert ranking(first) == ranking(second)
@@ -65,7 +73,7 @@ def test_optimize_is_deterministic(make_tiny, optimized):
 def test_a_larger_budget_never_gives_a_worse_plan(make_tiny):
     model, tokenizer = make_tiny("tiny-qwen2")
     budgets = ("25%", "40%", "100%")
-    results = [memfit.optimize(model, tokenizer, b, num_tokens=TOKENS, measure_speed=False) for b in budgets]
+    results = [_search(model, tokenizer, b, measure_speed=False) for b in budgets]
     ppl = [r.best.metrics.perplexity for r in results]
     assert ppl[0] >= ppl[1] >= ppl[2]
     assert [c.fits for c in results[2].candidates] == [True] * len(results[2].candidates)
@@ -76,7 +84,7 @@ def test_impossible_budget_names_the_smallest_reachable_plan(make_tiny):
     sizes = [(memfit.estimate(model, p).weight_bytes, p.recipe) for p in candidate_plans()]
     smallest_bytes, smallest = min(sizes, key=lambda size: size[0])  # ties: the first in search order
     with pytest.raises(BudgetError, match=f"below the smallest reachable plan: '{smallest}' holds") as info:
-        memfit.optimize(model, tokenizer, "1KB", num_tokens=TOKENS, measure_speed=False)
+        _search(model, tokenizer, "1KB", measure_speed=False)
     assert f"raise the budget to at least {format_bytes(smallest_bytes)}" in str(info.value)
 
 
@@ -90,7 +98,7 @@ def test_a_budget_only_pruning_meets_gets_a_pruned_plan(make_tiny):
     unpruned = min(memfit.estimate(model, p).weight_bytes for p in plans if not _structure(p))
     pruned = min(memfit.estimate(model, p).weight_bytes for p in plans if _structure(p))
     budget = (unpruned + pruned) // 2  # below every plan without pruning or factors
-    result = memfit.optimize(model, tokenizer, budget, num_tokens=TOKENS, measure_speed=False)
+    result = _search(model, tokenizer, budget, measure_speed=False)
     assert _structure(result.best.plan)
     assert memfit.weight_bytes(result.model) == result.best.metrics.weight_bytes <= budget
     evaluated = [c for c in result.candidates if c.metrics is not None]
@@ -136,7 +144,7 @@ def test_quality_limit_that_nothing_meets_is_explained():
 
 def test_report_lists_every_candidate_and_marks_the_choice(make_tiny):
     model, tokenizer = make_tiny("tiny-llama")
-    result = memfit.optimize(model, tokenizer, "30%", num_tokens=TOKENS)
+    result = _search(model, tokenizer, "30%")
     markdown = render_markdown(result)
     for candidate in result.candidates:
         assert f"| {candidate.plan.recipe}" in markdown
