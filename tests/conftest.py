@@ -45,3 +45,14 @@ def tokens() -> torch.Tensor:
 def demo():
     """The demo model (SmolLM2-135M-Instruct), loaded once per session; do not mutate it."""
     return memfit.load("demo")
+
+
+# Files whose tests start processes (torchrun ranks, killed and resumed runs, the CLI entry point) or
+# run the estimator on an 80-layer model: they run first, so that the short tests fill the end of
+# both pytest-xdist workers instead of one worker finishing a long test while the other waits.
+_LONG_FIRST = ("test_train_distributed.py", "test_train.py", "test_estimate.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(_LONG_FIRST)))  # stable: file order kept otherwise
