@@ -47,12 +47,14 @@ def demo():
     return memfit.load("demo")
 
 
-# Files whose tests start processes (torchrun ranks, killed and resumed runs, the CLI entry point) or
-# run the estimator on an 80-layer model: they run first, so that the short tests fill the end of
-# both pytest-xdist workers instead of one worker finishing a long test while the other waits.
+# Order: the demo-model tests (`slow`, minutes each) first, then the files whose tests start processes
+# (torchrun ranks, killed and resumed runs, the CLI entry point) or run the estimator on an 80-layer
+# model, then the rest: the short tests fill the end of both pytest-xdist workers instead of one
+# worker finishing a long test while the other waits.
 _LONG_FIRST = ("test_train_distributed.py", "test_train.py", "test_estimate.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(items):
     order = {name: i for i, name in enumerate(_LONG_FIRST)}
-    items.sort(key=lambda item: order.get(item.path.name, len(_LONG_FIRST)))  # stable: file order kept otherwise
+    # stable: the file order is kept otherwise
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, order.get(item.path.name, len(_LONG_FIRST))))
