@@ -2,7 +2,8 @@
 
 Rows: each memfit format through (a) transformers' eager forward with its dynamic cache (what
 `memfit eval` measured before the runtime), (b) the runtime's eager step, (c) the runtime's
-compiled step (CUDA graphs on CUDA); and, when llama-cpp-python is installed, llama.cpp on GGUF
+compiled step (CUDA graphs on CUDA), (d) the runtime's native step (one call of memfit's C library
+per token; the default where it runs the format); and, when llama-cpp-python is installed, llama.cpp on GGUF
 files of the same model (F32 written by memfit's exporter, the others quantized from it by
 llama.cpp's own quantizer). Decode: batch 1, greedy, 64 tokens after a 32-token prompt. Prefill:
 one 512-token prompt to its first token. Rounds are interleaved across every row; medians. Rates
@@ -10,8 +11,9 @@ are also given as ratios to the runtime's eager fp32 in the same run.
 
 Roofline: decode reads every weight once per token (the demo's output head is its tied
 embedding), so a row's bound is ``bandwidth / weight bytes``; the fraction is the measured rate
-over that bound, with the bandwidth measured here as the best rate of summing a 1 GiB buffer
-with the threads torch uses. (The KV cache read, under 1% of the weights at these lengths, is left out.)
+over that bound, with the bandwidth measured here as the best rate of reading a buffer of the
+row's weight bytes with every thread (`read_bandwidth`). (The KV cache read, under 1% of the
+weights at these lengths, is left out.)
 
     python benchmarks/runtime.py --model demo
     python benchmarks/runtime.py --model demo --formats int8 --llama-cpp Q8_0 --rounds 5
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -63,14 +66,24 @@ def variant(base, fmt: str, device: str):
     return model.to(device).eval()
 
 
-def read_bandwidth() -> float:
-    """Bytes/s of summing a 1 GiB float buffer (a read-only stream), the best of 7 (the bound)."""
-    buffer = torch.ones(1 << 28)
-    buffer.sum()
+@functools.cache
+def read_bandwidth(nbytes: int) -> float:
+    """Bytes/s of reading a buffer of ``nbytes`` with every thread, prefetching as memfit's kernels
+    do, the best of 7: the bound for a decode step that reads that many bytes of weights once.
+
+    Measured per size because the rate depends on it here: 45 GB/s up to about 135 MB, half that
+    from 256 MB on (address translation, on this virtual machine). PyTorch's ``sum`` of a 1 GiB
+    buffer reads at about 19 GB/s, so it would misstate the fractions of the small formats.
+    """
+    from memfit import native
+
+    buffer = torch.ones(max(nbytes, 1 << 20) // 256 * 64)  # float32, a multiple of 64 bytes
+    read = lambda: native.library().memfit_read(buffer.data_ptr(), buffer.nbytes)  # noqa: E731
+    read()
     times = []
     for _ in range(7):
         began = time.perf_counter()
-        buffer.sum()
+        read()
         times.append(time.perf_counter() - began)
     return buffer.nbytes / min(times)
 
@@ -81,10 +94,11 @@ def _sync(device: str) -> None:
 
 
 class MemfitRow:
-    def __init__(self, model, fmt: str, device: str, compiled: bool):
+    def __init__(self, model, fmt: str, device: str, step: str):
         self.model, self.device, self.fmt = model, device, fmt
-        self.engine = Engine(model, compile=compiled)
-        self.long_engine = Engine(model, compile=False)  # its own cache, so neither shape reallocates the other's
+        self.engine = Engine(model, compile=step == "compiled", native=step == "native")
+        # its own cache, so neither shape reallocates the other's (the prefill is the same eager forward)
+        self.long_engine = Engine(model, compile=False, native=False)
         self.weight_bytes = weight_bytes(model)
 
     def warm(self, prompt: list[int], long: list[int]) -> float:
@@ -187,6 +201,8 @@ def main() -> None:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     parser.add_argument("--gguf-dir", type=Path, default=cache / "memfit" / "bench-gguf")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers eager column")
+    parser.add_argument("--steps", default="eager,compiled,native",
+                        help="memfit decode steps to run: eager, compiled (torch.compile), native (a C call per token)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -195,15 +211,17 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (PROMPT,), generator=generator).tolist()
     long = torch.randint(0, vocab, (PREFILL,), generator=generator).tolist()
-    bandwidth = read_bandwidth() if args.device == "cpu" else None
+    measure_bandwidth = args.device == "cpu"
 
     rows: dict[str, dict] = {}
     runners: dict[str, object] = {}
     for fmt in filter(None, args.formats.split(",")):
         model = variant(base, fmt, args.device)
-        for compiled in (False, True):
-            name = f"memfit {fmt} {'compiled' if compiled else 'eager'}"
-            runners[name] = MemfitRow(model, fmt, args.device, compiled)
+        for step in filter(None, args.steps.split(",")):
+            row = MemfitRow(model, fmt, args.device, step)
+            if step == "native" and row.engine.native_step is None:
+                continue  # the native step does not run this format (or device): the compiled row stands for it
+            runners[f"memfit {fmt} {step}"] = row
         if not args.no_transformers:
             runners[f"transformers {fmt}"] = model
     llama_types = [t for t in args.llama_cpp.split(",") if t]
@@ -232,27 +250,28 @@ def main() -> None:
         row["prefill tokens/s"] = statistics.median(r["prefill"]) if r["prefill"] else None
         if isinstance(runners[name], MemfitRow) and runners[name].engine.compiled is False and "compiled" in name:
             row["note"] = "compile failed: ran eagerly"
-        if bandwidth and "weight_bytes" in row:
-            row["roofline fraction"] = row["decode tokens/s"] * row["weight_bytes"] / bandwidth
+        if measure_bandwidth and row.get("weight_bytes"):
+            row["read GB/s"] = read_bandwidth(row["weight_bytes"]) / 1e9
+            row["roofline fraction"] = row["decode tokens/s"] * row["weight_bytes"] / (row["read GB/s"] * 1e9)
 
     reference = rows.get("memfit fp32 eager") or next(iter(rows.values()))
     print(f"{args.device}, {torch.get_num_threads()} threads; decode: batch 1, {NEW} tokens after {PROMPT}; "
-          f"prefill: {PREFILL} tokens; {args.rounds} interleaved rounds, medians"
-          + (f"; read bandwidth {bandwidth / 1e9:.1f} GB/s" if bandwidth else ""))
+          f"prefill: {PREFILL} tokens; {args.rounds} interleaved rounds, medians")
     print()
-    print("| row | weight MB | decode tok/s | vs memfit fp32 eager | roofline | prefill tok/s | vs memfit fp32 eager |")
-    print("|---|---|---|---|---|---|---|")
+    print("| row | weight MB | decode tok/s | vs memfit fp32 eager | read GB/s | roofline | prefill tok/s "
+          "| vs memfit fp32 eager |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         prefill = r["prefill tokens/s"]
         prefill_ratio = prefill / reference["prefill tokens/s"] if prefill else None
         roof = r.get("roofline fraction")
+        read, roof_text = (f"{r['read GB/s']:.1f}", f"{roof:.0%}") if roof else ("-", "-")
         print(f"| {name} | {r.get('weight_bytes', 0) / 1e6:.0f} | {r['decode tokens/s']:.1f} | "
-              f"{r['decode tokens/s'] / reference['decode tokens/s']:.2f}x | "
-              f"{f'{roof:.0%}' if roof else '-'} | {f'{prefill:.0f}' if prefill else '-'} | "
-              f"{f'{prefill_ratio:.2f}x' if prefill else '-'} |"
+              f"{r['decode tokens/s'] / reference['decode tokens/s']:.2f}x | {read} | {roof_text} | "
+              f"{f'{prefill:.0f}' if prefill else '-'} | {f'{prefill_ratio:.2f}x' if prefill else '-'} |"
               + (f" {r['note']}" if "note" in r else ""))
     if args.json:
-        print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "rows": rows}))
+        print(json.dumps({"rows": rows}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """memfit's decode runtime on tiny models: the same tokens as transformers' greedy generate in every
-format memfit saves, a static cache written in place, batches with left padding, sampling, stop
-strings, the compiled step and its eager fallback, and `memfit generate`'s contract."""
+format memfit saves, through the native step (memfit's C library) and the PyTorch step, a static
+cache written in place, batches with left padding, sampling, stop strings, the compiled step and
+its eager fallback, and `memfit generate`'s contract."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def _hf_greedy(model, prompt: list[int], new: int = NEW) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def _runtime(model, prompts, new: int = NEW, compile: bool = False, **sampling) -> list[list[int]]:
+def _runtime(model, prompts, new: int = NEW, compile: bool = False, native: bool = True,
+             **sampling) -> list[list[int]]:
     rows: list[list[int]] = [[] for _ in prompts]
-    for step in Engine(model, compile=compile).stream(prompts, new, Sampling(**sampling)):
+    for step in Engine(model, compile=compile, native=native).stream(prompts, new, Sampling(**sampling)):
         for row, token in enumerate(step.tokens):
             if token is not None:
                 rows[row].append(token)
@@ -43,16 +45,21 @@ def test_greedy_tokens_equal_transformers_generate(make_tiny, name, dtype):
     model, _ = make_tiny(name)
     model.to(dtype)
     prompt = _prompt()
-    assert _runtime(model, [prompt])[0] == _hf_greedy(model, prompt)
+    expected = _hf_greedy(model, prompt)
+    assert _runtime(model, [prompt])[0] == expected  # the native step
+    assert _runtime(model, [prompt], native=False)[0] == expected  # the PyTorch step
 
 
-RECIPES = ["int8", "int4-g32", "w8a8", "fp8", "prune-50-magnitude", "prune-2of4-magnitude,int8", "lowrank-all-50",
-           "prune-mlp-25", "prune-heads-50", "drop-layers-1", "lora-4", "int4-g32,lora-4", "bf16,int8"]
+# The formats the native step runs; the others decode with the PyTorch step.
+NATIVE = ["int8", "int4-g32", "w8a8", "prune-mlp-25", "prune-heads-50", "drop-layers-1", "bf16,int8"]
+RECIPES = [*NATIVE, "fp8", "prune-50-magnitude", "prune-2of4-magnitude,int8", "lowrank-all-50", "lora-4",
+           "int4-g32,lora-4"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_saved_format_decodes_the_same_tokens_as_transformers(make_tiny, recipe, tmp_path):
-    """Applied, saved and loaded back as a user would run it: the runtime's greedy tokens equal
+    """Applied, saved and loaded back as a user would run it: the runtime's greedy tokens, through
+    the step `memfit generate` takes for the format and through the eager PyTorch step, equal
     transformers' generate on the same loaded model."""
     model, tokenizer = make_tiny("tiny-llama")
     calibration = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(3))
@@ -65,14 +72,18 @@ def test_every_saved_format_decodes_the_same_tokens_as_transformers(make_tiny, r
     memfit.save(model, tokenizer, tmp_path / "m")
     loaded, _ = memfit.load(tmp_path / "m")
     prompt = _prompt()
-    assert _runtime(loaded, [prompt])[0] == _hf_greedy(loaded, prompt), recipe
+    expected = _hf_greedy(loaded, prompt)
+    engine = Engine(loaded, compile=False)
+    assert [s.tokens[0] for s in engine.stream([prompt], NEW)] == expected, recipe
+    assert engine.step_kind == ("native" if recipe in NATIVE else "eager")
+    assert _runtime(loaded, [prompt], native=False)[0] == expected, recipe
 
 
 @pytest.mark.xdist_group("inductor")  # one worker pays inductor's first compile (about 10 s cold)
 def test_compiled_step_gives_the_eager_tokens_and_is_reused(make_tiny):
     model, _ = make_tiny("tiny-llama")
     prompt = _prompt()
-    engine = Engine(model, compile=True)
+    engine = Engine(model, compile=True, native=False)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     tokens = [s.tokens[0] for s in engine.stream([prompt], NEW)]
     assert engine.compiled
@@ -95,7 +106,7 @@ def test_a_failing_compiler_falls_back_to_eager_and_says_so_once(make_tiny, monk
 
     monkeypatch.setattr(engine_module, "compiled_step", broken)
     prompt = _prompt()
-    engine = Engine(model, compile=True)
+    engine = Engine(model, compile=True, native=False)
     assert [s.tokens[0] for s in engine.stream([prompt], 16)] == _hf_greedy(model, prompt, 16)
     assert [s.tokens[0] for s in engine.stream([prompt], 16)]  # no second message
     err = capsys.readouterr().err.strip().splitlines()
@@ -103,9 +114,10 @@ def test_a_failing_compiler_falls_back_to_eager_and_says_so_once(make_tiny, monk
     assert not engine.compiled
 
 
-def test_the_cache_is_preallocated_and_written_in_place(make_tiny):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
+def test_the_cache_is_preallocated_and_written_in_place(make_tiny, native):
     model, _ = make_tiny("tiny-llama")
-    engine = Engine(model, compile=False)
+    engine = Engine(model, compile=False, native=native)
     steps = engine.stream([_prompt()], 40)
     next(steps)
     cache = engine._cache
@@ -122,11 +134,12 @@ def test_the_cache_is_preallocated_and_written_in_place(make_tiny):
     assert cache.keys[0][0, :, :51].abs().sum() > 0 and cache.keys[0][0, :, 51:].abs().sum() == 0
 
 
-def test_a_left_padded_batch_gives_each_row_its_own_tokens(make_tiny):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
+def test_a_left_padded_batch_gives_each_row_its_own_tokens(make_tiny, native):
     model, _ = make_tiny("tiny-qwen2")
     prompts = [_prompt(12, 1), _prompt(5, 2), _prompt(9, 3)]
-    batched = _runtime(model, prompts, 24)
-    assert batched == [_runtime(model, [p], 24)[0] for p in prompts]
+    batched = _runtime(model, prompts, 24, native=native)
+    assert batched == [_runtime(model, [p], 24, native=native)[0] for p in prompts]
     assert batched[1] == _hf_greedy(model, prompts[1], 24)
 
 
@@ -199,10 +212,16 @@ def test_generate_json_contract(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     data = json.loads(out[-1])
     assert set(data) == {"text", "prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "weight_bytes",
-                         "kv_cache_bytes", "baseline_rss_bytes", "peak_rss_bytes", "compiled", "compile_s", "stopped"}
+                         "kv_cache_bytes", "baseline_rss_bytes", "peak_rss_bytes", "decode_step", "compiled",
+                         "compile_s", "stopped"}
     assert out[0] == data["text"] and data["new_tokens"] == 12 and data["prompt_tokens"] == 5
     assert data["weight_bytes"] == 361_792 and data["kv_cache_bytes"] == 2 * 2 * 2 * 256 * 16 * 4
-    assert data["compiled"] is False and data["peak_rss_bytes"] >= data["baseline_rss_bytes"] > 0
+    assert data["decode_step"] == "native" and data["compiled"] is False
+    assert data["peak_rss_bytes"] >= data["baseline_rss_bytes"] > 0
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "hello", "--max-new-tokens", "12", "--no-native",
+                 "--no-compile", "--json"]) == 0
+    pytorch = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert pytorch["decode_step"] == "eager" and pytorch["text"] == data["text"]
 
 
 def test_ctrl_c_while_streaming_stops_with_exit_130_and_no_traceback(capsys, monkeypatch):
@@ -245,7 +264,8 @@ def test_the_int4_operand_lives_as_long_as_an_engine_uses_it(make_tiny):
         m.release_runtime()
     if not linears:
         pytest.skip("this CPU's PyTorch has no int4 kernel layout")
-    first, second = Engine(model, compile=False), Engine(model, compile=False)
+    assert Engine(model, compile=False).workspace_bytes == 0  # the native step reads the weights as they are
+    first, second = Engine(model, compile=False, native=False), Engine(model, compile=False, native=False)
     assert first.workspace_bytes == second.workspace_bytes > 0
     del first
     assert all("_scale_zero" in m.__dict__ for m in linears)

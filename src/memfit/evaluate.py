@@ -5,9 +5,10 @@
 - weight bytes: storage of every parameter and buffer the model holds, shared storage once;
 - peak RSS: the process's peak resident memory so far (``getrusage``);
 - prefill tokens/s: a 512-token prompt to its first token through memfit's runtime, median of 3;
-- decode tokens/s: 64 greedy decode steps of the runtime (its static KV cache; the eager step, or
-  the compiled one with ``compile=True``) after a 32-token prompt, batch 1, median of 3 after 8
-  untimed warm-up steps (the prompt's prefill is not timed).
+- decode tokens/s: 64 greedy decode steps of the runtime (its static KV cache; the native step,
+  memfit's C library, where it runs the model, else the eager step, or the compiled one with
+  ``compile=True``: what ``memfit generate`` runs) after a 32-token prompt, batch 1, median of 3
+  after 8 untimed warm-up steps (the prompt's prefill is not timed).
 For architectures the runtime does not run, both time transformers' forward instead.
 """
 
@@ -74,8 +75,9 @@ def evaluate(
         num_tokens: tokens to score, in whole windows (default 16,384).
         window: tokens per window (default 512).
         measure_speed: also time prefill and decode (skip for quick quality checks).
-        compile: time the runtime's compiled decode step (what ``memfit generate`` runs) instead of
-            its eager one; compiling costs tens of seconds per model on a CPU.
+        compile: where the native step does not run the model, time the runtime's compiled decode
+            step (what ``memfit generate`` runs there) instead of its eager one; compiling costs
+            tens of seconds per model on a CPU.
         progress: ``progress(description, done, total)`` callback.
 
     Returns:

@@ -13,8 +13,9 @@ examples:
   memfit eval --model tiny-llama --text notes.txt --tokens 4096
 
 Speeds are memfit's runtime (what `memfit generate` runs): prefill is a 512-token prompt to its first
-token; decode is 64 greedy steps after a 32-token prompt, batch 1, with the eager decode step, or
-with --compile the compiled one (`memfit generate`'s default; compiling takes tens of seconds).
+token; decode is 64 greedy steps after a 32-token prompt, batch 1, with the native decode step
+(memfit's C library) where it runs the model; for other formats the eager step, or with --compile
+the compiled one (`memfit generate`'s choice for them; compiling takes tens of seconds).
 
 JSON (last stdout line): {"perplexity", "eval_tokens", "weight_bytes", "peak_rss_bytes",
 "prefill_tokens_per_s", "decode_tokens_per_s"}"""
@@ -28,7 +29,8 @@ def add_parser(subparsers) -> None:
     options.add_model(parser)
     options.add_eval(parser)
     parser.add_argument("--compile", action="store_true",
-                        help="time the compiled decode step (memfit generate's) instead of the eager one")
+                        help="where the native step does not run the model, time the compiled decode step "
+                             "(memfit generate's) instead of the eager one")
     options.add_json(parser)
     parser.set_defaults(run=run)
 

@@ -13,18 +13,21 @@ examples:
   memfit generate --model ./smollm2-int4 --prompt-file prompt.txt --max-new-tokens 200 --json
   memfit generate --model demo --prompt "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 7
 
-The decode step is compiled (torch.compile) on first use of a model and shape; inductor caches
-what it compiled on disk, so a second run skips most of that. --no-compile decodes eagerly.
+Decode steps run in memfit's C library, one call per token (decode_step "native"), for models in
+float32, bf16, int8, int4-gN, w8a8 and structurally pruned shapes; nothing is compiled but the
+library, once per machine. Other formats (LoRA, low-rank, sparse, fp8) run the step compiled with
+torch.compile on first use of a model and shape (inductor caches it on disk, so a second run skips
+most of that), or eagerly with --no-compile. --no-native runs the PyTorch step for every model.
 
 JSON (last stdout line, after the streamed text): {"text", "prompt_tokens", "new_tokens", "ttft_s",
 "decode_tokens_per_s", "weight_bytes", "kv_cache_bytes", "baseline_rss_bytes", "peak_rss_bytes",
-"compiled", "compile_s", "stopped"}. baseline_rss_bytes is the process before the model is loaded
-(memfit, torch, transformers and, unless --no-compile, torch's compiler imported)."""
+"decode_step", "compiled", "compile_s", "stopped"}. baseline_rss_bytes is the process before the
+model is loaded (memfit, torch and transformers imported)."""
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "generate", help="stream text from a model (static KV cache, compiled decode step)",
+        "generate", help="stream text from a model (static KV cache, native or compiled decode step)",
         description=__doc__.split("``: ")[1], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     options.add_model(parser)
@@ -42,7 +45,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop before this text (repeatable)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    parser.add_argument("--no-compile", action="store_true", help="decode eagerly (no torch.compile)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="where the PyTorch step decodes, run it eagerly (no torch.compile)")
+    parser.add_argument("--no-native", action="store_true",
+                        help="decode with the PyTorch step even where memfit's C step runs the model")
     options.add_json(parser)
     parser.set_defaults(run=run)
 
@@ -57,11 +63,9 @@ def run(args: argparse.Namespace) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         repetition_penalty=args.repetition_penalty, seed=args.seed)
     prompt = args.prompt if args.prompt is not None else read_text(args.prompt_file)
-    if not args.no_compile:  # the compiler's code is the runtime's, not the model's: in the baseline
-        import torch._inductor.compile_fx  # noqa: F401
     baseline = rss_bytes()
     model, tokenizer = load(args.model)
-    engine = Engine(model, compile=not args.no_compile)
+    engine = Engine(model, compile=not args.no_compile, native=not args.no_native)
     result = []
     for piece in stream(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
                         stop=args.stop, chat=args.chat, engine=engine, result=result):
@@ -75,10 +79,11 @@ def run(args: argparse.Namespace) -> int:
             "ttft_s": done.ttft_s, "decode_tokens_per_s": done.decode_tokens_per_s,
             "weight_bytes": weight_bytes(model), "kv_cache_bytes": done.kv_cache_bytes,
             "baseline_rss_bytes": baseline, "peak_rss_bytes": lifetime_peak_rss_bytes(),
-            "compiled": done.compiled, "compile_s": engine.compile_seconds, "stopped": done.stopped,
+            "decode_step": done.decode_step, "compiled": done.compiled, "compile_s": engine.compile_seconds,
+            "stopped": done.stopped,
         })
     else:
-        rate = f"{done.decode_tokens_per_s:.1f} tokens/s" + (" (compiled)" if done.compiled else " (eager)")
+        rate = f"{done.decode_tokens_per_s:.1f} tokens/s ({done.decode_step} step)"
         console.stderr.print(f"{done.prompt_tokens} prompt tokens, {done.new_tokens} new; first token after "
                              f"{done.ttft_s:.2f} s, then {rate}", soft_wrap=True)
     return 0

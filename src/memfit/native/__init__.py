@@ -1,4 +1,4 @@
-"""memfit's few-row CPU kernels for packed weights (``gemv.c``), built on first use.
+"""memfit's few-row CPU kernels (``gemv.c``) and fused decode step (``step.c``), built on first use.
 
 At one to a few rows (decode), PyTorch's packed kernels (``torch._weight_int8pack_mm``,
 ``torch._weight_int4pack_mm_for_cpu``) read the weights at about half the memory bandwidth;
@@ -7,9 +7,12 @@ these loops, compiled for the machine they run on, read them at close to all of 
 ``memfit::gemv_int4``) with shape functions, so ``torch.compile`` calls them from a compiled
 graph and fake tensors (the estimator) see the same outputs as real runs.
 
+The decode step of a whole model, one token per row, runs in ``step.c`` in one call
+(`memfit.runtime.native_step`).
+
 The library is compiled with the system C compiler (``cc``, as ``torch.compile``'s CPU backend
 needs) with ``-O3 -march=native -fopenmp`` into ``$XDG_CACHE_HOME/memfit/kernels/<key>/``, where
-the key covers the source, the flags and this CPU's instruction sets, so a cache shared between
+the key covers the sources, the flags and this CPU's instruction sets, so a cache shared between
 machines never runs code built for another CPU. Where it cannot be built, memfit says so once on
 stderr and uses PyTorch's kernels. ``MEMFIT_NATIVE_KERNELS=0`` turns these kernels off.
 """
@@ -25,13 +28,54 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-SOURCE = Path(__file__).with_name("gemv.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "gemv.c", HERE / "step.c")
+HEADERS = (HERE / "kernels.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC")
 MAX_ROWS = 4  # rows (tokens) up to which these kernels run; prefill-sized inputs keep PyTorch's
+
+# weight formats, as kernels.h numbers them
+KIND_F32, KIND_BF16, KIND_INT8, KIND_INT4_PLAIN, KIND_INT4_BLOCKED = range(5)
+BLOCK = 64  # rows per block of the blocked int4 layout
+
+
+def weight_supported(kind: int, n: int, k: int, group: int = 0) -> bool:
+    """Whether the kernels run a weight of this format and shape (kernels.h's `weight_supported`)."""
+    if kind in (KIND_F32, KIND_INT8):
+        return True
+    if kind == KIND_BF16:
+        return k % 32 == 0
+    if kind == KIND_INT4_PLAIN:
+        return group % 32 == 0 and k % 32 == 0
+    if kind == KIND_INT4_BLOCKED:
+        return group % 2 == 0 and (n % BLOCK) % 2 == 0
+    return False
+
+
+class NativeWeight(NamedTuple):
+    """A weight as the kernels read it: `kind` (a ``KIND_*``), the packed ``data`` [N, K] (or
+    [N, K // 2] for 4-bit), bf16 ``scale`` ([N] or [G, N]), uint8 ``zero`` ([G, N]) and ``group``
+    (columns per 4-bit group). Packed modules return one from ``native_weight()``."""
+
+    kind: int
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    group: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.data.shape
+        return n, k * 2 if self.kind in (KIND_INT4_PLAIN, KIND_INT4_BLOCKED) else k
+
+    @property
+    def supported(self) -> bool:
+        return weight_supported(self.kind, *self.shape, self.group)
 
 
 def _cpu_key() -> str:
@@ -48,28 +92,33 @@ def _cache_dir() -> Path:
 
 
 def _build() -> ctypes.CDLL:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    target = _cache_dir() / key / "gemv.so"
+    digest = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.read_bytes())
+    digest.update(" ".join(FLAGS).encode() + _cpu_key().encode())
+    target = _cache_dir() / digest.hexdigest()[:16] / "memfit_native.so"
     if not target.exists():
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if compiler is None:
             raise OSError("no C compiler (cc) found")
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / "gemv.so"
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            built = Path(tmp) / target.name
+            command = [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
             os.replace(built, target)  # atomic: a concurrent build of the same key writes the same file
     lib = ctypes.CDLL(str(target))
-    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.memfit_gemv_int8.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32]
-    lib.memfit_gemv_int4.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32]
-    lib.memfit_gemv_int4_plain.argtypes = lib.memfit_gemv_int4.argtypes
-    lib.memfit_gemv_float.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32]
-    lib.memfit_gemv_float.restype = None
-    lib.memfit_gemv_int8.restype = lib.memfit_gemv_int4.restype = lib.memfit_gemv_int4_plain.restype = None
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.memfit_gemv.argtypes = [i32, ptr, ptr, ptr, i64, i64, i64, ptr, i32, ptr, ptr, i64]
+    lib.memfit_gemv.restype = i32
+    lib.memfit_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr]
+    lib.memfit_step.restype = None
+    lib.memfit_step_scratch.argtypes = [ptr]
+    lib.memfit_step_scratch.restype = i64
+    lib.memfit_read.argtypes = [ptr, i64]
+    lib.memfit_read.restype = i64
     return lib
 
 
@@ -112,14 +161,16 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> to
 def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
               group_size: int, blocked: bool) -> torch.Tensor:
     """``x [M, K] @ W.T`` for a 4-bit weight [N, K // 2], plain or (``blocked``) in the CPU kernel's
-    64-row blocked layout, scales bf16 and zero points uint8 [G, N] -> [M, N] in x's dtype."""
+    64-row blocked layout, scales bf16 and zero points uint8 [G, N] -> [M, N] in x's dtype (shapes
+    as `weight_supported` allows)."""
     if _direct(x):
         return _int4(x, qweight, scale, zero_point, group_size, blocked)
     return torch.ops.memfit.gemv_int4(x, qweight, scale, zero_point, group_size, blocked)
 
 
 def gemv_float(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ weight.T`` for a float32 or bf16 weight [N, K] -> [M, N] in x's dtype."""
+    """``x [M, K] @ weight.T`` for a float32 or bf16 weight [N, K] of x's dtype -> [M, N] in x's dtype
+    (a bf16 weight needs K a multiple of 32: `weight_supported`)."""
     if _direct(x):
         return _float(x, weight)
     return torch.ops.memfit.gemv_float(x, weight)
@@ -133,40 +184,35 @@ def _direct(x: torch.Tensor) -> bool:
     return type(x) is torch.Tensor and _get_current_dispatch_mode() is None
 
 
-def _int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _gemv(kind: int, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
+          n: int, group: int) -> torch.Tensor:
     x = x.contiguous()
     m, k = x.shape
-    out = torch.empty(m, qweight.shape[0], dtype=x.dtype)
+    out = torch.empty(m, n, dtype=x.dtype)
     bf16 = x.dtype == torch.bfloat16
-    scratch = torch.empty(m, k) if bf16 else out  # float32 inputs are read in place
-    library().memfit_gemv_int8(x.data_ptr(), qweight.data_ptr(), scale.data_ptr(), out.data_ptr(),
-                               scratch.data_ptr(), m, qweight.shape[0], k, int(bf16))
+    reads_bf16 = kind in (KIND_BF16, KIND_INT4_PLAIN)
+    scratch = torch.empty((m * k + m * n) if bf16 else (m * k + 1) // 2 if reads_bf16 else 0)
+    done = library().memfit_gemv(kind, data.data_ptr(), None if scale is None else scale.data_ptr(),
+                                 None if zero is None else zero.data_ptr(), n, k, group, x.data_ptr(), int(bf16),
+                                 out.data_ptr(), scratch.data_ptr(), m)
+    if not done:  # callers check `weight_supported` first
+        raise ValueError(f"no native kernel for format {kind} at [{n}, {k}] (group {group})")
     return out
+
+
+def _int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _gemv(KIND_INT8, x, qweight, scale, None, qweight.shape[0], 0)
 
 
 def _int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
           group_size: int, blocked: bool) -> torch.Tensor:
-    x = x.contiguous()
-    m, k = x.shape
-    n = qweight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype)
-    bf16 = x.dtype == torch.bfloat16
-    scratch = torch.empty(m, k + -(-k // group_size)) if bf16 or not blocked else out
-    kernel = library().memfit_gemv_int4 if blocked else library().memfit_gemv_int4_plain
-    kernel(x.data_ptr(), qweight.data_ptr(), scale.data_ptr(), zero_point.data_ptr(), out.data_ptr(),
-           scratch.data_ptr(), m, n, k, group_size, int(bf16))
-    return out
+    kind = KIND_INT4_BLOCKED if blocked else KIND_INT4_PLAIN
+    return _gemv(kind, x, qweight, scale, zero_point, qweight.shape[0], group_size)
 
 
 def _float(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    x, weight = x.contiguous(), weight.contiguous()
-    m, k = x.shape
-    out = torch.empty(m, weight.shape[0], dtype=x.dtype)
-    bf16 = x.dtype == torch.bfloat16
-    scratch = torch.empty(m, k) if bf16 and (weight.dtype != torch.bfloat16 or k % 32) else out
-    library().memfit_gemv_float(x.data_ptr(), weight.data_ptr(), out.data_ptr(), scratch.data_ptr(), m,
-                                weight.shape[0], k, int(bf16), int(weight.dtype == torch.bfloat16))
-    return out
+    kind = KIND_BF16 if weight.dtype == torch.bfloat16 else KIND_F32
+    return _gemv(kind, x, weight.contiguous(), None, None, weight.shape[0], 0)
 
 
 # Defined through torch.library.Library rather than custom_op: its dispatch costs about 2.5 us less

@@ -192,7 +192,9 @@ def _plain_call(module: nn.Module) -> bool:
 def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``; a float ``nn.Linear`` at decode rows runs memfit's native kernel (at one row
     PyTorch's float matmuls read the weight at about half the bandwidth the kernel does)."""
-    if type(module) is nn.Linear and module.weight.dtype == x.dtype and _plain_call(module) and native.applies(x):
+    if (type(module) is nn.Linear and module.weight.dtype == x.dtype and _plain_call(module)
+            and native.weight_supported(native.KIND_BF16 if x.dtype == torch.bfloat16 else native.KIND_F32,
+                                        *module.weight.shape) and native.applies(x)):
         out = native.gemv_float(x.reshape(-1, x.shape[-1]), module.weight).reshape(*x.shape[:-1], -1)
         return out if module.bias is None else out + module.bias
     return module(x)

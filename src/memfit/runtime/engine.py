@@ -24,6 +24,7 @@ from torch import nn
 
 from memfit.errors import RecipeError
 from memfit.runtime.decoder import Decoder, KVCache
+from memfit.runtime.native_step import NativeStep
 from memfit.runtime.sampling import GREEDY, Sampler, Sampling
 
 CACHE_STEP = 256  # cache lengths are rounded up to a multiple of this
@@ -78,16 +79,22 @@ class Engine:
 
     Args:
         model: a decoder-only causal LM (any format memfit saves).
-        compile: compile the decode step (default: yes); False runs it eagerly.
+        compile: compile the decode step where the native step does not run the model (default:
+            yes); False runs it eagerly there.
+        native: decode with `NativeStep` (one call of memfit's C library per token) where it runs
+            the model (default: yes).
     """
 
-    def __init__(self, model: nn.Module, *, compile: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, compile: bool = True, native: bool = True) -> None:
         model.eval()
         self.decoder = Decoder(model)
-        # operands the packed kernels would otherwise recompute every step, held while the engine lives
-        prepared = [m for m in model.modules() if hasattr(m, "prepare_for_runtime")]
+        self.native_step = NativeStep.create(self.decoder) if native else None
+        # operands the packed kernels would otherwise recompute every step, held while the engine
+        # lives (the native step reads the weights as they are)
+        prepared = [] if self.native_step else [m for m in model.modules() if hasattr(m, "prepare_for_runtime")]
         self.workspace_bytes = sum(m.prepare_for_runtime() for m in prepared)
         weakref.finalize(self, _release, prepared)
+        self.step_kind = "native" if self.native_step else "compiled" if compile else "eager"  # the last generation's
         self.compiled = False  # whether the last generation's decode steps ran compiled
         self.compile_seconds = 0.0  # time the first compiled step took (tracing and compiling)
         self._failed = not compile
@@ -147,7 +154,7 @@ class Engine:
             ids[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
         step = self._decode_fn()
-        if self._warm != (cache.batch, cache.max_len):
+        if step is not self.native_step and self._warm != (cache.batch, cache.max_len):
             # compile (or load) the step before the first token's clock stops: a dummy step at column 0,
             # which the prefill overwrites, with inputs strided as the decode steps' (a view of the
             # prompt would compile a second graph)
@@ -179,7 +186,7 @@ class Engine:
         (default: eager). Stopping early is the caller's: close the iterator.
         """
         decoder, device = self.decoder, self.decoder.device
-        step = step or _step
+        step = step or self._native() or _step
         longest = ids.shape[1]
         sampler = Sampler(sampling, device)
         seen = None
@@ -197,10 +204,19 @@ class Engine:
                 column = torch.arange(longest + produced, longest + produced + 1, device=device)
                 logits = step(decoder, token[:, None], column, pad, cache)
 
+    def _native(self) -> NativeStep | None:
+        # the native step runs the model's own dtypes; under autocast the eager step runs
+        autocast = torch.is_autocast_enabled(self.decoder.device.type)
+        return self.native_step if self.native_step is not None and not autocast else None
+
     def _decode_fn(self):
+        if self._native() is not None:
+            self.compiled, self.step_kind = False, "native"
+            return self.native_step
         if self._failed:
-            self.compiled = False
+            self.compiled, self.step_kind = False, "eager"
             return _step
+        self.step_kind = "compiled"
         compiled = compiled_step(self.decoder.model, self.decoder.device.type)
 
         def run(*args):
@@ -210,7 +226,7 @@ class Engine:
             try:
                 out = compiled(*args)
             except Exception as exc:  # the compiler's failures are many kinds; eager always works
-                self._failed, self.compiled = True, False
+                self._failed, self.compiled, self.step_kind = True, False, "eager"
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 sys.stderr.write(f"memfit: compiling the decode step failed ({type(exc).__name__}: {first}); "
                                  "decoding eagerly\n")

@@ -28,7 +28,9 @@ class Generation:
         ttft_s: seconds from the start to the first new token (prefill, compile included).
         decode_tokens_per_s: new tokens after the first, per second of decoding.
         kv_cache_bytes: bytes of the static cache the run used.
-        compiled: whether the decode steps ran compiled.
+        compiled: whether the decode steps ran compiled (torch.compile).
+        decode_step: which step decoded: ``"native"`` (memfit's C library, one call per token),
+            ``"compiled"`` or ``"eager"``.
         stopped: ``"eos"``, ``"stop"`` (a stop string), or ``"length"``.
     """
 
@@ -39,6 +41,7 @@ class Generation:
     decode_tokens_per_s: float
     kv_cache_bytes: int
     compiled: bool
+    decode_step: str
     stopped: str
 
 
@@ -146,7 +149,7 @@ def stream(
         result.append(Generation(
             text=detok.text, prompt_tokens=len(ids), new_tokens=count, ttft_s=first_at - began,
             decode_tokens_per_s=(count - 1) / (end - first_at) if count > 1 and end > first_at else 0.0,
-            kv_cache_bytes=engine.cache_bytes, compiled=engine.compiled,
+            kv_cache_bytes=engine.cache_bytes, compiled=engine.compiled, decode_step=engine.step_kind,
             stopped=stopped,
         ))
 
@@ -165,8 +168,10 @@ def generate(
     stop: Sequence[str] = (),
     chat: bool = False,
     compile: bool = True,
+    native: bool = True,
 ) -> Generation:
-    """Generate text for ``prompt`` with memfit's runtime (static KV cache, compiled decode step).
+    """Generate text for ``prompt`` with memfit's runtime (static KV cache; the decode step in
+    memfit's C library where it runs the model, else compiled with ``compile``, else eager).
 
     Greedy by default; ``temperature > 0`` samples (with ``top_k``, ``top_p``,
     ``repetition_penalty``, from ``seed``). Stops at EOS, at a ``stop`` string (not included), or
@@ -180,6 +185,6 @@ def generate(
                         seed=seed)
     result: list[Generation] = []
     for _ in stream(model, tokenizer, prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
-                    chat=chat, engine=Engine(model, compile=compile), result=result):
+                    chat=chat, engine=Engine(model, compile=compile, native=native), result=result):
         pass
     return result[0]

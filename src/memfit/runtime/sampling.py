@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from memfit.errors import RecipeError
 
@@ -66,7 +68,7 @@ class Sampler:
             penalized = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
             logits = torch.where(seen, penalized, logits)
         if s.greedy:
-            return logits.argmax(-1)
+            return _argmax(logits)
         logits = logits / s.temperature
         if 0 < s.top_k < logits.shape[-1]:
             kth = logits.topk(s.top_k, dim=-1).values[:, -1:]
@@ -78,3 +80,14 @@ class Sampler:
             logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
         probs = logits.softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` [B]; on a real CPU tensor through NumPy, whose argmax over one row of
+    a 49k vocabulary takes 5 us where PyTorch's takes 75 us (1.5% of a demo int8 token). The result
+    is allocated by PyTorch either way, so the memory tracker sees the same tensor."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or is_fake(logits) or logits.requires_grad:
+        return logits.argmax(-1)
+    out = torch.empty(logits.shape[:-1], dtype=torch.long)
+    numpy.argmax(logits.detach().numpy(), axis=-1, out=out.numpy())
+    return out

@@ -232,7 +232,9 @@ def int4_linear(
     k = qweight.shape[1] * 2
     # The int4 kernel has no derivative: inputs that need a gradient take the dequantize path.
     needs_grad = x.requires_grad and torch.is_grad_enabled()
-    if layout in NATIVE_INT4_LAYOUTS and group_size % 2 == 0 and native.applies(x) and scale.dtype == torch.bfloat16:
+    kind = native.KIND_INT4_PLAIN if layout == PLAIN else native.KIND_INT4_BLOCKED
+    if (layout in NATIVE_INT4_LAYOUTS and scale.dtype == torch.bfloat16
+            and native.weight_supported(kind, qweight.shape[0], k, group_size) and native.applies(x)):
         out = native.gemv_int4(x.reshape(-1, k), qweight, scale, zero_point, group_size, layout != PLAIN)
         out = out.reshape(*x.shape[:-1], qweight.shape[0])
     elif layout != PLAIN and not needs_grad and _kernel_ok(x, INT4_KERNEL_MAX_ROWS):

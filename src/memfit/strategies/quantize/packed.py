@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit import native
 from memfit.strategies.quantize import kernels
 from memfit.strategies.quantize.kernels import PLAIN, Int4Layout
 
@@ -103,6 +104,12 @@ class Int8Linear(PackedModule):
     def _linear(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
 
+    def native_weight(self) -> native.NativeWeight | None:
+        """The weight as memfit's fused decode step reads it (what `_linear` runs at a few rows)."""
+        if self.scale.dtype != torch.bfloat16:
+            return None
+        return native.NativeWeight(native.KIND_INT8, self.qweight, self.scale)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return kernels.dequantize_int8(self.qweight, self.scale, dtype)
 
@@ -138,6 +145,9 @@ class Fp8Linear(Int8Linear):
     def _linear(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         return kernels.fp8_linear(x, self.qweight, self.scale, self.bias)
 
+    def native_weight(self) -> None:  # no float8 kernel: the fused decode step does not run it
+        return None
+
 
 class Int8Embedding(PackedModule):
     """An Embedding whose table is int8 per row: ``E[v] = q[v] * scale[v]``.
@@ -169,6 +179,12 @@ class Int8Embedding(PackedModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, T] -> [B, T, D]
         rows = self.qweight[ids].to(self.out_dtype)
         return rows * self.scale[ids].to(self.out_dtype).unsqueeze(-1)
+
+    def native_weight(self) -> native.NativeWeight | None:
+        """The table as memfit's fused decode step reads its rows (int8 with bf16 scales)."""
+        if self.scale.dtype != torch.bfloat16:
+            return None
+        return native.NativeWeight(native.KIND_INT8, self.qweight, self.scale)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return kernels.dequantize_int8(self.qweight, self.scale, dtype)
@@ -226,6 +242,15 @@ class Int4Linear(PackedModule):
             x, self.qweight, self.scale, self.zero_point, self.group_size, self.layout, self.bias,
             scale_zero=self.__dict__.get("_scale_zero"),
         )
+
+    def native_weight(self) -> native.NativeWeight | None:
+        """The weight as memfit's fused decode step reads it (what `_linear` runs at a few rows), or
+        None where no native kernel reads this layout or shape."""
+        kind = {PLAIN: native.KIND_INT4_PLAIN, kernels.NATIVE_INT4_LAYOUT: native.KIND_INT4_BLOCKED}.get(self.layout)
+        if kind is None or self.scale.dtype != torch.bfloat16:
+            return None
+        weight = native.NativeWeight(kind, self.qweight, self.scale, self.zero_point, self.group_size)
+        return weight if weight.supported else None
 
     def prepare_for_runtime(self) -> int:
         """Compute the CPU kernel's scale-and-zero operand once (memfit's runtime calls this: a
