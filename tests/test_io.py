@@ -122,3 +122,22 @@ def test_a_saved_int4_model_is_rebuilt_from_shapes_without_rounding_again(make_t
     loaded, _ = memfit.load(tmp_path / "int4")
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, expected, rtol=0, atol=0)
+
+
+def test_the_tokenizer_loads_alone_and_the_model_without_it(make_tiny, tmp_path):
+    from memfit.errors import ModelNotFoundError
+    from memfit.io import load_tokenizer
+
+    model, tokenizer = make_tiny("tiny-llama")
+    memfit.apply(model, "int8")
+    memfit.save(model, tokenizer, tmp_path / "m")
+    alone = load_tokenizer(tmp_path / "m")
+    assert alone("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
+    loaded, none = memfit.load(tmp_path / "m", tokenizer=False)
+    assert none is None and memfit.weight_bytes(loaded) == memfit.weight_bytes(model)
+    with pytest.raises(ModelNotFoundError, match="is a config without weights"):
+        load_tokenizer("llama-3-8b")
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    (tmp_path / "m" / "tokenizer_config.json").unlink()
+    with pytest.raises(ModelNotFoundError, match="cannot read the tokenizer of"):
+        load_tokenizer(tmp_path / "m")

@@ -46,6 +46,44 @@ def test_int4_matches_the_dequantized_matmul(layout, out_features, rows):
     assert min(_rel(out, x @ weight.t()), _rel(out, x.bfloat16().float() @ weight.t())) < 1e-5
 
 
+def _torch_int4(packed, scale, zero, group, layout, dtype):
+    q = layout.unpack(packed)
+    expand = lambda t: t.t().repeat_interleave(group, dim=1)[:, : q.shape[1]]  # noqa: E731
+    return (q.to(dtype) - expand(zero).to(dtype)) * expand(scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features", [192, 160, 130])  # tails of 32 and 2 rows after the 64-row blocks
+def test_dequantize_gives_pytorchs_values_exactly(dtype, out_features):
+    w = torch.randn(out_features, 576, generator=torch.Generator().manual_seed(out_features))
+    q8, s8 = quantize_int8_rows(w)
+    fast = native.dequantize(native.NativeWeight(native.KIND_INT8, q8, s8), dtype)
+    assert torch.equal(fast, q8.to(dtype) * s8.to(dtype)[:, None])
+    q4, s4, z4 = quantize_int4_groups(w, 128)
+    for layout, kind in ((PLAIN, native.KIND_INT4_PLAIN), (NATIVE_INT4_LAYOUT, native.KIND_INT4_BLOCKED)):
+        packed = layout.pack(q4)
+        fast = native.dequantize(native.NativeWeight(kind, packed, s4, z4, 128), dtype)
+        assert torch.equal(fast, _torch_int4(packed, s4, z4, 128, layout, dtype)), layout
+
+
+def test_dequantize_leaves_fake_and_tracked_runs_to_pytorch():
+    from memfit.memory.tracker import Tracker
+
+    q, scale = quantize_int8_rows(torch.randn(64, 128))
+    weight = native.NativeWeight(native.KIND_INT8, q, scale)
+    assert native.dequantize(weight, torch.float32) is not None
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert native.dequantize(weight, torch.float32) is None
+    with Tracker():
+        assert native.dequantize(weight, torch.float32) is None
+
+
+@pytest.mark.parametrize("out_features", [192, 160, 130, 64])
+def test_int4_to_blocked_is_the_blocked_layouts_packing(out_features):
+    q = torch.randint(0, 16, (out_features, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(native.int4_to_blocked(PLAIN.pack(q)), NATIVE_INT4_LAYOUT.pack(q))
+
+
 def test_the_linear_paths_take_the_native_kernels_at_decode_rows_only():
     q, scale = quantize_int8_rows(torch.randn(64, 128))
     one, many = torch.randn(1, 1, 128), torch.randn(1, native.MAX_ROWS + 1, 128)

@@ -212,8 +212,8 @@ def test_generate_json_contract(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     data = json.loads(out[-1])
     assert set(data) == {"text", "prompt_tokens", "new_tokens", "ttft_s", "decode_tokens_per_s", "weight_bytes",
-                         "kv_cache_bytes", "baseline_rss_bytes", "peak_rss_bytes", "decode_step", "compiled",
-                         "compile_s", "stopped"}
+                         "kv_cache_bytes", "tokenizer_rss_bytes", "baseline_rss_bytes", "peak_rss_bytes",
+                         "decode_step", "compiled", "compile_s", "stopped"}
     assert out[0] == data["text"] and data["new_tokens"] == 12 and data["prompt_tokens"] == 5
     assert data["weight_bytes"] == 361_792 and data["kv_cache_bytes"] == 2 * 2 * 2 * 256 * 16 * 4
     assert data["decode_step"] == "native" and data["compiled"] is False

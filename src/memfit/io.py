@@ -36,12 +36,13 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from memfit.errors import CheckpointError, OutputError, RecipeError
+from memfit.errors import CheckpointError, ModelNotFoundError, OutputError, RecipeError
 from memfit.memory.rss import trim_freed_memory
+from memfit.models import tiny
 from memfit.models.load import Loaded, load_pretrained
 from memfit.models.meta import meta_model
 from memfit.models.meta import skeleton as external_skeleton
-from memfit.models.refs import Ref, RefKind, resolve
+from memfit.models.refs import Ref, RefKind, resolve, resolve_loadable
 from memfit.plan import Plan, apply
 from memfit.workload import Context
 
@@ -50,12 +51,14 @@ MANIFEST = "memfit.json"
 WEIGHTS = "model.safetensors"
 
 
-def load(ref: str | Path | Ref) -> Loaded:
+def load(ref: str | Path | Ref, *, tokenizer: bool = True) -> Loaded:
     """Load a model and its tokenizer.
 
     Args:
         ref: a memfit output directory, a Hugging Face directory or hub id, a ``.gguf`` file,
             ``"demo"``, ``"tiny-llama"`` or ``"tiny-qwen2"``.
+        tokenizer: also load the tokenizer (else None is returned in its place; `load_tokenizer`
+            loads it alone).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -69,8 +72,31 @@ def load(ref: str | Path | Ref) -> Loaded:
     """
     resolved = resolve(ref)
     if resolved.kind is RefKind.SAVED:
-        return load_saved(resolved.path)
-    return load_pretrained(resolved)
+        return load_saved(resolved.path, tokenizer)
+    return load_pretrained(resolved, tokenizer)
+
+
+def load_tokenizer(ref: str | Path | Ref) -> PreTrainedTokenizerBase:
+    """The tokenizer `load` would return for ``ref``, without the model.
+
+    Raises:
+        ModelNotFoundError: nothing matches ``ref``, or its tokenizer cannot be read.
+    """
+    resolved = resolve_loadable(ref)
+    if resolved.kind is RefKind.TINY:
+        return tiny.byte_tokenizer()
+    try:
+        if resolved.kind is RefKind.GGUF:
+            return AutoTokenizer.from_pretrained(resolved.path.parent, gguf_file=resolved.path.name)
+        if resolved.kind is RefKind.DEMO:
+            from memfit.models.demo import demo_dir
+
+            return AutoTokenizer.from_pretrained(demo_dir())
+        return AutoTokenizer.from_pretrained(resolved.path if resolved.path is not None else resolved.text)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(f"cannot read the tokenizer of {resolved.text!r}: {first}",
+                                 "pass a model directory that holds its tokenizer") from None
 
 
 def skeleton(ref: str | Path | Ref) -> torch.nn.Module:
@@ -240,8 +266,9 @@ def read_recipe(path: Path) -> tuple[dict, Plan, PretrainedConfig]:
         ) from None
 
 
-def load_saved(path: Path):
-    """Load a directory written by `save`: rebuild the modules from the recipe, then the tensors.
+def load_saved(path: Path, tokenizer: bool = True):
+    """Load a directory written by `save`: rebuild the modules from the recipe, then the tensors
+    (and the tokenizer, unless ``tokenizer`` is False: None in its place).
 
     Raises:
         CheckpointError: a file is missing or corrupt, or the tensors do not match the recipe.
@@ -274,8 +301,7 @@ def load_saved(path: Path):
     if leftover:
         raise CheckpointError(f"{str(path)!r} lacks tensors for {leftover[:3]}", "save the model again")
     _retie(model, manifest.get("tied", {}))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    return model.eval(), AutoTokenizer.from_pretrained(path) if tokenizer else None
 
 
 TRIM_EVERY = 4 << 20  # bytes converted between returns of the freed temporaries to the system

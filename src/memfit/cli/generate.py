@@ -20,9 +20,11 @@ torch.compile on first use of a model and shape (inductor caches it on disk, so 
 most of that), or eagerly with --no-compile. --no-native runs the PyTorch step for every model.
 
 JSON (last stdout line, after the streamed text): {"text", "prompt_tokens", "new_tokens", "ttft_s",
-"decode_tokens_per_s", "weight_bytes", "kv_cache_bytes", "baseline_rss_bytes", "peak_rss_bytes",
-"decode_step", "compiled", "compile_s", "stopped"}. baseline_rss_bytes is the process before the
-model is loaded (memfit, torch and transformers imported)."""
+"decode_tokens_per_s", "weight_bytes", "kv_cache_bytes", "tokenizer_rss_bytes", "baseline_rss_bytes",
+"peak_rss_bytes", "decode_step", "compiled", "compile_s", "stopped"}. baseline_rss_bytes is the
+process just before the model's weights are read: memfit, torch and transformers imported and the
+tokenizer loaded (tokenizer_rss_bytes is what loading the tokenizer added); peak_rss_bytes minus it
+is what the model and its generation held."""
 
 
 def add_parser(subparsers) -> None:
@@ -55,7 +57,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from memfit.data import read_text
-    from memfit.io import load
+    from memfit.io import load, load_tokenizer
     from memfit.memory.report import weight_bytes
     from memfit.memory.rss import lifetime_peak_rss_bytes, rss_bytes
     from memfit.runtime import Engine, Sampling, stream
@@ -63,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         repetition_penalty=args.repetition_penalty, seed=args.seed)
     prompt = args.prompt if args.prompt is not None else read_text(args.prompt_file)
+    before_tokenizer = rss_bytes()
+    tokenizer = load_tokenizer(args.model)  # text in and out: loaded before the model's baseline
     baseline = rss_bytes()
-    model, tokenizer = load(args.model)
+    model, _ = load(args.model, tokenizer=False)
     engine = Engine(model, compile=not args.no_compile, native=not args.no_native)
     result = []
     for piece in stream(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
             "text": done.text, "prompt_tokens": done.prompt_tokens, "new_tokens": done.new_tokens,
             "ttft_s": done.ttft_s, "decode_tokens_per_s": done.decode_tokens_per_s,
             "weight_bytes": weight_bytes(model), "kv_cache_bytes": done.kv_cache_bytes,
-            "baseline_rss_bytes": baseline, "peak_rss_bytes": lifetime_peak_rss_bytes(),
+            "tokenizer_rss_bytes": baseline - before_tokenizer, "baseline_rss_bytes": baseline,
+            "peak_rss_bytes": lifetime_peak_rss_bytes(),
             "decode_step": done.decode_step, "compiled": done.compiled, "compile_s": engine.compile_seconds,
             "stopped": done.stopped,
         })

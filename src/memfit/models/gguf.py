@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from memfit.errors import ModelNotFoundError
 
 
-def load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Dequantize a GGUF file into an fp32 transformers model (needs the ``gguf`` package).
+def load_gguf(path: Path, tokenizer: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Dequantize a GGUF file into an fp32 transformers model (needs the ``gguf`` package), and its
+    tokenizer (None with ``tokenizer=False``).
 
     Raises:
         ModelNotFoundError: the file is incomplete or its architecture is not supported.
@@ -19,14 +20,14 @@ def load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = dict(gguf_file=path.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        loaded = AutoTokenizer.from_pretrained(path.parent, **kwargs) if tokenizer else None
     except (ValueError, OSError, KeyError) as exc:
         raise ModelNotFoundError(
             f"cannot read GGUF file {str(path)!r}: {str(exc).splitlines()[0]}",
             "check that the file is complete and its architecture is supported by transformers",
         ) from None
     _forget_gguf_origin(model)
-    return model.eval(), tokenizer
+    return model.eval(), loaded
 
 
 def _forget_gguf_origin(model: PreTrainedModel) -> None:

@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
 
-def load_pretrained(ref: str | Path | Ref) -> Loaded:
+def load_pretrained(ref: str | Path | Ref, tokenizer: bool = True) -> Loaded:
     """Load an external model and its tokenizer, the model in eval mode.
 
     Args:
         ref: a Hugging Face directory or hub id, a ``.gguf`` file, ``"demo"``, ``"tiny-llama"``
             or ``"tiny-qwen2"`` (a memfit directory is `memfit.io.load`'s).
+        tokenizer: also load the tokenizer (else None is returned in its place).
 
     Raises:
         ModelNotFoundError: nothing matches ``ref``, or it cannot be read.
@@ -35,34 +36,34 @@ def load_pretrained(ref: str | Path | Ref) -> Loaded:
     resolved = resolve_loadable(ref)
     kind = resolved.kind
     if kind is RefKind.TINY:
-        return tiny.tiny_model(resolved.text)
+        model, tiny_tokenizer = tiny.tiny_model(resolved.text)
+        return model, tiny_tokenizer if tokenizer else None
     if kind is RefKind.DEMO:
         from memfit.models.demo import demo_dir
 
-        return _from_hf(demo_dir())
+        return _from_hf(demo_dir(), tokenizer)
     if kind is RefKind.HF_DIR:
-        return _from_hf(resolved.path)
+        return _from_hf(resolved.path, tokenizer)
     if kind is RefKind.GGUF:
         from memfit.models.gguf import load_gguf
 
-        return load_gguf(resolved.path)
+        return load_gguf(resolved.path, tokenizer)
     if kind is RefKind.HUB:
-        return _from_hub(resolved.text)
+        return _from_hub(resolved.text, tokenizer)
     raise ModelNotFoundError(f"{resolved.text!r} is a memfit directory", "load it with memfit.load")
 
 
-def _from_hf(path: Path | str) -> Loaded:
+def _from_hf(path: Path | str, tokenizer: bool = True) -> Loaded:
     if not (Path(path) / "config.json").is_file():
         raise ModelNotFoundError(f"{str(path)!r} has no config.json", "pass a Hugging Face model directory")
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    return model.eval(), AutoTokenizer.from_pretrained(path) if tokenizer else None
 
 
-def _from_hub(hub_id: str) -> Loaded:
+def _from_hub(hub_id: str, tokenizer: bool = True) -> Loaded:
     try:
         model = AutoModelForCausalLM.from_pretrained(hub_id, dtype="auto")
-        return model.eval(), AutoTokenizer.from_pretrained(hub_id)
+        return model.eval(), AutoTokenizer.from_pretrained(hub_id) if tokenizer else None
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFoundError(

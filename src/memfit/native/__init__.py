@@ -119,6 +119,10 @@ def _build() -> ctypes.CDLL:
     lib.memfit_step_scratch.restype = i64
     lib.memfit_read.argtypes = [ptr, i64]
     lib.memfit_read.restype = i64
+    lib.memfit_int4_to_blocked.argtypes = [ptr, ptr, i64, i64]
+    lib.memfit_int4_to_blocked.restype = None
+    lib.memfit_dequantize.argtypes = [i32, ptr, ptr, ptr, i64, i64, i64, ptr, i32]
+    lib.memfit_dequantize.restype = i32
     return lib
 
 
@@ -174,6 +178,37 @@ def gemv_float(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if _direct(x):
         return _float(x, weight)
     return torch.ops.memfit.gemv_float(x, weight)
+
+
+def dequantize(weight: NativeWeight, dtype: torch.dtype) -> torch.Tensor | None:
+    """The float weight [N, K] in ``dtype`` (float32 or bf16) of a packed int8 or 4-bit one, the same
+    values PyTorch's ops give, in one pass without temporaries; None where this does not apply (the
+    library is not built, ``dtype`` is another, or the call is traced, faked or tracked: there the
+    caller's PyTorch ops run, so memory predictions and tracked runs see the same operators)."""
+    if dtype not in (torch.float32, torch.bfloat16) or not _direct(weight.data) or not available():
+        return None
+    if weight.kind not in (KIND_INT8, KIND_INT4_PLAIN, KIND_INT4_BLOCKED) or weight.data.device.type != "cpu":
+        return None
+    n, k = weight.shape
+    data = weight.data.contiguous()
+    out = torch.empty(n, k, dtype=dtype)
+    zero = weight.zero.contiguous().data_ptr() if weight.zero is not None else None
+    library().memfit_dequantize(weight.kind, data.data_ptr(), weight.scale.contiguous().data_ptr(), zero, n, k,
+                                weight.group or k, out.data_ptr(), int(dtype == torch.bfloat16))
+    return out
+
+
+def int4_to_blocked(plain: torch.Tensor) -> torch.Tensor | None:
+    """A plain-layout 4-bit weight [N, K // 2] in the blocked layout the kernels read
+    (``Int4Layout(64, half_pairs=True)``), made without temporaries; None where the library is
+    not built or ``plain`` is not a real CPU tensor (callers then convert with PyTorch)."""
+    if (not available() or plain.device.type != "cpu" or type(plain) is not torch.Tensor or plain.is_meta
+            or plain.dtype != torch.uint8 or (plain.shape[0] % BLOCK) % 2):
+        return None
+    plain = plain.contiguous()
+    blocked = torch.empty_like(plain)
+    library().memfit_int4_to_blocked(plain.data_ptr(), blocked.data_ptr(), plain.shape[0], plain.shape[1] * 2)
+    return blocked
 
 
 def _direct(x: torch.Tensor) -> bool:

@@ -90,6 +90,10 @@ def int8_dynamic_linear(
 
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8 (or float8) [N, K] and scales [N] -> float [N, K] in ``dtype``."""
+    if qweight.dtype == torch.int8 and scale.dtype == torch.bfloat16:
+        fast = native.dequantize(native.NativeWeight(native.KIND_INT8, qweight, scale), dtype)
+        if fast is not None:  # the same values, one pass (untraced, untracked runs)
+            return fast
     return qweight.to(dtype) * scale.to(dtype)[:, None]
 
 
@@ -264,6 +268,11 @@ def dequantize_int4(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """uint8 [N, K // 2] + scales and zero points [G, N] -> float [N, K] in ``dtype``."""
+    kind = {PLAIN: native.KIND_INT4_PLAIN, NATIVE_INT4_LAYOUT: native.KIND_INT4_BLOCKED}.get(layout)
+    if kind is not None and scale.dtype == torch.bfloat16 and zero_point.dtype == torch.uint8:
+        fast = native.dequantize(native.NativeWeight(kind, qweight, scale, zero_point, group_size), dtype)
+        if fast is not None:  # the same values, one pass (untraced, untracked runs)
+            return fast
     q = layout.unpack(qweight)  # [N, K]
     k = q.shape[1]
     expand = lambda t: t.t().repeat_interleave(group_size, dim=1)[:, :k]  # [G, N] -> [N, K]

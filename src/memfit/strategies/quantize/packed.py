@@ -299,7 +299,8 @@ class Int4Linear(PackedModule):
         """
         key = prefix + "qweight"
         if key in state and self.layout != PLAIN and not state[key].is_meta:
-            state[key] = self.layout.pack(PLAIN.unpack(state[key]))
+            blocked = native.int4_to_blocked(state[key]) if self.layout == kernels.NATIVE_INT4_LAYOUT else None
+            state[key] = blocked if blocked is not None else self.layout.pack(PLAIN.unpack(state[key]))
         return {_CONVERTED: True}
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, *args: Any,
