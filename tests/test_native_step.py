@@ -118,3 +118,23 @@ def test_without_the_c_library_the_pytorch_step_decodes(make_tiny, monkeypatch):
     monkeypatch.setattr(native, "available", lambda: False)
     engine = Engine(make_tiny("tiny-llama")[0], compile=False)
     assert engine.native_step is None and engine.step_kind == "eager"
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "int4-g32"])
+def test_a_wider_model_gives_the_pytorch_steps_logits(recipe):
+    """Rows enough that the two threads' shares of each matmul overlap in time (the tiny models'
+    finish almost at once): a thread writing its outputs over an input another still reads shows."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=2048, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = _calibrated(AutoModelForCausalLM.from_config(config).eval(), recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite runs one thread per worker; a race needs two
+    try:
+        eager, native, *_ = _steps(model, steps=12)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(eager, native, strict=True):
+        torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-2)

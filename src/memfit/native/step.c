@@ -80,8 +80,9 @@ int64_t memfit_step_scratch(const Model *md) {
     widths(md, &width, &heads, &inter);
     const int64_t b = md->batch, d = md->head_dim;
     /* h, x (normalized / matmul input), its bf16 copy, q k v, attention, a [B, width] output, gate
-     * and up outputs, scores */
-    return b * (md->hidden + width + (width + 1) / 2 + 4 * heads * d + width + 2 * inter + heads * md->max_len);
+     * and up outputs, the gated products as bf16, scores */
+    return b * (md->hidden + width + (width + 1) / 2 + 4 * heads * d + width + 2 * inter + (inter + 1) / 2 +
+                heads * md->max_len);
 }
 
 /* y = RMSNorm(h) * weight, as LlamaRMSNorm: float32 statistics, then rounded to the activation
@@ -140,7 +141,9 @@ static int64_t row_bytes(const Weight *w) {
  * would otherwise wait (at a barrier, or for another thread's serial work): the start of each
  * stage then finds them in the cache instead of waiting on memory before its own prefetching
  * runs ahead. */
+#ifndef EARLY_BYTES
 #define EARLY_BYTES 16384
+#endif
 
 static void prefetch_jobs(const Job *jobs, int count, int tid, int threads) {
     FOR_SHARE(jobs, count, tid, threads, {
@@ -290,7 +293,10 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
     float *out = att + B * heads_max * D;        /* [B, width] o and down outputs */
     float *gate = out + B * width;               /* [B, inter] */
     float *up = gate + B * inter_max;            /* [B, inter] */
-    float *scores = up + B * inter_max;          /* [B, heads, L] */
+    /* [B, inter] the gated products as bf16 (down's input): not xb, which other threads may still
+     * read as gate/up's input while one writes its products */
+    uint16_t *gb = (uint16_t *)(up + B * inter_max);
+    float *scores = up + B * inter_max + (B * inter_max + 1) / 2; /* [B, heads, L] */
 
     /* embedding */
     for (int64_t r = 0; r < B; r++)
@@ -401,12 +407,12 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
                     weight_rows(&l->gate.w, &xin, gate, inter, first, last);
                     weight_rows(&l->up.w, &xin, up, inter, first, last);
                     MARK(5);
-                    gated(&l->gate, &l->up, gate, up, xb, B, inter, first, last, bf16);
+                    gated(&l->gate, &l->up, gate, up, gb, B, inter, first, last, bf16);
                 }
             }
             #pragma omp barrier
             MARK(6);
-            const Input gin = {.f = gate, .b = xb, .m = B, .k = inter};
+            const Input gin = {.f = gate, .b = gb, .m = B, .k = inter};
             if (li + 1 < md->num_layers) {
                 const Layer *next = l + 1;
                 const Job after[3] = {{&next->q, q}, {&next->k, k}, {&next->v, v}};

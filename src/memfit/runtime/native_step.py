@@ -123,7 +123,8 @@ class NativeStep:
         self.decoder = decoder
         self._layers, self._parts, self._keep = layers, parts, keep
         self._model: _Model | None = None
-        self._for: tuple | None = None  # the cache the table was built for
+        self._for: KVCache | None = None  # the cache the table was built for (its tensors never move)
+        self._fake = False
         self.scratch_bytes = 0
 
     @staticmethod
@@ -192,8 +193,7 @@ class NativeStep:
 
     def _table(self, cache: KVCache) -> _Model:
         """The C table for ``cache`` (rebuilt when the engine's cache changes)."""
-        key = (cache.batch, cache.max_len, _address(cache.keys[0]))
-        if self._model is not None and self._for == key:
+        if self._model is not None and self._for is cache:
             return self._model
         d, parts = self.decoder, self._parts
         cos, sin = d.rotary_table(cache.max_len)
@@ -210,8 +210,10 @@ class NativeStep:
                        embed_int8=embed_int8, embed=_address(table), embed_scale=_address(scale), cos=_address(cos),
                        sin=_address(sin), final_norm=parts["final_norm"], head=parts["head"], layers=array)
         self._array, self._rotary = array, (cos, sin)  # the table points into these
-        self._model, self._for = model, key
-        floats = native.library().memfit_step_scratch(ctypes.byref(model))
+        self._model, self._for = model, cache
+        self._fake = is_fake(cache.keys[0])
+        self._library, self._model_ref = native.library(), ctypes.byref(model)
+        floats = self._library.memfit_step_scratch(self._model_ref)
         self._scratch = torch.empty(floats, dtype=torch.float32)
         # one logits buffer, written by every step: the engine samples from it before the next
         self._logits = torch.empty(cache.batch, parts["head"].w.n, dtype=torch.float32)
@@ -220,12 +222,11 @@ class NativeStep:
 
     def __call__(self, decoder: Decoder, ids: torch.Tensor, columns: torch.Tensor, pad: torch.Tensor,
                  cache: KVCache) -> torch.Tensor:
-        model = self._table(cache)
+        self._table(cache)  # (re)builds the C table and buffers when the cache is new
         logits = self._logits  # [B, V], overwritten by the next step
-        if is_fake(logits):  # the estimator: allocations only
+        if self._fake:  # the estimator: allocations only
             return logits
         ids = ids.reshape(-1).contiguous()
-        pad = pad.contiguous()
-        native.library().memfit_step(ctypes.byref(model), ids.data_ptr(), int(columns[0]), pad.data_ptr(),
-                                     logits.data_ptr(), self._scratch.data_ptr())
+        self._library.memfit_step(self._model_ref, ids.data_ptr(), columns.item(), pad.contiguous().data_ptr(),
+                                  logits.data_ptr(), self._scratch.data_ptr())
         return logits

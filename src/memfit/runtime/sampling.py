@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy
 import torch
-from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from memfit.errors import RecipeError
 
@@ -84,9 +84,11 @@ class Sampler:
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)`` [B]; on a real CPU tensor through NumPy, whose argmax over one row of
-    a 49k vocabulary takes 5 us where PyTorch's takes 75 us (1.5% of a demo int8 token). The result
-    is allocated by PyTorch either way, so the memory tracker sees the same tensor."""
-    if logits.device.type != "cpu" or logits.dtype != torch.float32 or is_fake(logits) or logits.requires_grad:
+    a 49k vocabulary takes 5 us where PyTorch's takes 75 us (1.5% of a demo int8 token). Tracked and
+    fake runs take PyTorch's, which allocates the same [B] result."""
+    # a plain tensor (not fake, not a subclass), under no dispatch mode (the tracker counts torch's ops)
+    if (type(logits) is not torch.Tensor or logits.device.type != "cpu" or logits.dtype != torch.float32
+            or logits.requires_grad or _get_current_dispatch_mode() is not None):
         return logits.argmax(-1)
     out = torch.empty(logits.shape[:-1], dtype=torch.long)
     numpy.argmax(logits.detach().numpy(), axis=-1, out=out.numpy())
