@@ -11,6 +11,7 @@ Three tables, in Markdown:
 3. `max_batch_size` under a 1 GiB training budget, and the tracked peak at that batch.
 
     .venv/bin/python benchmarks/memory.py
+    .venv/bin/python benchmarks/memory.py --modes generate    # the first table's generate rows only
 """
 
 from __future__ import annotations
@@ -63,11 +64,19 @@ def worst_category_error(predicted: memfit.MemoryReport, tracked: memfit.MemoryR
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default="", help="only the first table's rows of these modes (comma-separated)")
+    args = parser.parse_args()
+    modes = set(filter(None, args.modes.split(",")))
     model, _ = memfit.load("demo")
     print("| workload, recipe | predicted peak | tracked peak | peak diff | worst category diff | estimate s "
           "| tracked by category |")
     print("|---|---|---|---|---|---|---|")
     for recipe, workload in GRID:
+        if modes and workload.mode.value not in modes:
+            continue
         start = time.perf_counter()
         predicted = memfit.estimate(model, recipe, workload)
         seconds = time.perf_counter() - start
@@ -78,6 +87,8 @@ def main() -> None:
         peak_diff = predicted.peak_bytes / tracked.peak_bytes - 1
         print(f"| {label(recipe, workload)} | {predicted.peak_bytes:,} | {tracked.peak_bytes:,} | {peak_diff:+.2e} "
               f"| {worst_category_error(predicted, tracked):.2e} | {seconds:.1f} | {categories} |", flush=True)
+    if modes:
+        return
 
     print("\n| memfit profile --model demo | RSS growth | tracked growth | explained |")
     print("|---|---|---|---|")

@@ -21,7 +21,9 @@ most of that), or eagerly with --no-compile. --no-native runs the PyTorch step f
 
 JSON (last stdout line, after the streamed text): {"text", "prompt_tokens", "new_tokens", "ttft_s",
 "decode_tokens_per_s", "weight_bytes", "kv_cache_bytes", "tokenizer_rss_bytes", "baseline_rss_bytes",
-"peak_rss_bytes", "decode_step", "compiled", "compile_s", "stopped"}. baseline_rss_bytes is the
+"peak_rss_bytes", "decode_step", "compiled", "compile_s", "stopped"}. compile_s: seconds this run
+spent compiling (memfit's C library on its first use on a machine, a few seconds; the
+torch.compile'd step on a model and shape's first run). baseline_rss_bytes is the
 process just before the model's weights are read: memfit, torch and transformers imported and the
 tokenizer loaded (tokenizer_rss_bytes is what loading the tokenizer added); peak_rss_bytes minus it
 is what the model and its generation held."""
@@ -57,6 +59,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from memfit.data import read_text
+    from memfit import native
     from memfit.io import load, load_tokenizer
     from memfit.memory.report import weight_bytes
     from memfit.memory.rss import lifetime_peak_rss_bytes, rss_bytes
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     done = result[0]
+    compile_s = native.build_seconds() + engine.compile_seconds
     if args.json:
         console.print_json({
             "text": done.text, "prompt_tokens": done.prompt_tokens, "new_tokens": done.new_tokens,
@@ -84,11 +88,13 @@ def run(args: argparse.Namespace) -> int:
             "weight_bytes": weight_bytes(model), "kv_cache_bytes": done.kv_cache_bytes,
             "tokenizer_rss_bytes": baseline - before_tokenizer, "baseline_rss_bytes": baseline,
             "peak_rss_bytes": lifetime_peak_rss_bytes(),
-            "decode_step": done.decode_step, "compiled": done.compiled, "compile_s": engine.compile_seconds,
+            "decode_step": done.decode_step, "compiled": done.compiled, "compile_s": compile_s,
             "stopped": done.stopped,
         })
     else:
         rate = f"{done.decode_tokens_per_s:.1f} tokens/s ({done.decode_step} step)"
+        if compile_s:
+            rate += f"; compiling took {compile_s:.1f} s (once per machine and model shape)"
         console.stderr.print(f"{done.prompt_tokens} prompt tokens, {done.new_tokens} new; first token after "
                              f"{done.ttft_s:.2f} s, then {rate}", soft_wrap=True)
     return 0

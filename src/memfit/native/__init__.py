@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -78,6 +79,14 @@ class NativeWeight(NamedTuple):
         return weight_supported(self.kind, *self.shape, self.group)
 
 
+_BUILT = {"seconds": 0.0}
+
+
+def build_seconds() -> float:
+    """Seconds this process spent compiling the library (0 when it came from the cache)."""
+    return _BUILT["seconds"]
+
+
 def _cpu_key() -> str:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
@@ -105,7 +114,9 @@ def _build() -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             command = [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"]
+            began = time.perf_counter()
             result = subprocess.run(command, capture_output=True, text=True)
+            _BUILT["seconds"] = time.perf_counter() - began
             if result.returncode != 0:
                 raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
             os.replace(built, target)  # atomic: a concurrent build of the same key writes the same file
