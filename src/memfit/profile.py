@@ -116,8 +116,9 @@ def run_workload(
 
 def _generate_with_runtime(model: nn.Module, ids: torch.Tensor, workload: Workload, tracker: Tracker,
                            steps: int) -> None:
-    """What `memfit generate` runs (its eager step): the engine's workspace, its static cache
-    (rounded up as the engine rounds it), the prefill, then ``steps`` decode steps."""
+    """What `memfit generate` runs (its native step where it runs the model, else its eager one):
+    the engine's workspace, its static cache (rounded up as the engine rounds it), the prefill,
+    then ``steps`` decode steps."""
     engine = Engine(model, compile=False)
     cache = engine.cache_for(workload.batch_size, workload.seq_len + max(workload.new_tokens, 1))
     tracker.hold(cache.tensors())
