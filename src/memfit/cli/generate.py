@@ -58,8 +58,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memfit.data import read_text
     from memfit import native
+    from memfit.data import read_text
     from memfit.io import load, load_tokenizer
     from memfit.memory.report import weight_bytes
     from memfit.memory.rss import lifetime_peak_rss_bytes, rss_bytes
