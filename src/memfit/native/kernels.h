@@ -107,40 +107,32 @@ static inline float reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
 }
 
-static inline float dot_int8(const float *x, const int8_t *w, int64_t k) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t c = 0;
-    for (; c + 64 <= k; c += 64) {
-        prefetch(w + c + PREFETCH_BYTES);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c), load_int8(w + c), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 16), load_int8(w + c + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 32), load_int8(w + c + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 48), load_int8(w + c + 48), a3);
-    }
-    for (; c < k; c += 16) {
-        const __mmask16 m = tail_mask(k - c < 16 ? k - c : 16);
-        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + c)));
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + c), wv, a0);
-    }
-    return reduce4(a0, a1, a2, a3);
+static inline __m512 load_int8_tail(__mmask16 m, const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
-static inline float dot_f32(const float *x, const float *w, int64_t k) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t c = 0;
-    for (; c + 64 <= k; c += 64) {
-        for (int i = 0; i < 4; i++) prefetch((const char *)(w + c) + PREFETCH_BYTES + 64 * i);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c), _mm512_loadu_ps(w + c), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 16), _mm512_loadu_ps(w + c + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 32), _mm512_loadu_ps(w + c + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 48), _mm512_loadu_ps(w + c + 48), a3);
+/* x . w for one row of k weights of type T: four partial sums of 16 lanes, 64 weights an
+ * iteration, the weights' lines asked for PREFETCH_BYTES ahead, a masked tail */
+#define DEFINE_DOT(NAME, T, LOAD, LOAD_TAIL)                                                              \
+    static inline float NAME(const float *x, const T *w, int64_t k) {                                      \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+        int64_t c = 0;                                                                                    \
+        for (; c + 64 <= k; c += 64) {                                                                    \
+            for (int64_t at = 0; at < 64 * (int64_t)sizeof(T); at += 64)                                  \
+                prefetch((const char *)(w + c) + PREFETCH_BYTES + at);                                    \
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c), LOAD(w + c), a0);                                 \
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 16), LOAD(w + c + 16), a1);                       \
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 32), LOAD(w + c + 32), a2);                       \
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 48), LOAD(w + c + 48), a3);                       \
+        }                                                                                                 \
+        for (; c < k; c += 16) {                                                                          \
+            const __mmask16 m = tail_mask(k - c < 16 ? k - c : 16);                                       \
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + c), LOAD_TAIL(m, w + c), a0);                \
+        }                                                                                                 \
+        return reduce4(a0, a1, a2, a3);                                                                   \
     }
-    for (; c < k; c += 16) {
-        const __mmask16 m = tail_mask(k - c < 16 ? k - c : 16);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + c), _mm512_maskz_loadu_ps(m, w + c), a0);
-    }
-    return reduce4(a0, a1, a2, a3);
-}
+DEFINE_DOT(dot_int8, int8_t, load_int8, load_int8_tail)
+DEFINE_DOT(dot_f32, float, _mm512_loadu_ps, _mm512_maskz_loadu_ps)
 #else
 static inline float dot_int8(const float *x, const int8_t *w, int64_t k) {
     float total = 0;
@@ -278,6 +270,7 @@ static inline __m512 load_bf16x16(const uint16_t *p) {
 static inline __m512 load_u8x16(const uint8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
+#endif
 
 static inline void int4_blocked_block(const float *x, const Weight *w, int64_t b, float *out) {
     const int64_t k = w->k, group = w->group, n = w->n, first = b * BLOCK;
@@ -285,6 +278,7 @@ static inline void int4_blocked_block(const float *x, const Weight *w, int64_t b
         int4_blocked_tail(x, w, b, out);
         return;
     }
+#ifdef MEMFIT_AVX512
     const uint8_t *block = (const uint8_t *)w->data + first * (k / 2);
     const __m512i nibble = _mm512_set1_epi32(15);
     __m512 o[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -312,14 +306,7 @@ static inline void int4_blocked_block(const float *x, const Weight *w, int64_t b
         }
     }
     for (int q = 0; q < 4; q++) _mm512_storeu_ps(out + 16 * q, o[q]);
-}
 #else
-static inline void int4_blocked_block(const float *x, const Weight *w, int64_t b, float *out) {
-    const int64_t k = w->k, group = w->group, n = w->n, first = b * BLOCK;
-    if (first + BLOCK > n) {
-        int4_blocked_tail(x, w, b, out);
-        return;
-    }
     const uint8_t *block = (const uint8_t *)w->data + first * (k / 2);
     for (int64_t j = 0; j < BLOCK; j++) out[j] = 0;
     for (int64_t g = 0, lo_k = 0; lo_k < k; g++, lo_k += group) {
@@ -338,8 +325,8 @@ static inline void int4_blocked_block(const float *x, const Weight *w, int64_t b
         const uint8_t *z = w->zero + g * n + first;
         for (int64_t j = 0; j < BLOCK; j++) out[j] += bf16_to_f32(s[j]) * (acc[j] - (float)z[j] * xsum);
     }
-}
 #endif
+}
 
 /* -- one weight's rows [first, last) for every input row ------------------------------------------
  * y: float32 [m, ldy], row r's outputs at y + r * ldy (+ n). For the blocked int4 layout, first and

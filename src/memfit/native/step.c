@@ -269,9 +269,14 @@ static void gated(const Linear *gate_l, const Linear *up_l, float *gate, float *
         }
 }
 
-/* Thread 0's serial part: the rows' RMSNorm of the residual stream into x and xb. */
-static void normalize(const float *h, const void *weight, float *x, uint16_t *xb, int64_t b, int64_t n, float eps,
-                      int bf16) {
+/* Thread 0's serial part: ``block``'s output (``out``, if any) added to the residual stream h, then
+ * the rows' RMSNorm of h into x and xb. */
+static void add_and_normalize(const Linear *block, const float *out, float *h, const void *weight, float *x,
+                              uint16_t *xb, int64_t b, int64_t n, float eps, int bf16) {
+    if (block) {
+        finish(block, (float *)out, b, bf16);
+        for (int64_t i = 0; i < b * n; i++) h[i] = round_act(h[i] + out[i], bf16);
+    }
     for (int64_t r = 0; r < b; r++) rms_norm(h + r * n, weight, x + r * n, n, eps, bf16);
     to_bf16(x, xb, b * n);
 }
@@ -324,12 +329,8 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
             const int64_t nh = l->heads, kvh = l->kv_heads, group = nh / kvh, inter = l->gate.w.n;
             const Job qkv[3] = {{&l->q, q}, {&l->k, k}, {&l->v, v}}, o[1] = {{&l->o, out}};
             const Job gu[2] = {{&l->gate, gate}, {&l->up, up}}, down[1] = {{&l->down, out}};
-            if (tid == 0) {
-                if (li > 0) { /* the previous layer's MLP residual */
-                    finish(&l[-1].down, out, B, bf16);
-                    for (int64_t i = 0; i < B * H; i++) h[i] = round_act(h[i] + out[i], bf16);
-                }
-                normalize(h, l->input_norm, x, xb, B, H, md->eps, bf16);
+            if (tid == 0) { /* with the previous layer's MLP residual */
+                add_and_normalize(li > 0 ? &l[-1].down : NULL, out, h, l->input_norm, x, xb, B, H, md->eps, bf16);
             } else {
                 prefetch_jobs(qkv, 3, tid, threads);
             }
@@ -388,9 +389,7 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
             #pragma omp barrier
             MARK(3);
             if (tid == 0) {
-                finish(&l->o, out, B, bf16);
-                for (int64_t i = 0; i < B * H; i++) h[i] = round_act(h[i] + out[i], bf16);
-                normalize(h, l->post_norm, x, xb, B, H, md->eps, bf16);
+                add_and_normalize(&l->o, out, h, l->post_norm, x, xb, B, H, md->eps, bf16);
             } else {
                 prefetch_jobs(gu, 2, tid, threads);
             }
@@ -427,10 +426,8 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
         }
         const Job head[1] = {{&md->head, logits}};
         if (tid == 0) {
-            const Layer *l = &md->layers[md->num_layers - 1];
-            finish(&l->down, out, B, bf16);
-            for (int64_t i = 0; i < B * H; i++) h[i] = round_act(h[i] + out[i], bf16);
-            normalize(h, md->final_norm, x, xb, B, H, md->eps, bf16);
+            add_and_normalize(&md->layers[md->num_layers - 1].down, out, h, md->final_norm, x, xb, B, H, md->eps,
+                              bf16);
         } else {
             prefetch_jobs(head, 1, tid, threads);
         }
