@@ -11,8 +11,8 @@ are also given as ratios to the runtime's eager fp32 in the same run.
 
 Roofline: decode reads every weight once per token (the demo's output head is its tied
 embedding), so a row's bound is ``bandwidth / weight bytes``; the fraction is the measured rate
-over that bound, with the bandwidth measured here as the best rate of reading a buffer of the
-row's weight bytes with every thread (`read_bandwidth`). (The KV cache read, under 1% of the
+over that bound, with the bandwidth measured here as the rate of reading a buffer of the row's
+weight bytes with every thread, in every round (`ReadProbe`). (The KV cache read, under 1% of the
 weights at these lengths, is left out.)
 
     python benchmarks/runtime.py --model demo
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import os
 import statistics
@@ -66,26 +65,38 @@ def variant(base, fmt: str, device: str):
     return model.to(device).eval()
 
 
-@functools.cache
-def read_bandwidth(nbytes: int) -> float:
-    """Bytes/s of reading a buffer of ``nbytes`` with every thread, prefetching as memfit's kernels
-    do, the best of 7: the bound for a decode step that reads that many bytes of weights once.
+class ReadProbe:
+    """Bytes/s of reading a buffer of a given size with every thread, prefetching as memfit's kernels
+    do: the bound for a decode step that reads that many bytes of weights once.
 
-    Measured per size because the rate depends on it here: 45 GB/s up to about 135 MB, half that
-    from 256 MB on (address translation, on this virtual machine). PyTorch's ``sum`` of a 1 GiB
-    buffer reads at about 19 GB/s, so it would misstate the fractions of the small formats.
+    Measured per size because the rate depends on it here (about 32 GB/s at 538 MB, 40-55 GB/s at
+    86-135 MB, on this virtual machine), and in every round, the best of 3 reads, because it also
+    drifts with the host's load over a run; a row's bound is the median of its size's rounds, as
+    its rate is the median of its rounds. PyTorch's ``sum`` of a 1 GiB buffer reads at about
+    19 GB/s here, so it would misstate the fractions of the small formats.
     """
-    from memfit import native
 
-    buffer = torch.ones(max(nbytes, 1 << 20) // 256 * 64)  # float32, a multiple of 64 bytes
-    read = lambda: native.library().memfit_read(buffer.data_ptr(), buffer.nbytes)  # noqa: E731
-    read()
-    times = []
-    for _ in range(7):
-        began = time.perf_counter()
+    def __init__(self) -> None:
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.rates: dict[int, list[float]] = {}
+
+    def measure(self, nbytes: int) -> None:
+        from memfit import native
+
+        if nbytes not in self.buffers:
+            self.buffers[nbytes] = torch.ones(max(nbytes, 1 << 20) // 256 * 64)  # float32, a multiple of 64 bytes
+        buffer = self.buffers[nbytes]
+        read = lambda: native.library().memfit_read(buffer.data_ptr(), buffer.nbytes)  # noqa: E731
         read()
-        times.append(time.perf_counter() - began)
-    return buffer.nbytes / min(times)
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            read()
+            times.append(time.perf_counter() - began)
+        self.rates.setdefault(nbytes, []).append(buffer.nbytes / min(times))
+
+    def bandwidth(self, nbytes: int) -> float:
+        return statistics.median(self.rates[nbytes])
 
 
 def _sync(device: str) -> None:
@@ -211,7 +222,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (PROMPT,), generator=generator).tolist()
     long = torch.randint(0, vocab, (PREFILL,), generator=generator).tolist()
-    measure_bandwidth = args.device == "cpu"
+    probe = ReadProbe() if args.device == "cpu" else None
 
     rows: dict[str, dict] = {}
     runners: dict[str, object] = {}
@@ -237,6 +248,9 @@ def main() -> None:
             rows[name] = {"first start s": runner.warm(prompt, long), "weight_bytes": runner.weight_bytes}
         print(f"warmed {name}", file=sys.stderr, flush=True)
     for round_ in range(args.rounds):
+        if probe is not None:
+            for size in sorted({runner.weight_bytes for runner in runners.values() if hasattr(runner, "weight_bytes")}):
+                probe.measure(size)
         for name, runner in runners.items():
             if name.startswith("transformers"):
                 rates[name]["decode"].append(hf_decode_tokens_per_s(runner, ids, NEW, repeats=1))
@@ -250,8 +264,8 @@ def main() -> None:
         row["prefill tokens/s"] = statistics.median(r["prefill"]) if r["prefill"] else None
         if isinstance(runners[name], MemfitRow) and runners[name].engine.compiled is False and "compiled" in name:
             row["note"] = "compile failed: ran eagerly"
-        if measure_bandwidth and row.get("weight_bytes"):
-            row["read GB/s"] = read_bandwidth(row["weight_bytes"]) / 1e9
+        if probe is not None and row.get("weight_bytes"):
+            row["read GB/s"] = probe.bandwidth(row["weight_bytes"]) / 1e9
             row["roofline fraction"] = row["decode tokens/s"] * row["weight_bytes"] / (row["read GB/s"] * 1e9)
 
     reference = rows.get("memfit fp32 eager") or next(iter(rows.values()))
