@@ -126,6 +126,8 @@ def _build() -> ctypes.CDLL:
     lib.memfit_gemv.restype = i32
     lib.memfit_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr]
     lib.memfit_step.restype = None
+    lib.memfit_greedy.argtypes = [ptr, ptr, i64, ptr, i64, ptr, ptr, ptr]
+    lib.memfit_greedy.restype = None
     lib.memfit_step_scratch.argtypes = [ptr]
     lib.memfit_step_scratch.restype = i64
     lib.memfit_read.argtypes = [ptr, i64]

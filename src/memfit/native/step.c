@@ -439,3 +439,30 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
     }
     finish(&md->head, logits, B, bf16);
 }
+
+/* ``steps`` greedy decode steps: each runs `memfit_step` for the rows' current tokens (``ids``,
+ * updated in place) at the next column and takes each row's most likely next token, the first
+ * index of the largest logit (a NaN counts as largest, as NumPy's argmax has it), into
+ * out [steps, B]. One call for several tokens keeps Python out of the decode loop. */
+void memfit_greedy(const Model *md, int64_t *ids, int64_t column, const int64_t *pad, int64_t steps, int64_t *out,
+                   float *logits, float *scratch) {
+    const int64_t b = md->batch, vocab = md->head.w.n;
+    for (int64_t s = 0; s < steps; s++) {
+        memfit_step(md, ids, column + s, pad, logits, scratch);
+        for (int64_t r = 0; r < b; r++) {
+            const float *row = logits + r * vocab;
+            int64_t best = 0;
+            float top = row[0];
+            if (!isnan(top)) {
+                for (int64_t j = 1; j < vocab; j++) {
+                    if (isnan(row[j])) {
+                        best = j;
+                        break;
+                    }
+                    if (row[j] > top) top = row[j], best = j;
+                }
+            }
+            out[s * b + r] = ids[r] = best;
+        }
+    }
+}

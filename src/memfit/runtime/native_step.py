@@ -220,6 +220,19 @@ class NativeStep:
         self.scratch_bytes = floats * 4 + self._logits.nbytes
         return model
 
+    def greedy(self, ids: torch.Tensor, column: int, pad: torch.Tensor, cache: KVCache, steps: int) -> torch.Tensor:
+        """``steps`` greedy decode steps in one call: ``ids`` [B] are the rows' current tokens, written
+        at ``column``; returns the next ``steps`` tokens of each row [steps, B] (the first largest
+        logit, as NumPy's argmax). The cache holds every step's keys and values afterwards."""
+        self._table(cache)
+        out = torch.empty(steps, cache.batch, dtype=torch.long)
+        if self._fake:  # the estimator: allocations only
+            return out
+        current = ids.reshape(-1).clone()  # updated in place by the library, step by step
+        self._library.memfit_greedy(self._model_ref, current.data_ptr(), column, pad.contiguous().data_ptr(), steps,
+                                    out.data_ptr(), self._logits.data_ptr(), self._scratch.data_ptr())
+        return out
+
     def __call__(self, decoder: Decoder, ids: torch.Tensor, columns: torch.Tensor, pad: torch.Tensor,
                  cache: KVCache) -> torch.Tensor:
         self._table(cache)  # (re)builds the C table and buffers when the cache is new
