@@ -138,3 +138,23 @@ def test_a_wider_model_gives_the_pytorch_steps_logits(recipe):
         torch.set_num_threads(threads)
     for a, b in zip(eager, native, strict=True):
         torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-2)
+
+
+def test_greedy_native_decoding_takes_several_steps_per_library_call(make_tiny, monkeypatch):
+    from memfit.runtime.engine import GREEDY_CHUNK
+
+    model, _ = make_tiny("tiny-qwen2")
+    engine = Engine(model, compile=False)
+    chunks = []
+    greedy = NativeStep.greedy
+    monkeypatch.setattr(NativeStep, "greedy", lambda self, *args: chunks.append(args[-1]) or greedy(self, *args))
+    chunked = [step.tokens for step in engine.stream(PROMPTS, 20)]
+    assert chunks == [GREEDY_CHUNK, GREEDY_CHUNK, 19 - 2 * GREEDY_CHUNK]  # the first token is the prefill's
+    # the same tokens as the native step called once per token
+    longest = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
+    pad = torch.tensor([longest - len(p) for p in PROMPTS])
+    cache = engine.cache_for(len(PROMPTS), longest + 20)
+    with torch.inference_mode():
+        one_by_one = [t.tolist() for t in engine.tokens(ids, pad, cache, 20, step=lambda *a: engine.native_step(*a))]
+    assert chunked == one_by_one
