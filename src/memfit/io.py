@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -273,6 +274,11 @@ def load_saved(path: Path, tokenizer: bool = True):
     Raises:
         CheckpointError: a file is missing or corrupt, or the tensors do not match the recipe.
     """
+    model = _load_saved_model(path)
+    return model, AutoTokenizer.from_pretrained(path) if tokenizer else None
+
+
+def _load_saved_model(path: Path, select=None) -> torch.nn.Module:
     manifest, plan, config = read_recipe(path)
     weights = path / WEIGHTS
     if not weights.is_file():
@@ -286,22 +292,139 @@ def load_saved(path: Path, tokenizer: bool = True):
     rebuild = tuple(s for s in plan.strategies if not (s.in_config or s.train_only))
     apply(model, Plan(rebuild, plan.workload), Context())
     model.memfit_plan = plan
-    state = _read_tensors(weights)
+    keep = select(model) if select is not None else None
+    state = _read_tensors(weights, keep)
     state._metadata = _convert_saved(model, state)
     for alias, source in manifest.get("tied", {}).items():
-        if source not in state:
+        if source not in state and (keep is None or keep(source)):
             raise CheckpointError(f"{str(path)!r}: tied tensor {alias!r} points at missing {source!r}", "save again")
-        state[alias] = state[source]
+        if source in state:
+            state[alias] = state[source]
+    _assign(model, state, path, partial=keep is not None)
+    _retie(model, manifest.get("tied", {}))
+    return model.eval()
+
+
+def _assign(model: torch.nn.Module, state: dict, path: Path, partial: bool) -> None:
+    """Assign ``state`` to ``model``'s meta tensors; every one must get a tensor unless ``partial``."""
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        result = model.load_state_dict(state, strict=not partial, assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{str(path)!r} does not match its recipe: {first}", "save the model again") from None
+    if partial:
+        if result.unexpected_keys:
+            raise CheckpointError(f"{str(path)!r} holds tensors the model does not have: {result.unexpected_keys[:3]}",
+                                  "save the model again")
+        return
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise CheckpointError(f"{str(path)!r} lacks tensors for {leftover[:3]}", "save the model again")
-    _retie(model, manifest.get("tied", {}))
-    return model.eval(), AutoTokenizer.from_pretrained(path) if tokenizer else None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor lies in a safetensors file: ``offset`` is from the file's start."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def stored_tensors(ref: str | Path | Ref) -> dict[str, StoredTensor]:
+    """Every tensor of a model directory's safetensors files (memfit's or Hugging Face's, or the
+    demo), by state-dict name, without reading any data.
+
+    Raises:
+        ModelNotFoundError: ``ref`` is not a directory of safetensors files.
+        CheckpointError: a file's header is corrupt.
+    """
+    found = {}
+    for weights in _weight_files(ref):
+        try:
+            with open(weights, "rb", buffering=0) as raw:
+                size = int.from_bytes(raw.read(8), "little")
+                header = json.loads(raw.read(size))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _DTYPES.get(info["dtype"])
+                start, end = info["data_offsets"]
+                if dtype is None or end < start:
+                    raise ValueError(f"tensor {name!r} has dtype {info['dtype']!r} or offsets {start}..{end}")
+                found[name] = StoredTensor(weights, 8 + size + start, end - start, dtype, tuple(info["shape"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{str(weights)!r} is corrupt: {exc}", "save the model again") from None
+    return found
+
+
+def _weight_files(ref: str | Path | Ref) -> list[Path]:
+    resolved = resolve(ref)
+    if resolved.kind is RefKind.SAVED:
+        return [resolved.path / WEIGHTS]
+    if resolved.kind is RefKind.DEMO:
+        from memfit.models.demo import demo_dir
+
+        directory = Path(demo_dir())
+    elif resolved.kind is RefKind.HF_DIR:
+        directory = resolved.path
+    else:
+        raise ModelNotFoundError(f"{resolved.text!r} is not a model directory of safetensors files",
+                                 "pass a directory written by memfit, a Hugging Face directory, or demo")
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"cannot read {str(index)!r}: {exc}", "download the model again") from None
+        return [directory / shard for shard in shards]
+    if not (directory / WEIGHTS).is_file():
+        raise ModelNotFoundError(f"{str(directory)!r} has no {WEIGHTS}", "pass a directory of safetensors weights")
+    return [directory / WEIGHTS]
+
+
+def import_model_code(ref: str | Path | Ref) -> None:
+    """Import the modeling code of ``ref``'s architecture (transformers imports it lazily, when the
+    first model of a type is built), so a caller can take its memory baseline after it."""
+    with contextlib.suppress(Exception):  # only a warm-up: loading reports any real problem
+        config = AutoConfig.from_pretrained(_weight_files(ref)[0].parent)
+        AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def load_partial(ref: str | Path | Ref, select) -> torch.nn.Module:
+    """The model `load` returns, with only some of its tensors read: ``select(model)`` is called
+    once the modules are built (on the meta device) and returns ``keep(name)``, which says which
+    state-dict names to read; the others stay on the meta device (for a caller that supplies
+    them, as streaming does).
+
+    Raises:
+        ModelNotFoundError: ``ref`` is not a directory of safetensors files.
+        CheckpointError: a file is corrupt or does not match the model.
+    """
+    resolved = resolve(ref)
+    if resolved.kind is RefKind.SAVED:
+        return _load_saved_model(resolved.path, select)
+    files = _weight_files(resolved)
+    directory = files[0].parent
+    stored = stored_tensors(resolved)
+    floats = {t.dtype for t in stored.values() if t.dtype.is_floating_point}
+    config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=floats.pop() if len(floats) == 1 else None)
+    keep = select(model)
+    state = collections.OrderedDict()
+    for weights in files:
+        state.update(_read_tensors(weights, keep))
+    _assign(model, state, directory, partial=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_meta and n in stored and keep(n)]
+    if missing:
+        raise CheckpointError(f"{str(directory)!r}: tensors {missing[:3]} were not assigned", "check the model files")
+    return model.eval()
 
 
 TRIM_EVERY = 4 << 20  # bytes converted between returns of the freed temporaries to the system
@@ -362,8 +485,9 @@ _DTYPES = {
 }
 
 
-def _read_tensors(weights: Path) -> collections.OrderedDict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, each read once from the file into its own allocation.
+def _read_tensors(weights: Path, keep=None) -> collections.OrderedDict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (those ``keep(name)`` accepts, if given), each read once
+    from the file into its own allocation.
 
     Not through safetensors' memory map: mapped pages count in the process's memory while the
     copies are made (the peak was twice the file), and tensors at arbitrary file offsets can be
@@ -376,7 +500,8 @@ def _read_tensors(weights: Path) -> collections.OrderedDict[str, torch.Tensor]:
         with open(weights, "rb", buffering=0) as raw:
             size = int.from_bytes(raw.read(8), "little")
             header = json.loads(raw.read(size))
-            return collections.OrderedDict((name, _read_one(raw, 8 + size, name, header[name])) for name in names)
+            return collections.OrderedDict((name, _read_one(raw, 8 + size, name, header[name])) for name in names
+                                           if keep is None or keep(name))
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{str(weights)!r} is corrupt: {exc}", "save the model again") from None
 

@@ -25,6 +25,7 @@ from memfit.generation import cached_step
 from memfit.memory.report import MemoryReport
 from memfit.memory.tracker import Tracker, track
 from memfit.runtime import Engine, runs_on_runtime
+from memfit.runtime.engine import CACHE_STEP
 from memfit.settings import RunSettings
 from memfit.workload import Mode, Workload
 
@@ -114,12 +115,23 @@ def run_workload(
                 _, token = cached_step(model, token, cache)
 
 
+def runtime_generate_report(model: nn.Module, workload: Workload, *, cache_step: int = CACHE_STEP,
+                            decode_steps: int = 2) -> MemoryReport:
+    """The tracked report of the runtime's generate on ``model`` (real or fake tensors), its cache
+    length rounded up to a multiple of ``cache_step`` (1: exactly the prompt plus new tokens, as a
+    streamed run sizes it)."""
+    ids = torch.randint(0, model.config.vocab_size, (workload.batch_size, workload.seq_len))
+    with track(model) as tracker, torch.no_grad():
+        _generate_with_runtime(model, ids, workload, tracker, min(decode_steps, workload.new_tokens), cache_step)
+    return tracker.report()
+
+
 def _generate_with_runtime(model: nn.Module, ids: torch.Tensor, workload: Workload, tracker: Tracker,
-                           steps: int) -> None:
+                           steps: int, cache_step: int = CACHE_STEP) -> None:
     """What `memfit generate` runs (its native step where it runs the model, else its eager one):
     the engine's workspace, its static cache (rounded up as the engine rounds it), the prefill,
     then ``steps`` decode steps."""
-    engine = Engine(model, compile=False)
+    engine = Engine(model, compile=False, cache_step=cache_step)
     cache = engine.cache_for(workload.batch_size, workload.seq_len + max(workload.new_tokens, 1))
     tracker.hold(cache.tensors())
     pad = torch.zeros(workload.batch_size, dtype=torch.long, device=ids.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from memfit.cli import console, options
@@ -26,7 +27,17 @@ spent compiling (memfit's C library on its first use on a machine, a few seconds
 torch.compile'd step on a model and shape's first run). baseline_rss_bytes is the
 process just before the model's weights are read: memfit, torch and transformers imported and the
 tokenizer loaded (tokenizer_rss_bytes is what loading the tokenizer added); peak_rss_bytes minus it
-is what the model and its generation held."""
+is what the model and its generation held.
+
+--max-memory B runs a model larger than B: the embedding, head, norms and the decoder layers that
+fit stay in memory; the rest are read from the model's safetensors file at every token, through a
+small buffer, by a background thread that reads the next layers while the current ones compute
+(--no-prefetch: each when reached). The budget counts the weights held, the buffer, the KV cache,
+the activations and workspace, and the model's modules; what was placed where is printed. JSON adds
+"max_memory_bytes", "tracked_peak_bytes" (the run's tracked peak, within the budget),
+"bytes_read_per_token" and "placement" ({"resident_layers", "streamed_layers", "resident_bytes",
+"streamed_bytes", "ring_bytes", "workspace_bytes", "predicted_peak_bytes", "budget_bytes", "files"}).
+Streaming reads memfit directories, Hugging Face directories with one safetensors file, and demo."""
 
 
 def add_parser(subparsers) -> None:
@@ -53,6 +64,12 @@ def add_parser(subparsers) -> None:
                         help="where the PyTorch step decodes, run it eagerly (no torch.compile)")
     parser.add_argument("--no-native", action="store_true",
                         help="decode with the PyTorch step even where memfit's C step runs the model")
+    parser.add_argument("--max-memory", metavar="B",
+                        help="run within B bytes (e.g. 150MB, or 25%% of the model's weight bytes): the decoder "
+                             "layers that do not fit are streamed from the model's file, the next ones read ahead "
+                             "while the current ones compute")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="with --max-memory, read each streamed layer only when it is reached (no read-ahead)")
     options.add_json(parser)
     parser.set_defaults(run=run)
 
@@ -60,26 +77,47 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from memfit import native
     from memfit.data import read_text
-    from memfit.io import load, load_tokenizer
+    from memfit.io import import_model_code, load, load_tokenizer
+    from memfit.memory import track
     from memfit.memory.report import weight_bytes
     from memfit.memory.rss import lifetime_peak_rss_bytes, rss_bytes
     from memfit.runtime import Engine, Sampling, stream
+    from memfit.runtime.engine import CACHE_STEP
+    from memfit.runtime.generate import encode
+    from memfit.units import format_bytes
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         repetition_penalty=args.repetition_penalty, seed=args.seed)
     prompt = args.prompt if args.prompt is not None else read_text(args.prompt_file)
     before_tokenizer = rss_bytes()
     tokenizer = load_tokenizer(args.model)  # text in and out: loaded before the model's baseline
+    if args.max_memory is not None:
+        import_model_code(args.model)  # code, not the model: before the baseline the budget is checked from
     baseline = rss_bytes()
-    model, _ = load(args.model, tokenizer=False)
-    engine = Engine(model, compile=not args.no_compile, native=not args.no_native)
+    streamed = placement = tracker = None
+    if args.max_memory is not None:
+        model, streamed, placement = _load_within(args, tokenizer, prompt)
+        if not args.json:
+            console.stderr.print(f"placement: {placement.describe()}", soft_wrap=True)
+    else:
+        model, _ = load(args.model, tokenizer=False)
+    engine = Engine(model, compile=not args.no_compile, native=not args.no_native, streamed=streamed,
+                    cache_step=1 if placement is not None else CACHE_STEP)
     result = []
-    for piece in stream(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                        stop=args.stop, chat=args.chat, engine=engine, result=result):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    with contextlib.ExitStack() as stack:
+        if placement is not None:  # the budget is checked against what the run holds, tracked
+            tracker = stack.enter_context(track(model))
+            tracker.hold(engine.cache_for(1, len(encode(tokenizer, prompt, args.chat)) + args.max_new_tokens).tensors())
+        for piece in stream(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                            stop=args.stop, chat=args.chat, engine=engine, result=result):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     done = result[0]
+    extra = {}
+    if placement is not None:
+        extra = {"max_memory_bytes": placement.budget_bytes, "tracked_peak_bytes": tracker.peak_bytes,
+                 "bytes_read_per_token": placement.streamed_bytes, "placement": placement.as_dict()}
     compile_s = native.build_seconds() + engine.compile_seconds
     if args.json:
         console.print_json({
@@ -89,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             "tokenizer_rss_bytes": baseline - before_tokenizer, "baseline_rss_bytes": baseline,
             "peak_rss_bytes": lifetime_peak_rss_bytes(),
             "decode_step": done.decode_step, "compiled": done.compiled, "compile_s": compile_s,
-            "stopped": done.stopped,
+            "stopped": done.stopped, **extra,
         })
     else:
         rate = f"{done.decode_tokens_per_s:.1f} tokens/s ({done.decode_step} step)"
@@ -97,4 +135,22 @@ def run(args: argparse.Namespace) -> int:
             rate += f"; compiling took {compile_s:.1f} s (once per machine and model shape)"
         console.stderr.print(f"{done.prompt_tokens} prompt tokens, {done.new_tokens} new; first token after "
                              f"{done.ttft_s:.2f} s, then {rate}", soft_wrap=True)
+        if placement is not None:
+            grown = lifetime_peak_rss_bytes() - baseline
+            console.stderr.print(f"memory: tracked peak {format_bytes(tracker.peak_bytes)}, process grew by "
+                                 f"{format_bytes(grown)}, budget {format_bytes(placement.budget_bytes)}",
+                                 soft_wrap=True)
     return 0
+
+
+def _load_within(args: argparse.Namespace, tokenizer, prompt: str):
+    """``(model, streamed weights, placement)`` for ``--max-memory``."""
+    from memfit.io import stored_tensors
+    from memfit.offload import load_streamed
+    from memfit.runtime.generate import encode
+    from memfit.units import parse_budget
+
+    stored = stored_tensors(args.model)
+    budget = parse_budget(args.max_memory, sum(t.nbytes for t in stored.values()))
+    return load_streamed(args.model, budget, prompt_tokens=len(encode(tokenizer, prompt, args.chat)),
+                         new_tokens=max(args.max_new_tokens, 1), ahead=0 if args.no_prefetch else 64)

@@ -35,9 +35,9 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "gemv.c", HERE / "step.c")
+SOURCES = (HERE / "gemv.c", HERE / "step.c", HERE / "stream.c")
 HEADERS = (HERE / "kernels.h",)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC", "-pthread")
 MAX_ROWS = 4  # rows (tokens) up to which these kernels run; prefill-sized inputs keep PyTorch's
 
 # weight formats, as kernels.h numbers them
@@ -136,6 +136,20 @@ def _build() -> ctypes.CDLL:
     lib.memfit_int4_to_blocked.restype = None
     lib.memfit_dequantize.argtypes = [i32, ptr, ptr, ptr, i64, i64, i64, ptr, i32]
     lib.memfit_dequantize.restype = i32
+    lib.memfit_stream_open.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64]
+    lib.memfit_stream_open.restype = ptr
+    lib.memfit_stream_patches.argtypes = [ptr, i64, ptr, ptr, ptr]
+    lib.memfit_stream_patches.restype = ctypes.c_int
+    lib.memfit_stream_acquire.argtypes = [ptr]
+    lib.memfit_stream_acquire.restype = i64
+    lib.memfit_stream_release.argtypes = [ptr]
+    lib.memfit_stream_release.restype = None
+    lib.memfit_stream_cursor.argtypes = [ptr]
+    lib.memfit_stream_cursor.restype = i64
+    lib.memfit_stream_stats.argtypes = [ptr, ptr]
+    lib.memfit_stream_stats.restype = None
+    lib.memfit_stream_close.argtypes = [ptr]
+    lib.memfit_stream_close.restype = None
     return lib
 
 

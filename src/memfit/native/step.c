@@ -28,6 +28,7 @@ typedef struct {
     Linear q, k, v, o, gate, up, down;
     void *keys, *values; /* [B, KV, L, D], activation dtype */
     int64_t heads, kv_heads;
+    int64_t streamed; /* its weights come from the model's stream, five units (stream.c) */
 } Layer;
 
 typedef struct {
@@ -41,7 +42,20 @@ typedef struct {
     const void *final_norm;
     Linear head;
     const Layer *layers;
+    struct Stream *stream; /* streamed layers' weights (NULL if every layer is resident) */
+    int64_t threads;       /* threads of the step (0: OpenMP's default) */
 } Model;
+
+/* stream.c: a streamed layer's units, in the order the step uses them: attention inputs (input
+ * norm, q, k, v), attention output (o, post-attention norm), gate, up, down. Thread 0 acquires
+ * each before the barrier that starts its stage (acquire writes the unit's pointers into the
+ * layer) and releases it as soon as its last use has ended, before acquiring the next, so at most
+ * gate and up are held at once. */
+struct Stream;
+int64_t memfit_stream_acquire(struct Stream *s);
+void memfit_stream_release(struct Stream *s);
+#define ACQUIRE(l, n) do { if ((l)->streamed) for (int u_ = 0; u_ < (n); u_++) memfit_stream_acquire(md->stream); } while (0)
+#define RELEASE(l, n) do { if ((l)->streamed) for (int u_ = 0; u_ < (n); u_++) memfit_stream_release(md->stream); } while (0)
 
 #ifdef MEMFIT_PROFILE /* stage times of thread 0, for development (benchmark harnesses define it) */
 double memfit_profile[16];
@@ -271,14 +285,21 @@ static void gated(const Linear *gate_l, const Linear *up_l, float *gate, float *
 
 /* Thread 0's serial part: ``block``'s output (``out``, if any) added to the residual stream h, then
  * the rows' RMSNorm of h into x and xb. */
-static void add_and_normalize(const Linear *block, const float *out, float *h, const void *weight, float *x,
-                              uint16_t *xb, int64_t b, int64_t n, float eps, int bf16) {
-    if (block) {
-        finish(block, (float *)out, b, bf16);
-        for (int64_t i = 0; i < b * n; i++) h[i] = round_act(h[i] + out[i], bf16);
-    }
+static void add_block(const Linear *block, const float *out, float *h, int64_t b, int64_t n, int bf16) {
+    finish(block, (float *)out, b, bf16);
+    for (int64_t i = 0; i < b * n; i++) h[i] = round_act(h[i] + out[i], bf16);
+}
+
+static void normalize(const float *h, const void *weight, float *x, uint16_t *xb, int64_t b, int64_t n, float eps,
+                      int bf16) {
     for (int64_t r = 0; r < b; r++) rms_norm(h + r * n, weight, x + r * n, n, eps, bf16);
     to_bf16(x, xb, b * n);
+}
+
+static void add_and_normalize(const Linear *block, const float *out, float *h, const void *weight, float *x,
+                              uint16_t *xb, int64_t b, int64_t n, float eps, int bf16) {
+    add_block(block, out, h, b, n, bf16);
+    normalize(h, weight, x, xb, b, n, eps, bf16);
 }
 
 /* ids [B]: the new token of each row; column: the cache column they take; pad [B]: each row's first
@@ -317,7 +338,7 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
     /* Each stage's matmuls split their rows across the threads; between them, thread 0 does the
      * small serial work (norms, rotary, cache writes) while the others ask for the first bytes of
      * their next weights; a barrier ends each stage. */
-    #pragma omp parallel
+    #pragma omp parallel num_threads(md->threads > 0 ? (int)md->threads : omp_get_max_threads())
     {
         const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
 #ifdef MEMFIT_PROFILE
@@ -330,7 +351,12 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
             const Job qkv[3] = {{&l->q, q}, {&l->k, k}, {&l->v, v}}, o[1] = {{&l->o, out}};
             const Job gu[2] = {{&l->gate, gate}, {&l->up, up}}, down[1] = {{&l->down, out}};
             if (tid == 0) { /* with the previous layer's MLP residual */
-                add_and_normalize(li > 0 ? &l[-1].down : NULL, out, h, l->input_norm, x, xb, B, H, md->eps, bf16);
+                if (li > 0) {
+                    add_block(&l[-1].down, out, h, B, H, bf16);
+                    RELEASE(l - 1, 1); /* the previous layer's down */
+                }
+                ACQUIRE(l, 1);
+                normalize(h, l->input_norm, x, xb, B, H, md->eps, bf16);
             } else {
                 prefetch_jobs(qkv, 3, tid, threads);
             }
@@ -344,6 +370,7 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
                 finish(&l->q, q, B, bf16);
                 finish(&l->k, k, B, bf16);
                 finish(&l->v, v, B, bf16);
+                RELEASE(l, 1); /* q, k, v and the input norm: the matmuls ended at the barrier */
                 for (int64_t r = 0; r < B; r++) {
                     const int64_t position = column - pad[r] > 0 ? column - pad[r] : 0;
                     float cos[D], sin[D];
@@ -361,6 +388,7 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
                         }
                     }
                 }
+                ACQUIRE(l, 1); /* o and the post-attention norm */
             } else {
                 prefetch_jobs(o, 1, tid, threads);
             }
@@ -390,6 +418,8 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
             MARK(3);
             if (tid == 0) {
                 add_and_normalize(&l->o, out, h, l->post_norm, x, xb, B, H, md->eps, bf16);
+                RELEASE(l, 1); /* o and the post-attention norm */
+                ACQUIRE(l, 2); /* gate and up */
             } else {
                 prefetch_jobs(gu, 2, tid, threads);
             }
@@ -411,6 +441,13 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
             }
             #pragma omp barrier
             MARK(6);
+            if (l->streamed) { /* down arrives once gate and up are given back */
+                if (tid == 0) {
+                    RELEASE(l, 2);
+                    ACQUIRE(l, 1);
+                }
+                #pragma omp barrier
+            }
             const Input gin = {.f = gate, .b = gb, .m = B, .k = inter};
             if (li + 1 < md->num_layers) {
                 const Layer *next = l + 1;
@@ -426,8 +463,9 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
         }
         const Job head[1] = {{&md->head, logits}};
         if (tid == 0) {
-            add_and_normalize(&md->layers[md->num_layers - 1].down, out, h, md->final_norm, x, xb, B, H, md->eps,
-                              bf16);
+            add_block(&md->layers[md->num_layers - 1].down, out, h, B, H, bf16);
+            RELEASE(&md->layers[md->num_layers - 1], 1); /* the last layer's down */
+            normalize(h, md->final_norm, x, xb, B, H, md->eps, bf16);
         } else {
             prefetch_jobs(head, 1, tid, threads);
         }

@@ -81,7 +81,7 @@ class Decoder:
         RecipeError: the architecture is not one the runtime knows.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, streamed=None) -> None:
         config = model.config
         if not runs_on_runtime(model):
             raise RecipeError(
@@ -102,6 +102,7 @@ class Decoder:
         window = getattr(config, "sliding_window", None)
         self.window = window if window and getattr(config, "use_sliding_window", True) else None
         self._cos = self._sin = None
+        self.streamed = streamed  # `memfit.runtime.streamed.StreamedWeights`, or None
 
     @property
     def vocab_size(self) -> int:
@@ -144,24 +145,39 @@ class Decoder:
         allowed |= keys[None, None, :] == columns[None, :, None]
         mask = allowed[:, None]  # [B, 1, T, L]
         h = self.embed(ids)
+        streamed = self.streamed
+        if streamed is not None:
+            streamed.start_pass()
         for i, layer in enumerate(self.layers):
-            h = h + self._attention(layer, getattr(layer, self.layout.input_norm)(h), cos, sin, mask, columns,
-                                    cache.keys[i], cache.values[i])
-            h = h + self._mlp(getattr(layer, self.layout.mlp), getattr(layer, self.layout.post_attention_norm)(h))
+            # a streamed layer's units are acquired as they are reached and released after their last use
+            s = streamed if streamed is not None and streamed.streams(i) else None
+            h = h + self._attention(layer, h, cos, sin, mask, columns, cache.keys[i], cache.values[i], s)
+            x = getattr(layer, self.layout.post_attention_norm)(h)
+            if s is not None:
+                s.release()  # attention output
+            h = h + self._mlp(getattr(layer, self.layout.mlp), x, s)
         h = self.norm(h[:, -1:] if last_only else h)
         logits = project(self.head, h).float()
         return logits[:, -1] if last_only else logits
 
     __call__ = forward
 
-    def _attention(self, layer, x, cos, sin, mask, columns, key_cache, value_cache) -> torch.Tensor:
+    def _attention(self, layer, h, cos, sin, mask, columns, key_cache, value_cache, streamed=None) -> torch.Tensor:
+        """The attention block's output for the residual stream ``h``; with ``streamed``, its
+        attention-output unit is left acquired (the caller releases it after the post-attention norm)."""
         names = self.layout
         block = getattr(layer, names.attention)
+        if streamed is not None:
+            streamed.acquire()  # attention inputs
+        x = getattr(layer, names.input_norm)(h)
         b, t, _ = x.shape
         shape = (b, t, -1, self.head_dim)
         q = project(getattr(block, names.q), x).view(shape).transpose(1, 2)  # [B, H, T, D]
         k = project(getattr(block, names.k), x).view(shape).transpose(1, 2)  # [B, KV, T, D]
         v = project(getattr(block, names.v), x).view(shape).transpose(1, 2)
+        if streamed is not None:
+            streamed.release()
+            streamed.acquire()  # attention output
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         key_cache.index_copy_(2, columns, k.to(key_cache.dtype))  # no-ops unless autocast changed the dtypes
         value_cache.index_copy_(2, columns, v.to(value_cache.dtype))
@@ -173,9 +189,17 @@ class Decoder:
         return project(getattr(block, names.o), out.transpose(1, 2).reshape(b, t, -1))
 
     @staticmethod
-    def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(mlp: nn.Module, x: torch.Tensor, streamed=None) -> torch.Tensor:
         # the gated MLP of every architecture in LAYOUTS, its projections through `project`; any
         # other module (a replaced or restructured MLP) is called as it is
+        if streamed is not None:  # gate and up, then down (`memfit.runtime.streamed` checked the layout)
+            streamed.acquire(2)
+            gated = mlp.act_fn(project(mlp.gate_proj, x)) * project(mlp.up_proj, x)
+            streamed.release(2)
+            streamed.acquire()
+            out = project(mlp.down_proj, gated)
+            streamed.release()
+            return out
         if type(mlp).__name__ in GATED_MLPS and _plain_call(mlp):
             return project(mlp.down_proj, mlp.act_fn(project(mlp.gate_proj, x)) * project(mlp.up_proj, x))
         return mlp(x)

@@ -26,6 +26,7 @@ from memfit.errors import RecipeError
 from memfit.runtime.decoder import Decoder, KVCache
 from memfit.runtime.native_step import NativeStep
 from memfit.runtime.sampling import GREEDY, Sampler, Sampling
+from memfit.runtime.streamed import StreamedWeights
 
 CACHE_STEP = 256  # cache lengths are rounded up to a multiple of this
 GREEDY_CHUNK = 8  # greedy native decoding: tokens per call of the C library (a 40 ms burst at 200 tokens/s)
@@ -35,10 +36,10 @@ def _step(decoder: Decoder, ids: torch.Tensor, columns: torch.Tensor, pad: torch
     return decoder.forward(ids, columns, pad, cache)
 
 
-def cache_length(tokens: int, context_length: int) -> int:
+def cache_length(tokens: int, context_length: int, step: int = CACHE_STEP) -> int:
     """The cache length the engine allocates for ``tokens`` (prompt plus new): rounded up to a
-    multiple of `CACHE_STEP`, but not past the model's context unless ``tokens`` is."""
-    return min(-(-tokens // CACHE_STEP) * CACHE_STEP, max(tokens, context_length))
+    multiple of ``step``, but not past the model's context unless ``tokens`` is."""
+    return min(-(-tokens // step) * step, max(tokens, context_length))
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {device type: compiled step}
@@ -84,11 +85,19 @@ class Engine:
             yes); False runs it eagerly there.
         native: decode with `NativeStep` (one call of memfit's C library per token) where it runs
             the model (default: yes).
+        streamed: the model's streamed layers (`memfit.runtime.offload.load_streamed`); their
+            weights are read as each forward reaches them. The PyTorch step then runs eagerly.
+        cache_step: cache lengths are rounded up to a multiple of this (default `CACHE_STEP`;
+            1 sizes the cache to the prompt plus new tokens exactly).
     """
 
-    def __init__(self, model: nn.Module, *, compile: bool = True, native: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, compile: bool = True, native: bool = True,
+                 streamed: StreamedWeights | None = None, cache_step: int = CACHE_STEP) -> None:
         model.eval()
-        self.decoder = Decoder(model)
+        self.decoder = Decoder(model, streamed)
+        self.cache_step = cache_step
+        if streamed is not None:
+            compile = False  # the streamed forward acquires units through ctypes: no graph to compile
         self.native_step = NativeStep.create(self.decoder) if native else None
         # operands the packed kernels would otherwise recompute every step, held while the engine
         # lives (the native step reads the weights as they are)
@@ -114,7 +123,7 @@ class Engine:
 
     def cache_for(self, batch: int, length: int) -> KVCache:
         """The engine's cache, reallocated only when ``batch`` or the rounded ``length`` changes."""
-        max_len = cache_length(length, self.context_length)
+        max_len = cache_length(length, self.context_length, self.cache_step)
         cache = self._cache
         if cache is None or cache.batch != batch or cache.max_len != max_len:
             self._cache = None  # free the old one first

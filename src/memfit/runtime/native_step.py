@@ -46,7 +46,7 @@ class _Layer(ctypes.Structure):
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
                 *[(name, _Linear) for name in ("q", "k", "v", "o", "gate", "up", "down")],
                 ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("heads", ctypes.c_int64),
-                ("kv_heads", ctypes.c_int64)]
+                ("kv_heads", ctypes.c_int64), ("streamed", ctypes.c_int64)]
 
 
 class _Model(ctypes.Structure):
@@ -55,7 +55,8 @@ class _Model(ctypes.Structure):
                 ("window", ctypes.c_int64), ("eps", ctypes.c_float), ("scaling", ctypes.c_float),
                 ("act_bf16", ctypes.c_int32), ("embed_int8", ctypes.c_int32), ("embed", ctypes.c_void_p),
                 ("embed_scale", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
-                ("final_norm", ctypes.c_void_p), ("head", _Linear), ("layers", ctypes.POINTER(_Layer))]
+                ("final_norm", ctypes.c_void_p), ("head", _Linear), ("layers", ctypes.POINTER(_Layer)),
+                ("stream", ctypes.c_void_p), ("threads", ctypes.c_int64)]
 
 
 class _Unsupported(Exception):
@@ -151,6 +152,8 @@ class NativeStep:
         if not native.available():
             raise _Unsupported("memfit's C kernels are not built")
         dtype, names, keep = decoder.dtype, decoder.layout, []
+        if decoder.streamed is not None:  # the table's streamed addresses are then offsets in their units
+            decoder.streamed.bind_placeholders()
         if dtype not in (torch.float32, torch.bfloat16):
             raise _Unsupported(f"activations in {dtype}")
         if getattr(decoder.config, "hidden_act", "silu") != "silu":
@@ -209,6 +212,12 @@ class NativeStep:
                        eps=parts["eps"], scaling=d.scaling, act_bf16=int(d.dtype == torch.bfloat16),
                        embed_int8=embed_int8, embed=_address(table), embed_scale=_address(scale), cos=_address(cos),
                        sin=_address(sin), final_norm=parts["final_norm"], head=parts["head"], layers=array)
+        streamed = d.streamed
+        if streamed is not None:
+            model.stream = streamed.handle
+            if streamed.ahead > 0:  # the reader thread keeps a core: reading, not computing, sets the pace
+                model.threads = max(1, torch.get_num_threads() - 1)
+            self._patch(array, streamed)
         self._array, self._rotary = array, (cos, sin)  # the table points into these
         self._model, self._for = model, cache
         self._fake = is_fake(cache.keys[0])
@@ -220,6 +229,43 @@ class NativeStep:
         self.scratch_bytes = floats * 4 + self._logits.nbytes
         return model
 
+    # which unit of a streamed layer (`memfit.runtime.streamed.PARTS`) each pointer field belongs to
+    _UNIT_OF = {"input_norm": 0, "q": 0, "k": 0, "v": 0, "o": 1, "post_norm": 1, "gate": 2, "up": 3, "down": 4}
+
+    def _patch(self, array, streamed) -> None:
+        """Register the streamed layers' pointer fields with the reader: acquiring a unit writes
+        its place in the ring into them (the table holds each one's offset in its unit now)."""
+        base = streamed.ring.data_ptr()
+        units, offsets, fields = [], [], []
+        for i in streamed.layers:
+            array[i].streamed = 1
+            start = ctypes.addressof(array[i])
+            for name, part in self._UNIT_OF.items():
+                if name.endswith("norm"):
+                    places = [(_Layer, name)]
+                else:
+                    places = [(_Layer, name, _Linear, "w", _Weight, f) for f in ("data", "scale", "zero")]
+                    places.append((_Layer, name, _Linear, "bias"))
+                for place in places:
+                    address = start
+                    for struct, field in zip(place[::2], place[1::2], strict=True):
+                        address += getattr(struct, field).offset
+                    value = ctypes.c_void_p.from_address(address).value
+                    if not value:
+                        continue
+                    unit = streamed.unit_index(i, part)
+                    offset = value - base
+                    if not 0 <= offset < streamed.units[unit].nbytes:
+                        raise RuntimeError(f"layer {i} {name}: a streamed pointer outside its unit")
+                    units.append(unit), offsets.append(offset), fields.append(address)
+        order = sorted(range(len(units)), key=units.__getitem__)
+        pick = lambda xs, t: (t * len(xs))(*[xs[j] for j in order])  # noqa: E731
+        error = native.library().memfit_stream_patches(
+            streamed.handle, len(units), pick(units, ctypes.c_int64), pick(offsets, ctypes.c_int64),
+            pick(fields, ctypes.c_void_p))
+        if error:
+            raise MemoryError("registering the streamed weights' pointers")
+
     def greedy(self, ids: torch.Tensor, column: int, pad: torch.Tensor, cache: KVCache, steps: int) -> torch.Tensor:
         """``steps`` greedy decode steps in one call: ``ids`` [B] are the rows' current tokens, written
         at ``column``; returns the next ``steps`` tokens of each row [steps, B] (the first largest
@@ -229,8 +275,13 @@ class NativeStep:
         if self._fake:  # the estimator: allocations only
             return out
         current = ids.reshape(-1).clone()  # updated in place by the library, step by step
+        streamed = self.decoder.streamed
+        if streamed is not None:
+            streamed.start_pass()
         self._library.memfit_greedy(self._model_ref, current.data_ptr(), column, pad.contiguous().data_ptr(), steps,
                                     out.data_ptr(), self._logits.data_ptr(), self._scratch.data_ptr())
+        if streamed is not None:
+            streamed.check()
         return out
 
     def __call__(self, decoder: Decoder, ids: torch.Tensor, columns: torch.Tensor, pad: torch.Tensor,
@@ -240,6 +291,11 @@ class NativeStep:
         if self._fake:  # the estimator: allocations only
             return logits
         ids = ids.reshape(-1).contiguous()
+        streamed = self.decoder.streamed
+        if streamed is not None:
+            streamed.start_pass()
         self._library.memfit_step(self._model_ref, ids.data_ptr(), columns.item(), pad.contiguous().data_ptr(),
                                   logits.data_ptr(), self._scratch.data_ptr())
+        if streamed is not None:
+            streamed.check()
         return logits

@@ -1,0 +1,231 @@
+/* Weights streamed from a file into a ring buffer, read ahead by a background thread.
+ *
+ * A model whose weights exceed the memory it may use keeps some decoder layers where they are
+ * stored and reads them each time they are used. Each streamed layer is cut into units (the
+ * tensors one stage of the decode step reads: attention inputs, attention output, gate, up,
+ * down); a pass over the model uses every unit once, in a fixed order, so the reader can load
+ * the next units while the step computes with the current ones. Units land in one ring buffer
+ * (contiguous, 64-byte aligned positions, wrapping to the start when the end is too short) and
+ * are released in the order they were acquired, so the free space is one arc.
+ *
+ * Consumers (the C decode step, or Python through ctypes for the prefill) call
+ * `memfit_stream_acquire` for the next unit in the pass order and `memfit_stream_release` when
+ * done with the oldest; acquire blocks until the unit is read. With ``ahead == 0`` there is no
+ * thread: acquire reads the unit itself (synchronous streaming, the baseline the prefetching
+ * one is measured against). Acquire also writes the unit's address into registered pointer
+ * fields (the decode step's weight table), so the step reads streamed weights as it reads
+ * resident ones.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct {
+    int64_t file_offset, nbytes, unit_offset;
+} Piece;
+
+typedef struct {
+    int64_t unit, offset; /* the field gets ring + position of ``unit`` + offset */
+    void **field;
+} Patch;
+
+typedef struct Stream {
+    int fd;
+    char *ring;
+    int64_t capacity, units, ahead, slots; /* slots: most units in the ring at once */
+    int64_t *size, *first_piece, *first_patch; /* [units], [units + 1], [units + 1] */
+    Piece *pieces;
+    Patch *patches;
+    int64_t *position; /* [slots]: ring position of sequence number s at s % slots */
+    int64_t loaded, acquired, released; /* sequence numbers: units read, handed out, given back */
+    int64_t bytes_read;
+    double wait_seconds; /* consumers' time blocked in acquire */
+    int error, stop, threaded;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t changed;
+} Stream;
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* Where unit ``seq`` can go now, or -1 if the ring has no room for it yet (call locked). */
+static int64_t place(const Stream *s, int64_t seq) {
+    const int64_t need = s->size[seq % s->units];
+    if (seq - s->released >= s->slots) return -1;
+    if (s->loaded == s->released) return 0; /* empty: start over at the front */
+    const int64_t last = (s->loaded - 1) % s->slots;
+    int64_t at = s->position[last] + s->size[(s->loaded - 1) % s->units];
+    at = (at + 63) & ~(int64_t)63;
+    if (at + need > s->capacity) at = 0;
+    for (int64_t q = s->released; q < s->loaded; q++) { /* the units still held or not yet used */
+        const int64_t p = s->position[q % s->slots], n = s->size[q % s->units];
+        if (at < p + n && p < at + need) return -1;
+    }
+    return at;
+}
+
+static int read_unit(Stream *s, int64_t unit, char *dst) {
+    for (int64_t i = s->first_piece[unit]; i < s->first_piece[unit + 1]; i++) {
+        const Piece *p = &s->pieces[i];
+        int64_t done = 0;
+        while (done < p->nbytes) {
+            const ssize_t got = pread(s->fd, dst + p->unit_offset + done, p->nbytes - done, p->file_offset + done);
+            if (got < 0 && errno == EINTR) continue;
+            if (got <= 0) return got < 0 ? errno : EIO;
+            done += got;
+        }
+    }
+    return 0;
+}
+
+static void *reader(void *arg) {
+    Stream *s = arg;
+    pthread_mutex_lock(&s->mu);
+    while (!s->stop && !s->error) {
+        const int64_t seq = s->loaded;
+        const int64_t at = seq - s->acquired < s->ahead ? place(s, seq) : -1;
+        if (at < 0) {
+            pthread_cond_wait(&s->changed, &s->mu);
+            continue;
+        }
+        pthread_mutex_unlock(&s->mu);
+        const int err = read_unit(s, seq % s->units, s->ring + at);
+        pthread_mutex_lock(&s->mu);
+        if (err) {
+            s->error = err;
+        } else {
+            s->position[seq % s->slots] = at;
+            s->bytes_read += s->size[seq % s->units];
+            s->loaded++;
+        }
+        pthread_cond_broadcast(&s->changed);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* A stream over ``units`` units (in pass order) of the open file ``fd``, into ``ring``
+ * [capacity bytes, 64-byte aligned]; ``size`` [units]; ``first_piece`` [units + 1] indexes
+ * ``pieces`` (file offset, bytes, offset in the unit: three int64 each); ``ahead``: units read
+ * ahead of the consumer (0: none, no thread). NULL if the thread cannot start. */
+Stream *memfit_stream_open(int fd, char *ring, int64_t capacity, int64_t units, const int64_t *size,
+                           const int64_t *first_piece, const int64_t *pieces, int64_t ahead) {
+    Stream *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->fd = fd, s->ring = ring, s->capacity = capacity, s->units = units, s->ahead = ahead;
+    s->slots = 64;
+    s->size = malloc(units * sizeof *s->size);
+    s->first_piece = malloc((units + 1) * sizeof *s->first_piece);
+    s->first_patch = calloc(units + 1, sizeof *s->first_patch);
+    s->pieces = malloc((first_piece[units] + 1) * sizeof *s->pieces);
+    s->position = calloc(s->slots, sizeof *s->position);
+    if (!s->size || !s->first_piece || !s->first_patch || !s->pieces || !s->position) goto fail;
+    memcpy(s->size, size, units * sizeof *size);
+    memcpy(s->first_piece, first_piece, (units + 1) * sizeof *first_piece);
+    memcpy(s->pieces, pieces, first_piece[units] * sizeof *s->pieces);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->changed, NULL);
+    if (ahead > 0) {
+        if (pthread_create(&s->thread, NULL, reader, s)) goto fail;
+        s->threaded = 1;
+    }
+    return s;
+fail:
+    free(s->size), free(s->first_piece), free(s->first_patch), free(s->pieces), free(s->position), free(s);
+    return NULL;
+}
+
+/* Pointer fields acquire writes: ``unit`` [n], ``offset`` [n] and ``field`` [n] (addresses),
+ * sorted by unit. Replaces earlier ones. Returns 0, or ENOMEM. */
+int memfit_stream_patches(Stream *s, int64_t n, const int64_t *unit, const int64_t *offset, void **const *field) {
+    Patch *patches = malloc((n + 1) * sizeof *patches);
+    if (!patches) return ENOMEM;
+    pthread_mutex_lock(&s->mu);
+    memset(s->first_patch, 0, (s->units + 1) * sizeof *s->first_patch);
+    for (int64_t i = 0; i < n; i++) {
+        patches[i] = (Patch){unit[i], offset[i], field[i]};
+        s->first_patch[unit[i] + 1]++;
+    }
+    for (int64_t u = 0; u < s->units; u++) s->first_patch[u + 1] += s->first_patch[u];
+    free(s->patches);
+    s->patches = patches;
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+/* The next unit of the pass: blocks until it is read, fills its patched fields, and returns its
+ * position in the ring (or -1 after a read error: `memfit_stream_error`). */
+int64_t memfit_stream_acquire(Stream *s) {
+    pthread_mutex_lock(&s->mu);
+    const int64_t seq = s->acquired;
+    if (!s->threaded && s->loaded == seq && !s->error) { /* synchronous: read it here */
+        const int64_t at = place(s, seq);
+        const double began = now();
+        const int err = at < 0 ? ENOBUFS : read_unit(s, seq % s->units, s->ring + at);
+        s->wait_seconds += now() - began;
+        if (err) s->error = err;
+        else s->position[seq % s->slots] = at, s->bytes_read += s->size[seq % s->units], s->loaded++;
+    }
+    if (s->loaded <= seq && !s->error) {
+        const double began = now();
+        while (s->loaded <= seq && !s->error) pthread_cond_wait(&s->changed, &s->mu);
+        s->wait_seconds += now() - began;
+    }
+    int64_t at = -1;
+    if (s->loaded > seq) {
+        at = s->position[seq % s->slots];
+        const int64_t unit = seq % s->units;
+        for (int64_t i = s->first_patch[unit]; i < s->first_patch[unit + 1]; i++)
+            *s->patches[i].field = s->ring + at + s->patches[i].offset;
+        s->acquired++;
+        pthread_cond_broadcast(&s->changed);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return at;
+}
+
+/* Gives back the oldest acquired unit. */
+void memfit_stream_release(Stream *s) {
+    pthread_mutex_lock(&s->mu);
+    if (s->released < s->acquired) s->released++;
+    pthread_cond_broadcast(&s->changed);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Units acquired in the current pass (0 at a pass boundary). */
+int64_t memfit_stream_cursor(Stream *s) {
+    pthread_mutex_lock(&s->mu);
+    const int64_t at = s->acquired % s->units;
+    pthread_mutex_unlock(&s->mu);
+    return at;
+}
+
+/* stats [3]: bytes read, seconds consumers waited, the read error (errno, 0 if none). */
+void memfit_stream_stats(Stream *s, double *stats) {
+    pthread_mutex_lock(&s->mu);
+    stats[0] = (double)s->bytes_read, stats[1] = s->wait_seconds, stats[2] = s->error;
+    pthread_mutex_unlock(&s->mu);
+}
+
+void memfit_stream_close(Stream *s) {
+    if (!s) return;
+    pthread_mutex_lock(&s->mu);
+    s->stop = 1;
+    pthread_cond_broadcast(&s->changed);
+    pthread_mutex_unlock(&s->mu);
+    if (s->threaded) pthread_join(s->thread, NULL);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->changed);
+    free(s->size), free(s->first_piece), free(s->first_patch), free(s->pieces), free(s->position), free(s->patches);
+    free(s);
+}

@@ -1,0 +1,204 @@
+"""Models larger than memory: `load_streamed` keeps what fits resident and streams the rest.
+
+`load_streamed(ref, max_memory, ...)` decides a `Placement` (which decoder layers stay resident,
+which are streamed, how large a ring buffer they stream through), reads only the resident
+tensors, and returns the model with its `memfit.runtime.streamed.StreamedWeights`. The
+embedding, the output head, the final norm and as many whole layers as fit stay resident; every
+weight is read once per token, so each resident byte is a byte not read again, whichever layer
+it belongs to.
+
+The budget counts everything the run holds: the resident weights, the ring, the KV cache (sized
+to the prompt plus new tokens exactly, not rounded), the prefill's and decode step's activations
+and workspace, predicted by running the runtime's generate on fake tensors (as `memfit.estimate`
+does), and what building the model's modules added to the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from memfit.errors import BudgetError
+from memfit.io import StoredTensor, load_partial, stored_tensors
+from memfit.models.arch import decoder_parts
+from memfit.runtime.streamed import ALIGN, StreamedWeights, aligned, layer_units, ring_minimum
+from memfit.units import format_bytes
+
+# left out of the ring: what a caller's generation loop holds beyond the predicted run (its prompt
+# and token tensors, a few hundred bytes on the demo model)
+SLACK = 64 << 10
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where a streamed model's bytes are.
+
+    Attributes:
+        resident_layers, streamed_layers: decoder layer indices.
+        resident_bytes: weights held (embedding, head, norms, resident layers).
+        streamed_bytes: bytes read from the file per forward (per token in decode).
+        ring_bytes: the buffer streamed layers are read into.
+        workspace_bytes: the predicted peak of everything else (KV cache, activations,
+            workspace) plus what the model's modules added to the process.
+        budget_bytes: the budget it was made for.
+        files: the safetensors files streamed from.
+    """
+
+    resident_layers: list[int]
+    streamed_layers: list[int]
+    resident_bytes: int
+    streamed_bytes: int
+    ring_bytes: int
+    workspace_bytes: int
+    budget_bytes: int
+    files: list[str]
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        return self.resident_bytes + self.ring_bytes + self.workspace_bytes
+
+    def describe(self) -> str:
+        if not self.streamed_layers:
+            return f"every layer resident ({format_bytes(self.resident_bytes)}); nothing streamed"
+        resident = _ranges(self.resident_layers)
+        return (f"resident: embedding, head, norms{' and layers ' + resident if resident else ''} "
+                f"({format_bytes(self.resident_bytes)}); streamed: layers {_ranges(self.streamed_layers)} "
+                f"({format_bytes(self.streamed_bytes)} read per token) through a "
+                f"{format_bytes(self.ring_bytes)} buffer")
+
+    def as_dict(self) -> dict:
+        return {"resident_layers": self.resident_layers, "streamed_layers": self.streamed_layers,
+                "resident_bytes": self.resident_bytes, "streamed_bytes": self.streamed_bytes,
+                "ring_bytes": self.ring_bytes, "workspace_bytes": self.workspace_bytes,
+                "predicted_peak_bytes": self.predicted_peak_bytes, "budget_bytes": self.budget_bytes,
+                "files": self.files}
+
+
+def _ranges(indices: list[int]) -> str:
+    out, start = [], None
+    for i, value in enumerate(indices):
+        if start is None:
+            start = value
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            out.append(str(start) if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(out)
+
+
+def _workspace_bytes(skeleton: nn.Module, batch: int, prompt_tokens: int, new_tokens: int, streamed: bool) -> int:
+    """The runtime generate's peak beyond its weights (KV cache, activations, workspace), predicted
+    on fake tensors with the cache sized exactly; with ``streamed``, the int4 layers run on their
+    saved layout, as streamed ones do (the Python prefill's kernel then needs other temporaries)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memfit.memory.report import weight_bytes
+    from memfit.models.meta import meta_copy, to_fake
+    from memfit.profile import runtime_generate_report, synthetic_input_facts
+    from memfit.workload import Mode, Workload
+
+    fake = meta_copy(skeleton)
+    if streamed:
+        _plain_layouts(decoder_parts(fake).layers.modules())
+    mode = FakeTensorMode()
+    to_fake(fake, mode, torch.device("cpu"))
+    workload = Workload(mode=Mode.GENERATE, batch_size=batch, seq_len=prompt_tokens, new_tokens=new_tokens)
+    with mode, synthetic_input_facts():
+        report = runtime_generate_report(fake, workload, cache_step=1)
+    return report.peak_bytes - weight_bytes(fake)
+
+
+def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget: int, *, batch: int = 1,
+                   prompt_tokens: int, new_tokens: int, overhead: int = 0,
+                   resident_layers: int | None = None) -> Placement:
+    """The placement of ``skeleton`` (a meta model) that fits ``budget`` bytes with the most
+    layers resident (or with the first ``resident_layers`` resident, if given).
+
+    Raises:
+        BudgetError: no placement fits; the message names the smallest budget that does.
+    """
+    parts = decoder_parts(skeleton)
+    count = len(parts.layers)
+    layer_prefixes = [f"{parts.layers_fqn}.{i}." for i in range(count)]
+    layer_bytes = [sum(t.nbytes for n, t in stored.items() if n.startswith(p)) for p in layer_prefixes]
+    other_bytes = sum(t.nbytes for n, t in stored.items() if not n.startswith(f"{parts.layers_fqn}."))
+    workspaces = [_workspace_bytes(skeleton, batch, prompt_tokens, new_tokens, streamed) + overhead
+                  for streamed in (False, True)]
+    units = [u for i in range(count) for u in layer_units(skeleton, i, stored)]
+
+    def need(resident: int) -> tuple[int, int]:
+        streamed = [u for u in units if u.layer >= resident]
+        ring = ring_minimum(streamed) if streamed else 0
+        workspace = workspaces[bool(streamed)]
+        return other_bytes + sum(layer_bytes[:resident]) + workspace + ring + (SLACK if streamed else 0), ring
+
+    choices = range(count, -1, -1) if resident_layers is None else [resident_layers]
+    resident = next((k for k in choices if need(k)[0] <= budget), None)
+    if resident is None:
+        smallest, k = min((need(k)[0], k) for k in choices)
+        held = "every layer resident" if k == count else f"{k} layers resident, {count - k} streamed"
+        raise BudgetError(
+            f"the smallest placement needs {format_bytes(smallest)} ({smallest} bytes: {held}), "
+            f"over --max-memory {format_bytes(budget)}",
+            f"pass --max-memory {smallest} or more, or compress the model (memfit compress --recipe int4-g128)")
+    used, ring = need(resident)
+    streamed_bytes = sum(layer_bytes[resident:])
+    if resident < count:  # the rest of the budget deepens the read-ahead, up to a pass
+        ring = min(ring + (budget - used) // ALIGN * ALIGN,
+                   aligned(sum(u.nbytes for u in units if u.layer >= resident)) + ring)
+    files = sorted({str(t.path) for t in stored.values()})
+    return Placement(list(range(resident)), list(range(resident, count)), other_bytes + sum(layer_bytes[:resident]),
+                     streamed_bytes, ring, workspaces[resident < count], budget, files)
+
+
+def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_tokens: int, new_tokens: int,
+                  ahead: int = 64, overhead: int = 0, count_rss: bool = True,
+                  resident_layers: int | None = None) -> tuple[nn.Module, StreamedWeights | None, Placement]:
+    """Load ``ref`` to run in ``max_memory`` bytes: ``(model, streamed weights or None, placement)``.
+
+    ``ahead``: units the background reader may read ahead (0: synchronous reads). ``overhead``:
+    bytes the process already holds that count against the budget (`memfit generate` passes
+    what building the model's modules added); with ``count_rss`` the growth of the process while the
+    modules are built is added to it. ``resident_layers``: keep exactly the first this many layers
+    resident (default: as many as fit).
+
+    Raises:
+        BudgetError: the budget is below the smallest placement (the message says which budget works).
+        ModelNotFoundError, CheckpointError: ``ref`` is not a readable model directory.
+    """
+    from memfit.memory.rss import rss_bytes, trim_freed_memory
+
+    stored = stored_tensors(ref)
+    before = rss_bytes()
+    chosen: list[Placement] = []
+
+    def select(skeleton: nn.Module):
+        # the modules are built (meta tensors): place, then read only the resident tensors
+        trim_freed_memory()
+        built = max(rss_bytes() - before, 0) if count_rss else 0
+        placement = plan_placement(skeleton, stored, max_memory, batch=batch, prompt_tokens=prompt_tokens,
+                                   new_tokens=new_tokens, overhead=overhead + built, resident_layers=resident_layers)
+        trim_freed_memory()  # the prediction's fake tensors and copies, given back before the weights come
+        chosen.append(placement)
+        prefix = f"{decoder_parts(skeleton).layers_fqn}."
+        streamed = set(placement.streamed_layers)
+        return lambda name: not (name.startswith(prefix) and int(name[len(prefix):].split(".", 1)[0]) in streamed)
+
+    model = load_partial(ref, select)
+    placement = chosen[0]
+    if not placement.streamed_layers:
+        return model, None, placement
+    units = [u for i in placement.streamed_layers for u in layer_units(model, i, stored)]
+    _plain_layouts(slot.module for unit in units for slot in unit.slots)
+    return model, StreamedWeights(units, placement.ring_bytes, ahead), placement
+
+
+def _plain_layouts(modules) -> None:
+    """Streamed int4 weights are read as saved (the plain nibble layout), not converted."""
+    from memfit.strategies.quantize.kernels import PLAIN
+
+    for module in modules:
+        if hasattr(module, "layout"):
+            module.layout = PLAIN

@@ -1,0 +1,235 @@
+"""Streamed decoder layers: their weights read from the model's file each time a forward reaches them.
+
+A model larger than the memory it may use keeps some decoder layers where they are stored (the
+safetensors file) and reads them at every forward (`memfit.offload` decides which). A streamed
+layer is read in five units, in the order a forward uses them: attention inputs (input norm, q,
+k, v), attention output (o, post-attention norm), gate, up, down. Units land in one ring buffer;
+the layer's tensors are views into it, re-pointed each time a unit is acquired.
+
+The reader (``native/stream.c``) is a C thread that reads the next units with ``pread`` while the
+current ones compute, as far ahead as the ring has room; with ``ahead=0`` the consumer reads each
+unit itself when it needs it (synchronous streaming, for comparison). The decode step in C and
+the Python forward (the prefill, the eager step) take units through the same acquire and release
+calls, in the same order, so one reader serves both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from memfit import native
+from memfit.errors import RecipeError
+from memfit.models.arch import decoder_parts, layout_of
+from memfit.runtime.decoder import GATED_MLPS, _plain_call
+
+if TYPE_CHECKING:
+    from memfit.io import StoredTensor
+
+PARTS = ("attention in", "attention out", "gate", "up", "down")
+ALIGN = 64
+
+
+def aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One tensor of a unit: ``module.<attr>``, at ``offset`` bytes into the unit."""
+
+    module: nn.Module
+    attr: str
+    offset: int
+    stored: StoredTensor
+
+
+@dataclasses.dataclass
+class Unit:
+    layer: int
+    part: int  # index into PARTS
+    nbytes: int
+    slots: list[_Slot]
+
+
+def _unit_modules(layer: nn.Module, names) -> list[list[tuple[str, nn.Module]]]:
+    """The modules of each unit of ``layer``, by attribute path, in `PARTS` order."""
+    block, mlp = getattr(layer, names.attention), getattr(layer, names.mlp)
+    return [
+        [(names.input_norm, getattr(layer, names.input_norm)), *[(f"{names.attention}.{a}", getattr(block, a))
+                                                                for a in (names.q, names.k, names.v)]],
+        [(f"{names.attention}.{names.o}", getattr(block, names.o)),
+         (names.post_attention_norm, getattr(layer, names.post_attention_norm))],
+        [(f"{names.mlp}.{names.gate}", getattr(mlp, names.gate))],
+        [(f"{names.mlp}.{names.up}", getattr(mlp, names.up))],
+        [(f"{names.mlp}.{names.down}", getattr(mlp, names.down))],
+    ]
+
+
+def layer_units(model: nn.Module, index: int, stored: dict[str, StoredTensor]) -> list[Unit]:
+    """The units of decoder layer ``index`` with their tensors' places in the file.
+
+    Raises:
+        RecipeError: the layer holds tensors outside the five units, or ones the file lacks.
+    """
+    parts = decoder_parts(model)
+    prefix = f"{parts.layers_fqn}.{index}."
+    layer = parts.layers[index]
+    names = layout_of(model)
+    mlp = getattr(layer, names.mlp)
+    if type(mlp).__name__ not in GATED_MLPS or not _plain_call(mlp):
+        raise RecipeError(f"layer {index}'s MLP is a {type(mlp).__name__}, which streaming does not read",
+                          "run this model without --max-memory")
+    units, covered = [], set()
+    for part, modules in enumerate(_unit_modules(layer, names)):
+        slots, offset = [], 0
+        for path, module in modules:
+            for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
+                if tensor is None or attr in module._non_persistent_buffers_set:
+                    continue
+                name = f"{prefix}{path}.{attr}"
+                if name not in stored:
+                    raise RecipeError(f"layer {index}'s {path}.{attr} is not in the model's files",
+                                      "stream a model saved by memfit or a Hugging Face directory")
+                slots.append(_Slot(module, attr, offset, stored[name]))
+                covered.add(name)
+                offset = aligned(offset + stored[name].nbytes)
+        units.append(Unit(index, part, offset, slots))
+    extra = sorted(n for n in stored if n.startswith(prefix) and n not in covered)
+    if extra:
+        raise RecipeError(f"layer {index} holds tensors the streamed forward does not read ({extra[0]})",
+                          "run this model without --max-memory")
+    return units
+
+
+def ring_minimum(units: list[Unit]) -> int:
+    """The smallest ring the consumers cannot stall on: the most bytes held at once (both the
+    decode step and the Python forward give each unit back before taking the next, except gate
+    and up, which are held together), plus one unit's bytes lost where the ring wraps."""
+    by_part = [max((u.nbytes for u in units if u.part == p), default=0) for p in range(len(PARTS))]
+    a, b, g, u, d = by_part
+    return max(a, b, g + u, d) + max(by_part) + ALIGN * len(PARTS)
+
+
+class StreamedWeights:
+    """The streamed layers of a model: their units, the ring buffer, the reader.
+
+    Args:
+        units: every streamed layer's units, in layer order.
+        capacity: the ring's bytes.
+        ahead: units read ahead of the consumer by a background thread (0: none, synchronous).
+    """
+
+    def __init__(self, units: list[Unit], capacity: int, ahead: int) -> None:
+        lib = native.library()
+        if lib is None:
+            raise RecipeError("streaming weights needs memfit's C library, which could not be built",
+                              "install a C compiler (cc), or run without --max-memory")
+        self.units, self.ahead, self._lib = units, ahead, lib
+        self.layers = sorted({u.layer for u in units})
+        self._layer_set = set(self.layers)
+        self.ring = torch.empty(capacity, dtype=torch.uint8)
+        self.bytes_per_pass = sum(u.nbytes for u in units)
+        paths = sorted({slot.stored.path for u in units for slot in u.slots})
+        self._fds = {path: os.open(path, os.O_RDONLY) for path in paths}
+        sizes = (ctypes.c_int64 * len(units))(*[u.nbytes for u in units])
+        first, pieces = [0], []
+        for unit in units:
+            for slot in unit.slots:
+                pieces.append((slot.stored.path, slot.stored.offset, slot.stored.nbytes, slot.offset))
+            first.append(len(pieces))
+        if len(paths) != 1:  # one file descriptor per stream: several files need one stream each
+            self.close()
+            raise RecipeError("streaming reads one safetensors file; this model's layers are in several",
+                              "save the model with memfit (one model.safetensors) and stream that")
+        flat = (ctypes.c_int64 * (3 * len(pieces) + 1))(*[v for p in pieces for v in p[1:]])
+        self._fd = self._fds[paths[0]]
+        self._handle = lib.memfit_stream_open(self._fd, self.ring.data_ptr(), capacity, len(units), sizes,
+                                              (ctypes.c_int64 * len(first))(*first), flat, ahead)
+        if not self._handle:
+            self.close()
+            raise RecipeError("cannot start the weight reader", "run without --max-memory")
+        self._cursor = 0
+        self.bind_placeholders()
+
+    def streams(self, layer: int) -> bool:
+        return layer in self._layer_set
+
+    def bind_placeholders(self) -> None:
+        """Point every streamed tensor at its offset in a unit placed at the ring's start (the
+        decode step's table is built from these addresses: each is its unit-relative offset)."""
+        for unit in self.units:
+            self._bind(unit, 0)
+
+    def unit_index(self, layer: int, part: int) -> int:
+        return self.layers.index(layer) * len(PARTS) + part
+
+    def _bind(self, unit: Unit, at: int) -> None:
+        for slot in unit.slots:
+            stored = slot.stored
+            view = self.ring[at + slot.offset: at + slot.offset + stored.nbytes].view(stored.dtype).view(stored.shape)
+            if slot.attr in slot.module._parameters:
+                param = slot.module._parameters[slot.attr]
+                if param.is_meta:
+                    slot.module._parameters[slot.attr] = nn.Parameter(view, requires_grad=False)
+                else:
+                    param.data = view
+            else:
+                slot.module._buffers[slot.attr] = view
+
+    def acquire(self, count: int = 1) -> None:
+        """The next ``count`` units of the pass, read and bound to their modules."""
+        for _ in range(count):
+            at = self._lib.memfit_stream_acquire(self._handle)
+            if at < 0:
+                self.check()
+            self._bind(self.units[self._cursor], at)
+            self._cursor = (self._cursor + 1) % len(self.units)
+
+    def release(self, count: int = 1) -> None:
+        for _ in range(count):
+            self._lib.memfit_stream_release(self._handle)
+
+    def start_pass(self) -> None:
+        """Finish a pass that an exception cut short, so the next use starts at layer 0's units."""
+        self._cursor = self._lib.memfit_stream_cursor(self._handle)
+        while self._cursor:
+            self.acquire()
+            self.release()
+
+    def stats(self) -> tuple[int, float]:
+        """(bytes read so far, seconds consumers waited for reads)."""
+        out = (ctypes.c_double * 3)()
+        self._lib.memfit_stream_stats(self._handle, out)
+        return int(out[0]), float(out[1])
+
+    def check(self) -> None:
+        """Raise if the reader failed."""
+        out = (ctypes.c_double * 3)()
+        self._lib.memfit_stream_stats(self._handle, out)
+        if out[2]:
+            raise OSError(int(out[2]), f"reading streamed weights failed: {os.strerror(int(out[2]))}")
+
+    @property
+    def handle(self) -> int:
+        return self._handle
+
+    def close(self) -> None:
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle:
+            self._lib.memfit_stream_close(handle)
+        for fd in getattr(self, "_fds", {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = {}
+
+    def __del__(self) -> None:
+        self.close()
+
+

@@ -1,0 +1,144 @@
+"""Models larger than memory: streamed decoder layers give the same tokens within the budget."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+import memfit
+from memfit.cli.main import main
+from memfit.errors import BudgetError
+from memfit.io import save
+from memfit.memory import track, weight_bytes
+from memfit.offload import SLACK, load_streamed
+from memfit.plan import Plan, apply
+from memfit.runtime import Engine
+from memfit.workload import Context
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [3, 4, 5]]
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """``saved(name, recipe)`` -> a directory written by memfit.save (cached per module)."""
+    made = {}
+
+    def make(name: str = "tiny-llama", recipe: str = "none"):
+        if (name, recipe) not in made:
+            torch.manual_seed(0)
+            model, tokenizer = memfit.load(name)
+            apply(model, Plan.parse(recipe), Context())
+            out = tmp_path_factory.mktemp("saved") / f"{name}-{recipe}"
+            save(model, tokenizer, out)
+            made[name, recipe] = out
+        return made[name, recipe]
+
+    return make
+
+
+def smallest_budget(path, **kwargs) -> int:
+    """The smallest budget, as the refusal of a 1-byte one names it."""
+    with pytest.raises(BudgetError, match=r"pass --max-memory \d+ or more") as info:
+        load_streamed(path, 1, **kwargs)
+    return int(re.search(r"\((\d+) bytes", str(info.value)).group(1))
+
+
+def streamed_tokens(path, budget, *, native=True, ahead=64, resident_layers=None):
+    model, streamed, placement = load_streamed(path, budget, batch=len(PROMPTS), prompt_tokens=max(map(len, PROMPTS)),
+                                               new_tokens=NEW, ahead=ahead, count_rss=False,
+                                               resident_layers=resident_layers)
+    engine = Engine(model, compile=False, native=native, streamed=streamed, cache_step=1)
+    with track(model) as tracker:
+        tracker.hold(engine.cache_for(len(PROMPTS), max(map(len, PROMPTS)) + NEW).tensors())
+        tokens = [step.tokens for step in engine.stream(PROMPTS, NEW)]
+    return tokens, tracker.peak_bytes, model, streamed, placement, engine
+
+
+@pytest.mark.parametrize(("name", "recipe"), [("tiny-llama", "none"), ("tiny-llama", "int8"),
+                                              ("tiny-llama", "int4-g32"), ("tiny-qwen2", "none"),
+                                              ("tiny-qwen2", "bf16")])
+def test_every_layer_streamed_gives_the_resident_models_tokens(saved, name, recipe):
+    path = saved(name, recipe)
+    want = [step.tokens for step in Engine(memfit.load(path)[0], compile=False).stream(PROMPTS, NEW)]
+    budget = smallest_budget(path, batch=len(PROMPTS), prompt_tokens=6, new_tokens=NEW, count_rss=False,
+                             resident_layers=0)
+    for native, ahead in ((True, 64), (True, 0), (False, 64), (False, 0)):
+        tokens, peak, _, streamed, placement, engine = streamed_tokens(path, budget, native=native, ahead=ahead,
+                                                                       resident_layers=0)
+        assert placement.resident_layers == [] and placement.streamed_layers == [0, 1]
+        assert engine.step_kind == ("native" if native else "eager")
+        assert tokens == want, (native, ahead)
+        assert peak <= budget, (native, ahead)
+        read, _ = streamed.stats()
+        assert read >= NEW * placement.streamed_bytes  # every token read every streamed layer
+
+
+def test_a_layer_kept_resident_is_read_once_and_the_held_bytes_are_the_predicted_ones(saved):
+    path = saved("tiny-llama", "none")
+    budget = smallest_budget(path, batch=2, prompt_tokens=6, new_tokens=NEW, count_rss=False, resident_layers=1)
+    layer = sum(t.numel() * t.element_size() for t in memfit.load(path)[0].model.layers[1].state_dict().values())
+    want = [step.tokens for step in Engine(memfit.load(path)[0], compile=False).stream(PROMPTS, NEW)]
+    tokens, peak, model, streamed, placement, _ = streamed_tokens(path, budget, resident_layers=1)
+    assert tokens == want
+    assert placement.resident_layers == [0] and placement.streamed_layers == [1]
+    assert placement.streamed_bytes == layer
+    # what the model holds: its resident weights and the ring its streamed layer's tensors are views into
+    rotary = sum(b.nbytes for b in model.model.rotary_emb.buffers())  # computed, not in the file
+    assert weight_bytes(model) == placement.resident_bytes + placement.ring_bytes + rotary
+    assert streamed.ring.nbytes == placement.ring_bytes
+    # the prediction leaves out what the caller's loop holds (its token tensors): the slack covers it
+    assert placement.predicted_peak_bytes <= peak <= placement.predicted_peak_bytes + SLACK <= budget
+    # left to choose, the same budget keeps at least that layer resident
+    _, _, free = load_streamed(path, budget, batch=2, prompt_tokens=6, new_tokens=NEW, count_rss=False)
+    assert len(free.resident_layers) >= 1
+
+
+def test_a_short_read_is_an_error_not_garbage(saved, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(saved("tiny-llama", "none"), path)
+    budget = smallest_budget(path, batch=2, prompt_tokens=6, new_tokens=NEW, count_rss=False)
+    model, streamed, _ = load_streamed(path, budget, batch=2, prompt_tokens=6, new_tokens=NEW, ahead=0,
+                                       count_rss=False)
+    weights = path / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(OSError, match="reading streamed weights failed"):
+        list(Engine(model, compile=False, streamed=streamed, cache_step=1).stream(PROMPTS, NEW))
+
+
+def test_generate_max_memory_json_and_refusal(saved, capsys):
+    path = str(saved("tiny-llama", "none"))
+    args = ["generate", "--model", path, "--prompt", "hello there", "--max-new-tokens", "8", "--json"]
+    assert main(args) == 0
+    full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "--max-memory", "1KB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    smallest = int(re.search(r"pass --max-memory (\d+) or more", err[0]).group(1))
+    assert main([*args, "--max-memory", str(smallest)]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["text"] == full["text"]
+    assert data["max_memory_bytes"] == smallest
+    assert 0 < data["tracked_peak_bytes"] <= smallest
+    assert data["placement"]["streamed_layers"] == [0, 1]
+    assert data["bytes_read_per_token"] == data["placement"]["streamed_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_demo_fp32_at_a_quarter_of_its_bytes_gives_the_same_tokens(demo):
+    model, _ = demo
+    ids = [[1, 9690, 2115, 253, 1247]]  # "Once upon a time" with BOS
+    want = [step.tokens for step in Engine(model).stream(ids, 16)]
+    budget = weight_bytes(model) // 4
+    streamed_model, streamed, placement = load_streamed("demo", budget, prompt_tokens=5, new_tokens=16,
+                                                        count_rss=False)
+    engine = Engine(streamed_model, streamed=streamed, cache_step=1)
+    with track(streamed_model) as tracker:
+        tracker.hold(engine.cache_for(1, 5 + 16).tensors())
+        tokens = [step.tokens for step in engine.stream(ids, 16)]
+    assert tokens == want
+    assert placement.resident_layers == [] and len(placement.streamed_layers) == 30
+    assert tracker.peak_bytes <= budget
