@@ -142,7 +142,7 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
         raise BudgetError(
             f"the smallest placement needs {format_bytes(smallest)} ({smallest} bytes: {held}), "
             f"over --max-memory {format_bytes(budget)}",
-            f"pass --max-memory {smallest} or more, or compress the model (memfit compress --recipe int4-g128)")
+            f"pass --max-memory {smallest} or more, fewer new tokens, or a more compressed model (memfit compress)")
     used, ring = need(resident)
     streamed_bytes = sum(layer_bytes[resident:])
     if resident < count:  # the rest of the budget deepens the read-ahead, up to a pass
