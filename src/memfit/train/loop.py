@@ -229,7 +229,8 @@ def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, bud
                 due = save_every and (step + 1) % save_every == 0
                 if due or step + 1 == steps:
                     tensors, tree = checkpoint.snapshot(model, optimizer)
-                    state = {"step": step + 1, "losses": losses, "scheduler": scheduler.state_dict(),
+                    # a copy: the writer thread serializes it while later steps append to the list
+                    state = {"step": step + 1, "losses": list(losses), "scheduler": scheduler.state_dict(),
                              "fingerprint": fingerprint}
                     writer.save(step + 1, tensors, tree, state)
                     del tensors, tree
