@@ -335,3 +335,21 @@ def test_the_planner_offers_training_strategies_for_training_workloads_only():
         assert recipe not in infer, recipe
     single = {p.recipe for p in candidate_plans(Workload(mode=Mode.TRAIN, batch_size=4, seq_len=64))}
     assert "fsdp" not in single  # one process: nothing to shard over
+
+
+def test_a_checkpoint_holds_the_losses_of_its_own_steps_however_late_it_is_written(tmp_path, monkeypatch):
+    # the writer thread serializes the state while later steps run: it must get a copy of the history
+    write = checkpoint._write_json
+
+    def slow(path, data):
+        if path.name == checkpoint.STATE:
+            time.sleep(0.5)  # step 2 appends its loss meanwhile
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_json", slow)
+    result = memfit.train("tiny-llama", steps=3, batch=2, seq=32, device="cpu", out=tmp_path / "run", save_every=1)
+    root = tmp_path / "run" / "checkpoints"
+    for path in checkpoint.complete(root):
+        state = json.loads((path / checkpoint.STATE).read_text())
+        assert len(state["losses"]) == state["step"]
+        assert state["losses"] == result.losses[: state["step"]]
