@@ -1,6 +1,8 @@
 """Models larger than memory: streamed decoder layers give the same tokens within the budget."""
 
+import gc
 import json
+import os
 import re
 import shutil
 
@@ -142,3 +144,26 @@ def test_demo_fp32_at_a_quarter_of_its_bytes_gives_the_same_tokens(demo):
     assert tokens == want
     assert placement.resident_layers == [] and len(placement.streamed_layers) == 30
     assert tracker.peak_bytes <= budget
+
+
+def test_reads_come_from_the_steps_threads_when_the_file_is_cached_else_from_a_reader(saved, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(saved("tiny-llama", "none"), path)
+    kwargs = dict(batch=2, prompt_tokens=6, new_tokens=NEW, count_rss=False, resident_layers=0)
+    budget = smallest_budget(path, **kwargs)
+    weights = path / "model.safetensors"
+    weights.read_bytes()  # in the page cache: reads would be copies, which the step's threads make faster
+    _, streamed, placement = load_streamed(path, budget, **kwargs)
+    assert placement.cached_fraction >= 0.9 and not placement.read_ahead and streamed.ahead == 0
+    streamed.close()
+    gc.collect()  # nothing may map the file's pages, or the kernel keeps them
+    fd = os.open(weights, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    _, streamed, placement = load_streamed(path, budget, **kwargs)
+    if placement.cached_fraction >= 0.9:
+        pytest.skip("this file system keeps the file cached (tmpfs)")
+    assert placement.read_ahead and streamed.ahead > 0

@@ -30,6 +30,8 @@ from memfit.units import format_bytes
 # left out of the ring: what a caller's generation loop holds beyond the predicted run (its prompt
 # and token tensors, a few hundred bytes on the demo model)
 SLACK = 64 << 10
+READ_AHEAD = 64  # units the background reader may read ahead of the step
+CACHED = 0.9  # above this fraction of the streamed bytes in the page cache, no background reader
 
 
 @dataclasses.dataclass
@@ -55,6 +57,8 @@ class Placement:
     workspace_bytes: int
     budget_bytes: int
     files: list[str]
+    read_ahead: bool = True  # whether a background reader reads ahead (else the step's threads read)
+    cached_fraction: float = -1.0  # of the streamed bytes in the page cache when it was decided (-1: not asked)
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -67,14 +71,17 @@ class Placement:
         return (f"resident: embedding, head, norms{' and layers ' + resident if resident else ''} "
                 f"({format_bytes(self.resident_bytes)}); streamed: layers {_ranges(self.streamed_layers)} "
                 f"({format_bytes(self.streamed_bytes)} read per token) through a "
-                f"{format_bytes(self.ring_bytes)} buffer")
+                f"{format_bytes(self.ring_bytes)} buffer, "
+                + ("read ahead by a background thread" if self.read_ahead else
+                   "read by the decode step's threads as reached" + (
+                       f" ({self.cached_fraction:.0%} of it in the page cache)" if self.cached_fraction >= 0 else "")))
 
     def as_dict(self) -> dict:
         return {"resident_layers": self.resident_layers, "streamed_layers": self.streamed_layers,
                 "resident_bytes": self.resident_bytes, "streamed_bytes": self.streamed_bytes,
                 "ring_bytes": self.ring_bytes, "workspace_bytes": self.workspace_bytes,
                 "predicted_peak_bytes": self.predicted_peak_bytes, "budget_bytes": self.budget_bytes,
-                "files": self.files}
+                "files": self.files, "read_ahead": self.read_ahead, "cached_fraction": self.cached_fraction}
 
 
 def _ranges(indices: list[int]) -> str:
@@ -154,11 +161,13 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
 
 
 def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_tokens: int, new_tokens: int,
-                  ahead: int = 64, overhead: int = 0, count_rss: bool = True,
+                  ahead: int | None = None, overhead: int = 0, count_rss: bool = True,
                   resident_layers: int | None = None) -> tuple[nn.Module, StreamedWeights | None, Placement]:
     """Load ``ref`` to run in ``max_memory`` bytes: ``(model, streamed weights or None, placement)``.
 
-    ``ahead``: units the background reader may read ahead (0: synchronous reads). ``overhead``:
+    ``ahead``: units the background reader may read ahead (0: none, the step's threads read each
+    unit when it is reached; None: decide from the page cache: read ahead unless `CACHED` of the
+    streamed bytes are in it, where reads are copies that the step's threads make faster). ``overhead``:
     bytes the process already holds that count against the budget (`memfit generate` passes
     what building the model's modules added); with ``count_rss`` the growth of the process while the
     modules are built is added to it. ``resident_layers``: keep exactly the first this many layers
@@ -181,6 +190,9 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
         placement = plan_placement(skeleton, stored, max_memory, batch=batch, prompt_tokens=prompt_tokens,
                                    new_tokens=new_tokens, overhead=overhead + built, resident_layers=resident_layers)
         trim_freed_memory()  # the prediction's fake tensors and copies, given back before the weights come
+        if ahead is None and placement.streamed_layers:  # asked before this process reads anything of them
+            placement.cached_fraction = StreamedWeights.cached_fraction(
+                [u for i in placement.streamed_layers for u in layer_units(skeleton, i, stored)])
         chosen.append(placement)
         prefix = f"{decoder_parts(skeleton).layers_fqn}."
         streamed = set(placement.streamed_layers)
@@ -192,6 +204,9 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
         return model, None, placement
     units = [u for i in placement.streamed_layers for u in layer_units(model, i, stored)]
     _plain_layouts(slot.module for unit in units for slot in unit.slots)
+    if ahead is None:  # page-cache reads are copies by a core: the step's threads copy faster than one reader
+        ahead = 0 if placement.cached_fraction >= CACHED else READ_AHEAD
+    placement.read_ahead = ahead > 0
     return model, StreamedWeights(units, placement.ring_bytes, ahead), placement
 
 

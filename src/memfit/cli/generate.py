@@ -22,7 +22,9 @@ most of that), or eagerly with --no-compile. --no-native runs the PyTorch step f
 
 JSON (last stdout line, after the streamed text): {"text", "prompt_tokens", "new_tokens", "ttft_s",
 "decode_tokens_per_s", "weight_bytes", "kv_cache_bytes", "tokenizer_rss_bytes", "baseline_rss_bytes",
-"peak_rss_bytes", "decode_step", "compiled", "compile_s", "stopped"}. compile_s: seconds this run
+"peak_rss_bytes", "decode_step", "compiled", "compile_s", "stopped"} (of the first prompt); with
+--batch also "texts", "batch", "prompts" and "batch_decode_tokens_per_s" (the first batch's new
+tokens after each row's first, per second of decoding, all rows together). compile_s: seconds this run
 spent compiling (memfit's C library on its first use on a machine, a few seconds; the
 torch.compile'd step on a model and shape's first run). baseline_rss_bytes is the
 process just before the model's weights are read: memfit, torch and transformers imported and the
@@ -64,12 +66,19 @@ def add_parser(subparsers) -> None:
                         help="where the PyTorch step decodes, run it eagerly (no torch.compile)")
     parser.add_argument("--no-native", action="store_true",
                         help="decode with the PyTorch step even where memfit's C step runs the model")
+    parser.add_argument("--batch", type=int, metavar="N",
+                        help="decode N prompts together (throughput mode): each non-empty line of --prompt-file "
+                             "is a prompt, taken N at a time; texts are printed when a batch ends")
     parser.add_argument("--max-memory", metavar="B",
                         help="run within B bytes (e.g. 150MB, or 25%% of the model's weight bytes): the decoder "
                              "layers that do not fit are streamed from the model's file, the next ones read ahead "
                              "while the current ones compute")
-    parser.add_argument("--no-prefetch", action="store_true",
-                        help="with --max-memory, read each streamed layer only when it is reached (no read-ahead)")
+    reads = parser.add_mutually_exclusive_group()
+    reads.add_argument("--prefetch", action="store_true",
+                       help="with --max-memory, always read streamed layers ahead in a background thread")
+    reads.add_argument("--no-prefetch", action="store_true",
+                       help="with --max-memory, read each streamed layer only when it is reached, with the "
+                            "step's threads (default: this when the file is in the page cache, else read-ahead)")
     options.add_json(parser)
     parser.set_defaults(run=run)
 
@@ -77,26 +86,36 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from memfit import native
     from memfit.data import read_text
+    from memfit.errors import RecipeError
     from memfit.io import import_model_code, load, load_tokenizer
     from memfit.memory import track
     from memfit.memory.report import weight_bytes
     from memfit.memory.rss import lifetime_peak_rss_bytes, rss_bytes
     from memfit.runtime import Engine, Sampling, stream
     from memfit.runtime.engine import CACHE_STEP
-    from memfit.runtime.generate import encode
+    from memfit.runtime.generate import encode, generate_batch
     from memfit.units import format_bytes
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         repetition_penalty=args.repetition_penalty, seed=args.seed)
     prompt = args.prompt if args.prompt is not None else read_text(args.prompt_file)
+    prompts = [prompt]
+    if args.batch is not None:
+        if args.batch < 1:
+            raise RecipeError(f"--batch must be at least 1 (got {args.batch})", "pass a positive batch size")
+        prompts = [line for line in prompt.splitlines() if line.strip()] if args.prompt is None else [prompt]
+        if not prompts:
+            raise RecipeError(f"{args.prompt_file!r} has no non-empty line", "write one prompt per line")
     before_tokenizer = rss_bytes()
     tokenizer = load_tokenizer(args.model)  # text in and out: loaded before the model's baseline
     if args.max_memory is not None:
         import_model_code(args.model)  # code, not the model: before the baseline the budget is checked from
     baseline = rss_bytes()
     streamed = placement = tracker = None
+    batch = min(args.batch or 1, len(prompts))
+    longest = max(len(encode(tokenizer, p, args.chat)) for p in prompts)
     if args.max_memory is not None:
-        model, streamed, placement = _load_within(args, tokenizer, prompt)
+        model, streamed, placement = _load_within(args, batch, longest)
         if not args.json:
             console.stderr.print(f"placement: {placement.describe()}", soft_wrap=True)
     else:
@@ -107,18 +126,33 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if placement is not None:  # the budget is checked against what the run holds, tracked
             tracker = stack.enter_context(track(model))
-            tracker.hold(engine.cache_for(1, len(encode(tokenizer, prompt, args.chat)) + args.max_new_tokens).tensors())
-        for piece in stream(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                            stop=args.stop, chat=args.chat, engine=engine, result=result):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    sys.stdout.write("\n")
+            tracker.hold(engine.cache_for(batch, longest + args.max_new_tokens).tensors())
+        if args.batch is None:
+            for piece in stream(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                stop=args.stop, chat=args.chat, engine=engine, result=result):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            rates = []
+            for first in range(0, len(prompts), batch):
+                done_batch, rate = generate_batch(model, tokenizer, prompts[first:first + batch],
+                                                  max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                                  stop=args.stop, chat=args.chat, engine=engine)
+                for row in done_batch:
+                    sys.stdout.write(row.text + "\n")
+                sys.stdout.flush()
+                result.extend(done_batch)
+                rates.append(rate)
     done = result[0]
     extra = {}
     if placement is not None:
         extra = {"max_memory_bytes": placement.budget_bytes, "tracked_peak_bytes": tracker.peak_bytes,
                  "bytes_read_per_token": placement.streamed_bytes, "placement": placement.as_dict()}
     compile_s = native.build_seconds() + engine.compile_seconds
+    if args.batch is not None:  # the batch's rate, and every prompt's text
+        extra = {"texts": [r.text for r in result], "batch": batch, "prompts": len(result),
+                 "batch_decode_tokens_per_s": rates[0], **extra}
     if args.json:
         console.print_json({
             "text": done.text, "prompt_tokens": done.prompt_tokens, "new_tokens": done.new_tokens,
@@ -143,14 +177,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_within(args: argparse.Namespace, tokenizer, prompt: str):
-    """``(model, streamed weights, placement)`` for ``--max-memory``."""
+def _load_within(args: argparse.Namespace, batch: int, longest: int):
+    """``(model, streamed weights, placement)`` for ``--max-memory``: ``batch`` rows of up to
+    ``longest`` prompt tokens."""
     from memfit.io import stored_tensors
-    from memfit.offload import load_streamed
-    from memfit.runtime.generate import encode
+    from memfit.offload import READ_AHEAD, load_streamed
     from memfit.units import parse_budget
 
     stored = stored_tensors(args.model)
     budget = parse_budget(args.max_memory, sum(t.nbytes for t in stored.values()))
-    return load_streamed(args.model, budget, prompt_tokens=len(encode(tokenizer, prompt, args.chat)),
-                         new_tokens=max(args.max_new_tokens, 1), ahead=0 if args.no_prefetch else 64)
+    return load_streamed(args.model, budget, batch=batch, prompt_tokens=longest,
+                         new_tokens=max(args.max_new_tokens, 1),
+                         ahead=0 if args.no_prefetch else READ_AHEAD if args.prefetch else None)

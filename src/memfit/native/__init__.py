@@ -140,6 +140,14 @@ def _build() -> ctypes.CDLL:
     lib.memfit_stream_open.restype = ptr
     lib.memfit_stream_patches.argtypes = [ptr, i64, ptr, ptr, ptr]
     lib.memfit_stream_patches.restype = ctypes.c_int
+    lib.memfit_cached_fraction.argtypes = [ctypes.c_int, i64, i64]
+    lib.memfit_cached_fraction.restype = ctypes.c_double
+    lib.memfit_stream_claim.argtypes = [ptr, ptr, ptr]
+    lib.memfit_stream_claim.restype = ctypes.c_int
+    lib.memfit_stream_read.argtypes = [ptr, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.memfit_stream_read.restype = ctypes.c_int
+    lib.memfit_stream_finish.argtypes = [ptr, ctypes.c_int, ctypes.c_int]
+    lib.memfit_stream_finish.restype = i64
     lib.memfit_stream_acquire.argtypes = [ptr]
     lib.memfit_stream_acquire.restype = i64
     lib.memfit_stream_release.argtypes = [ptr]

@@ -50,11 +50,42 @@ typedef struct {
  * norm, q, k, v), attention output (o, post-attention norm), gate, up, down. Thread 0 acquires
  * each before the barrier that starts its stage (acquire writes the unit's pointers into the
  * layer) and releases it as soon as its last use has ended, before acquiring the next, so at most
- * gate and up are held at once. */
+ * gate and up are held at once. Every thread takes part in an acquire: a unit the background reader
+ * has not claimed is read by all of them (on a machine whose reads are page-cache copies, one
+ * thread copies at about half the rate two do). */
 struct Stream;
-int64_t memfit_stream_acquire(struct Stream *s);
+int memfit_stream_claim(struct Stream *s, int64_t *at, int64_t *unit);
+int memfit_stream_read(struct Stream *s, int64_t unit, int64_t at, int part, int parts);
+int64_t memfit_stream_finish(struct Stream *s, int mine, int err);
 void memfit_stream_release(struct Stream *s);
-#define ACQUIRE(l, n) do { if ((l)->streamed) for (int u_ = 0; u_ < (n); u_++) memfit_stream_acquire(md->stream); } while (0)
+
+typedef struct {
+    int64_t at, unit;
+    int mine, err;
+} Claim;
+
+/* Acquires a streamed layer's next unit with every thread: if the background reader has not
+ * claimed it, the step's threads read it together (each a slice of every tensor); called by all
+ * threads (it holds barriers, the last after the unit's pointers are written). */
+static void acquire_all(const Model *md, Claim *c, int tid, int threads) {
+    if (tid == 0) {
+        c->err = 0;
+        c->mine = memfit_stream_claim(md->stream, &c->at, &c->unit);
+    }
+    #pragma omp barrier
+    if (c->mine > 0) {
+        const int err = memfit_stream_read(md->stream, c->unit, c->at, tid, threads);
+        if (err) {
+            #pragma omp atomic write
+            c->err = err;
+        }
+        #pragma omp barrier
+    }
+    if (tid == 0) memfit_stream_finish(md->stream, c->mine > 0, c->err);
+    #pragma omp barrier /* the unit's pointers are written, and *c may be reused */
+}
+
+#define ACQUIRE(l, n) do { if ((l)->streamed) for (int u_ = 0; u_ < (n); u_++) acquire_all(md, claim, tid, threads); } while (0)
 #define RELEASE(l, n) do { if ((l)->streamed) for (int u_ = 0; u_ < (n); u_++) memfit_stream_release(md->stream); } while (0)
 
 #ifdef MEMFIT_PROFILE /* stage times of thread 0, for development (benchmark harnesses define it) */
@@ -335,6 +366,7 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
             }
         }
 
+    Claim claim_ = {0}, *claim = &claim_; /* shared by the threads of the region */
     /* Each stage's matmuls split their rows across the threads; between them, thread 0 does the
      * small serial work (norms, rotary, cache writes) while the others ask for the first bytes of
      * their next weights; a barrier ends each stage. */
@@ -350,12 +382,12 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
             const int64_t nh = l->heads, kvh = l->kv_heads, group = nh / kvh, inter = l->gate.w.n;
             const Job qkv[3] = {{&l->q, q}, {&l->k, k}, {&l->v, v}}, o[1] = {{&l->o, out}};
             const Job gu[2] = {{&l->gate, gate}, {&l->up, up}}, down[1] = {{&l->down, out}};
-            if (tid == 0) { /* with the previous layer's MLP residual */
-                if (li > 0) {
-                    add_block(&l[-1].down, out, h, B, H, bf16);
-                    RELEASE(l - 1, 1); /* the previous layer's down */
-                }
-                ACQUIRE(l, 1);
+            if (tid == 0 && li > 0) { /* the previous layer's MLP residual */
+                add_block(&l[-1].down, out, h, B, H, bf16);
+                RELEASE(l - 1, 1); /* the previous layer's down */
+            }
+            ACQUIRE(l, 1); /* q, k, v and the input norm */
+            if (tid == 0) {
                 normalize(h, l->input_norm, x, xb, B, H, md->eps, bf16);
             } else {
                 prefetch_jobs(qkv, 3, tid, threads);
@@ -388,10 +420,10 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
                         }
                     }
                 }
-                ACQUIRE(l, 1); /* o and the post-attention norm */
             } else {
                 prefetch_jobs(o, 1, tid, threads);
             }
+            ACQUIRE(l, 1); /* o and the post-attention norm */
             #pragma omp barrier
             MARK(1);
             {   /* attention: one (row, head) pair per unit; each writes its slice of o's input */
@@ -419,10 +451,10 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
             if (tid == 0) {
                 add_and_normalize(&l->o, out, h, l->post_norm, x, xb, B, H, md->eps, bf16);
                 RELEASE(l, 1); /* o and the post-attention norm */
-                ACQUIRE(l, 2); /* gate and up */
             } else {
                 prefetch_jobs(gu, 2, tid, threads);
             }
+            ACQUIRE(l, 2); /* gate and up */
             #pragma omp barrier
             MARK(4);
             {   /* gate and up over the same rows, so each thread can take SiLU(gate) * up of its rows
@@ -442,10 +474,8 @@ void memfit_step(const Model *md, const int64_t *ids, int64_t column, const int6
             #pragma omp barrier
             MARK(6);
             if (l->streamed) { /* down arrives once gate and up are given back */
-                if (tid == 0) {
-                    RELEASE(l, 2);
-                    ACQUIRE(l, 1);
-                }
+                if (tid == 0) RELEASE(l, 2);
+                ACQUIRE(l, 1);
                 #pragma omp barrier
             }
             const Input gin = {.f = gate, .b = gb, .m = B, .k = inter};

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -43,7 +44,8 @@ typedef struct Stream {
     Piece *pieces;
     Patch *patches;
     int64_t *position; /* [slots]: ring position of sequence number s at s % slots */
-    int64_t loaded, acquired, released; /* sequence numbers: units read, handed out, given back */
+    int64_t *ready;    /* [slots]: s + 1 once unit s is read */
+    int64_t claimed, acquired, released; /* sequence numbers: units claimed for reading, handed out, given back */
     int64_t bytes_read;
     double wait_seconds; /* consumers' time blocked in acquire */
     int error, stop, threaded;
@@ -58,28 +60,31 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-/* Where unit ``seq`` can go now, or -1 if the ring has no room for it yet (call locked). */
+/* Where unit ``seq`` (the next to claim) can go now, or -1 if the ring has no room yet (call locked). */
 static int64_t place(const Stream *s, int64_t seq) {
     const int64_t need = s->size[seq % s->units];
     if (seq - s->released >= s->slots) return -1;
-    if (s->loaded == s->released) return 0; /* empty: start over at the front */
-    const int64_t last = (s->loaded - 1) % s->slots;
-    int64_t at = s->position[last] + s->size[(s->loaded - 1) % s->units];
+    if (s->claimed == s->released) return 0; /* empty: start over at the front */
+    const int64_t last = (s->claimed - 1) % s->slots;
+    int64_t at = s->position[last] + s->size[(s->claimed - 1) % s->units];
     at = (at + 63) & ~(int64_t)63;
     if (at + need > s->capacity) at = 0;
-    for (int64_t q = s->released; q < s->loaded; q++) { /* the units still held or not yet used */
+    for (int64_t q = s->released; q < s->claimed; q++) { /* the units still held or not yet used */
         const int64_t p = s->position[q % s->slots], n = s->size[q % s->units];
         if (at < p + n && p < at + need) return -1;
     }
     return at;
 }
 
-static int read_unit(Stream *s, int64_t unit, char *dst) {
+/* Reads share ``part`` of ``parts`` of ``unit`` into ``dst`` (each piece split in page-aligned
+ * slices, so several threads can read one unit together). 0, or an errno. */
+static int read_unit(Stream *s, int64_t unit, char *dst, int part, int parts) {
     for (int64_t i = s->first_piece[unit]; i < s->first_piece[unit + 1]; i++) {
         const Piece *p = &s->pieces[i];
-        int64_t done = 0;
-        while (done < p->nbytes) {
-            const ssize_t got = pread(s->fd, dst + p->unit_offset + done, p->nbytes - done, p->file_offset + done);
+        const int64_t share = ((p->nbytes + parts - 1) / parts + 4095) & ~(int64_t)4095;
+        const int64_t first = share * part, last = first + share < p->nbytes ? first + share : p->nbytes;
+        for (int64_t done = first; done < last;) {
+            const ssize_t got = pread(s->fd, dst + p->unit_offset + done, last - done, p->file_offset + done);
             if (got < 0 && errno == EINTR) continue;
             if (got <= 0) return got < 0 ? errno : EIO;
             done += got;
@@ -88,26 +93,32 @@ static int read_unit(Stream *s, int64_t unit, char *dst) {
     return 0;
 }
 
+/* Claims unit ``seq`` for reading at its place in the ring (call locked, seq == claimed). */
+static int64_t claim(Stream *s, int64_t seq) {
+    const int64_t at = place(s, seq);
+    if (at >= 0) {
+        s->position[seq % s->slots] = at;
+        s->ready[seq % s->slots] = 0;
+        s->claimed++;
+    }
+    return at;
+}
+
 static void *reader(void *arg) {
     Stream *s = arg;
     pthread_mutex_lock(&s->mu);
     while (!s->stop && !s->error) {
-        const int64_t seq = s->loaded;
-        const int64_t at = seq - s->acquired < s->ahead ? place(s, seq) : -1;
+        const int64_t seq = s->claimed;
+        const int64_t at = seq - s->acquired < s->ahead ? claim(s, seq) : -1;
         if (at < 0) {
             pthread_cond_wait(&s->changed, &s->mu);
             continue;
         }
         pthread_mutex_unlock(&s->mu);
-        const int err = read_unit(s, seq % s->units, s->ring + at);
+        const int err = read_unit(s, seq % s->units, s->ring + at, 0, 1);
         pthread_mutex_lock(&s->mu);
-        if (err) {
-            s->error = err;
-        } else {
-            s->position[seq % s->slots] = at;
-            s->bytes_read += s->size[seq % s->units];
-            s->loaded++;
-        }
+        if (err) s->error = err;
+        else s->ready[seq % s->slots] = seq + 1, s->bytes_read += s->size[seq % s->units];
         pthread_cond_broadcast(&s->changed);
     }
     pthread_mutex_unlock(&s->mu);
@@ -129,7 +140,8 @@ Stream *memfit_stream_open(int fd, char *ring, int64_t capacity, int64_t units, 
     s->first_patch = calloc(units + 1, sizeof *s->first_patch);
     s->pieces = malloc((first_piece[units] + 1) * sizeof *s->pieces);
     s->position = calloc(s->slots, sizeof *s->position);
-    if (!s->size || !s->first_piece || !s->first_patch || !s->pieces || !s->position) goto fail;
+    s->ready = calloc(s->slots, sizeof *s->ready);
+    if (!s->size || !s->first_piece || !s->first_patch || !s->pieces || !s->position || !s->ready) goto fail;
     memcpy(s->size, size, units * sizeof *size);
     memcpy(s->first_piece, first_piece, (units + 1) * sizeof *first_piece);
     memcpy(s->pieces, pieces, first_piece[units] * sizeof *s->pieces);
@@ -141,7 +153,8 @@ Stream *memfit_stream_open(int fd, char *ring, int64_t capacity, int64_t units, 
     }
     return s;
 fail:
-    free(s->size), free(s->first_piece), free(s->first_patch), free(s->pieces), free(s->position), free(s);
+    free(s->size), free(s->first_piece), free(s->first_patch), free(s->pieces), free(s->position), free(s->ready);
+    free(s);
     return NULL;
 }
 
@@ -163,35 +176,70 @@ int memfit_stream_patches(Stream *s, int64_t n, const int64_t *unit, const int64
     return 0;
 }
 
-/* The next unit of the pass: blocks until it is read, fills its patched fields, and returns its
- * position in the ring (or -1 after a read error: `memfit_stream_error`). */
-int64_t memfit_stream_acquire(Stream *s) {
+/* Taking the next unit of the pass, in three calls so that several threads can read it together:
+ * `memfit_stream_claim` returns 1 if the caller must read it (no reader has claimed it: it is
+ * claimed now, at *at, as unit *unit), or 0 once the reader has read it (waiting if needed; -1
+ * after a read error); the readers then call `memfit_stream_read` with their share, and one calls
+ * `memfit_stream_finish`, which fills the unit's patched fields and hands it out. */
+int memfit_stream_claim(Stream *s, int64_t *at, int64_t *unit) {
     pthread_mutex_lock(&s->mu);
     const int64_t seq = s->acquired;
-    if (!s->threaded && s->loaded == seq && !s->error) { /* synchronous: read it here */
-        const int64_t at = place(s, seq);
+    *unit = seq % s->units;
+    int mine = 0;
+    if (!s->error && seq == s->claimed) { /* nobody is reading it: read it here */
+        *at = claim(s, seq);
+        if (*at < 0) s->error = ENOBUFS; /* the ring is smaller than `ring_minimum` */
+        else mine = 1;
+    } else if (!s->error && s->ready[seq % s->slots] != seq + 1) {
         const double began = now();
-        const int err = at < 0 ? ENOBUFS : read_unit(s, seq % s->units, s->ring + at);
+        while (s->ready[seq % s->slots] != seq + 1 && !s->error) pthread_cond_wait(&s->changed, &s->mu);
         s->wait_seconds += now() - began;
-        if (err) s->error = err;
-        else s->position[seq % s->slots] = at, s->bytes_read += s->size[seq % s->units], s->loaded++;
     }
-    if (s->loaded <= seq && !s->error) {
-        const double began = now();
-        while (s->loaded <= seq && !s->error) pthread_cond_wait(&s->changed, &s->mu);
-        s->wait_seconds += now() - began;
+    *at = s->error ? -1 : s->position[seq % s->slots];
+    pthread_mutex_unlock(&s->mu);
+    return s->error ? -1 : mine;
+}
+
+int memfit_stream_read(Stream *s, int64_t unit, int64_t at, int part, int parts) {
+    return read_unit(s, unit, s->ring + at, part, parts);
+}
+
+/* ``mine``: the caller's threads read the unit (``err``: the first error they met). Returns the
+ * unit's position, or -1 after an error. */
+int64_t memfit_stream_finish(Stream *s, int mine, int err) {
+    pthread_mutex_lock(&s->mu);
+    const int64_t seq = s->acquired;
+    if (mine) {
+        if (err) s->error = err;
+        else s->ready[seq % s->slots] = seq + 1, s->bytes_read += s->size[seq % s->units];
     }
     int64_t at = -1;
-    if (s->loaded > seq) {
+    if (!s->error && s->ready[seq % s->slots] == seq + 1) {
         at = s->position[seq % s->slots];
         const int64_t unit = seq % s->units;
         for (int64_t i = s->first_patch[unit]; i < s->first_patch[unit + 1]; i++)
             *s->patches[i].field = s->ring + at + s->patches[i].offset;
         s->acquired++;
-        pthread_cond_broadcast(&s->changed);
     }
+    pthread_cond_broadcast(&s->changed);
     pthread_mutex_unlock(&s->mu);
     return at;
+}
+
+/* The next unit of the pass, read by the calling thread alone if no reader has it: its position
+ * in the ring, or -1 after a read error (`memfit_stream_stats`). */
+int64_t memfit_stream_acquire(Stream *s) {
+    int64_t at, unit;
+    const int mine = memfit_stream_claim(s, &at, &unit);
+    if (mine < 0) return -1;
+    const double began = now();
+    const int err = mine ? read_unit(s, unit, s->ring + at, 0, 1) : 0;
+    if (mine) {
+        pthread_mutex_lock(&s->mu);
+        s->wait_seconds += now() - began;
+        pthread_mutex_unlock(&s->mu);
+    }
+    return memfit_stream_finish(s, mine, err);
 }
 
 /* Gives back the oldest acquired unit. */
@@ -226,6 +274,27 @@ void memfit_stream_close(Stream *s) {
     if (s->threaded) pthread_join(s->thread, NULL);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->changed);
-    free(s->size), free(s->first_piece), free(s->first_patch), free(s->pieces), free(s->position), free(s->patches);
+    free(s->size), free(s->first_piece), free(s->first_patch), free(s->pieces), free(s->position), free(s->ready);
+    free(s->patches);
     free(s);
+}
+
+/* The fraction of bytes [offset, offset + length) of file ``fd`` in the page cache (mincore over a
+ * mapping that is never touched, so nothing becomes resident), or -1 if it cannot be told. */
+double memfit_cached_fraction(int fd, int64_t offset, int64_t length) {
+    const int64_t page = sysconf(_SC_PAGESIZE), start = offset & ~(page - 1), span = offset + length - start;
+    if (length <= 0) return 1.0;
+    void *map = mmap(NULL, span, PROT_READ, MAP_SHARED, fd, start);
+    if (map == MAP_FAILED) return -1.0;
+    const int64_t pages = (span + page - 1) / page;
+    unsigned char *resident = malloc(pages);
+    double fraction = -1.0;
+    if (resident && mincore(map, span, resident) == 0) {
+        int64_t count = 0;
+        for (int64_t i = 0; i < pages; i++) count += resident[i] & 1;
+        fraction = (double)count / pages;
+    }
+    free(resident);
+    munmap(map, span);
+    return fraction;
 }

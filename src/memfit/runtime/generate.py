@@ -154,6 +154,52 @@ def stream(
         ))
 
 
+def generate_batch(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    sampling: Sampling = GREEDY,
+    stop: Sequence[str] = (),
+    chat: bool = False,
+    engine: Engine | None = None,
+) -> tuple[list[Generation], float]:
+    """Generate for ``prompts`` decoded together as one left-padded batch.
+
+    Returns each prompt's `Generation` (its ``decode_tokens_per_s`` is the row's share) and the
+    batch's decode tokens per second (new tokens after each row's first, over the decode time).
+    """
+    engine = engine or Engine(model)
+    ids = [encode(tokenizer, p, chat) for p in prompts]
+    eos = eos_ids(model, tokenizer)
+    detoks = [_Detokenizer(tokenizer, stop) for _ in prompts]
+    counts, stopped = [0] * len(prompts), [None] * len(prompts)
+    began, first_at = time.perf_counter(), None
+    for step in engine.stream(ids, max_new_tokens, sampling, eos):
+        if first_at is None:
+            first_at = time.perf_counter()
+        for row, token in enumerate(step.tokens):
+            if token is None or stopped[row]:
+                continue
+            counts[row] += 1
+            detoks[row].push(token, token in eos)
+            if token in eos or detoks[row].stopped:
+                stopped[row] = "eos" if token in eos else "stop"
+        if all(stopped):
+            break
+    end = time.perf_counter()
+    first_at = first_at or end
+    decode_s = end - first_at
+    rate = (sum(counts) - len(prompts)) / decode_s if decode_s > 0 else 0.0
+    results = [Generation(
+        text=d.text, prompt_tokens=len(i), new_tokens=c, ttft_s=first_at - began,
+        decode_tokens_per_s=(c - 1) / decode_s if c > 1 and decode_s > 0 else 0.0, kv_cache_bytes=engine.cache_bytes,
+        compiled=engine.compiled, decode_step=engine.step_kind, stopped=s or "length",
+    ) for d, i, c, s in zip(detoks, ids, counts, stopped, strict=True)]
+    return results, rate
+
+
 def generate(
     model: nn.Module,
     tokenizer,

@@ -215,8 +215,6 @@ class NativeStep:
         streamed = d.streamed
         if streamed is not None:
             model.stream = streamed.handle
-            if streamed.ahead > 0:  # the reader thread keeps a core: reading, not computing, sets the pace
-                model.threads = max(1, torch.get_num_threads() - 1)
             self._patch(array, streamed)
         self._array, self._rotary = array, (cos, sin)  # the table points into these
         self._model, self._for = model, cache

@@ -158,6 +158,21 @@ class StreamedWeights:
         self._cursor = 0
         self.bind_placeholders()
 
+    @staticmethod
+    def cached_fraction(units: list[Unit]) -> float:
+        """The fraction of the streamed bytes' file span now in the page cache (-1 if unknown)."""
+        lib = native.library()
+        slots = [slot.stored for unit in units for slot in unit.slots]
+        if lib is None or not slots or len({t.path for t in slots}) != 1:
+            return -1.0
+        first = min(t.offset for t in slots)
+        last = max(t.offset + t.nbytes for t in slots)
+        fd = os.open(slots[0].path, os.O_RDONLY)
+        try:
+            return float(lib.memfit_cached_fraction(fd, first, last - first))
+        finally:
+            os.close(fd)
+
     def streams(self, layer: int) -> bool:
         return layer in self._layer_set
 
