@@ -152,7 +152,8 @@ def main() -> None:
     for text, budget, batch, kind in rows:
         runs = [r for r in results[text, budget, batch, kind] if "error" not in r]
         if not runs:
-            print(f"| {text} | {batch} | {kind} | refused: {results[text, budget, batch, kind][0]['error']} | | | | | |")
+            error = results[text, budget, batch, kind][0]["error"]
+            print(f"| {text} | {batch} | {kind} | refused: {error} | | | | | |")
             continue
         rate = statistics.median(r["decode_tokens_per_s"] for r in runs)
 
