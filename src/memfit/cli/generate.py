@@ -33,12 +33,14 @@ is what the model and its generation held.
 
 --max-memory B runs a model larger than B: the embedding, head, norms and the decoder layers that
 fit stay in memory; the rest are read from the model's safetensors file at every token, through a
-small buffer, by a background thread that reads the next layers while the current ones compute
-(--no-prefetch: each when reached). The budget counts the weights held, the buffer, the KV cache,
-the activations and workspace, and the model's modules; what was placed where is printed. JSON adds
-"max_memory_bytes", "tracked_peak_bytes" (the run's tracked peak, within the budget),
-"bytes_read_per_token" and "placement" ({"resident_layers", "streamed_layers", "resident_bytes",
-"streamed_bytes", "ring_bytes", "workspace_bytes", "predicted_peak_bytes", "budget_bytes", "files"}).
+small buffer: ahead, by a background thread, while the current layers compute (--prefetch), or
+when reached, by all the decode step's threads (--no-prefetch); by default the second when the
+file is in the page cache (reads are then copies a core makes), else the first. The budget counts
+the weights held, the buffer, the KV cache, the activations and workspace, and the model's
+modules; what was placed where is printed. JSON adds "max_memory_bytes", "tracked_peak_bytes" (the
+run's tracked peak, within the budget), "bytes_read_per_token" and "placement" ({"resident_layers",
+"streamed_layers", "resident_bytes", "streamed_bytes", "ring_bytes", "workspace_bytes",
+"predicted_peak_bytes", "budget_bytes", "files", "read_ahead", "cached_fraction"}).
 Streaming reads memfit directories, Hugging Face directories with one safetensors file, and demo."""
 
 
