@@ -167,3 +167,26 @@ def test_reads_come_from_the_steps_threads_when_the_file_is_cached_else_from_a_r
     if placement.cached_fraction >= 0.9:
         pytest.skip("this file system keeps the file cached (tmpfs)")
     assert placement.read_ahead and streamed.ahead > 0
+
+
+def test_generate_batch_decodes_each_line_as_its_own_run_would(saved, tmp_path, capsys):
+    path = str(saved("tiny-llama", "none"))
+    lines = ["hello there", "a much longer prompt than the first one"]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n\n")
+    alone = []
+    for line in lines:
+        assert main(["generate", "--model", path, "--prompt", line, "--max-new-tokens", "8", "--json"]) == 0
+        alone.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"])
+    args = ["generate", "--model", path, "--prompt-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "8",
+            "--batch", "2", "--json"]
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["texts"] == alone and data["batch"] == 2 and data["prompts"] == 2
+    assert data["batch_decode_tokens_per_s"] > 0
+    assert main([*args, "--max-memory", "1KB"]) == 2
+    smallest = re.search(r"pass --max-memory (\d+) or more", capsys.readouterr().err).group(1)
+    assert main([*args, "--max-memory", smallest]) == 0  # the smallest budget for two rows: layers streamed
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["texts"] == alone and data["placement"]["streamed_layers"]
+    assert main([*args[:-2], "0", "--json"]) == 2
+    assert "--batch must be at least 1" in capsys.readouterr().err
