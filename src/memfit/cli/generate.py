@@ -13,6 +13,8 @@ examples:
   memfit generate --model demo --chat --prompt "Name three uses of a paperclip."
   memfit generate --model ./smollm2-int4 --prompt-file prompt.txt --max-new-tokens 200 --json
   memfit generate --model demo --prompt "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 7
+  memfit generate --model demo --prompt "Once upon a time" --max-memory 25%    # streams what does not fit
+  memfit generate --model ./smollm2-int4 --prompt-file prompts.txt --batch 16 --max-memory 60MB --json
 
 Decode steps run in memfit's C library, one call per token (decode_step "native"), for models in
 float32, bf16, int8, int4-gN, w8a8 and structurally pruned shapes; nothing is compiled but the
