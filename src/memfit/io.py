@@ -345,8 +345,7 @@ def stored_tensors(ref: str | Path | Ref) -> dict[str, StoredTensor]:
     for weights in _weight_files(ref):
         try:
             with open(weights, "rb", buffering=0) as raw:
-                size = int.from_bytes(raw.read(8), "little")
-                header = json.loads(raw.read(size))
+                base, header = _read_header(raw)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
@@ -354,7 +353,7 @@ def stored_tensors(ref: str | Path | Ref) -> dict[str, StoredTensor]:
                 start, end = info["data_offsets"]
                 if dtype is None or end < start:
                     raise ValueError(f"tensor {name!r} has dtype {info['dtype']!r} or offsets {start}..{end}")
-                found[name] = StoredTensor(weights, 8 + size + start, end - start, dtype, tuple(info["shape"]))
+                found[name] = StoredTensor(weights, base + start, end - start, dtype, tuple(info["shape"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{str(weights)!r} is corrupt: {exc}", "save the model again") from None
     return found
@@ -498,12 +497,17 @@ def _read_tensors(weights: Path, keep=None) -> collections.OrderedDict[str, torc
         with safe_open(str(weights), framework="pt") as f:  # validates the header and the offsets
             names = list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
         with open(weights, "rb", buffering=0) as raw:
-            size = int.from_bytes(raw.read(8), "little")
-            header = json.loads(raw.read(size))
-            return collections.OrderedDict((name, _read_one(raw, 8 + size, name, header[name])) for name in names
+            base, header = _read_header(raw)
+            return collections.OrderedDict((name, _read_one(raw, base, name, header[name])) for name in names
                                            if keep is None or keep(name))
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{str(weights)!r} is corrupt: {exc}", "save the model again") from None
+
+
+def _read_header(raw) -> tuple[int, dict]:
+    """A safetensors file's header (from its start) and the offset its tensor data starts at."""
+    size = int.from_bytes(raw.read(8), "little")
+    return 8 + size, json.loads(raw.read(size))
 
 
 def _read_one(raw, base: int, name: str, info: dict) -> torch.Tensor:

@@ -1,4 +1,4 @@
-/* Weights streamed from a file into a ring buffer, read ahead by a background thread.
+/* Weights streamed from a file into a ring buffer, read ahead by a background thread or when reached.
  *
  * A model whose weights exceed the memory it may use keeps some decoder layers where they are
  * stored and reads them each time they are used. Each streamed layer is cut into units (the
@@ -8,13 +8,12 @@
  * (contiguous, 64-byte aligned positions, wrapping to the start when the end is too short) and
  * are released in the order they were acquired, so the free space is one arc.
  *
- * Consumers (the C decode step, or Python through ctypes for the prefill) call
- * `memfit_stream_acquire` for the next unit in the pass order and `memfit_stream_release` when
- * done with the oldest; acquire blocks until the unit is read. With ``ahead == 0`` there is no
- * thread: acquire reads the unit itself (synchronous streaming, the baseline the prefetching
- * one is measured against). Acquire also writes the unit's address into registered pointer
- * fields (the decode step's weight table), so the step reads streamed weights as it reads
- * resident ones.
+ * Consumers take the next unit in the pass order (Python through ctypes with
+ * `memfit_stream_acquire`; the C decode step with claim, read and finish, so that all its threads
+ * read a unit no reader has claimed) and give back the oldest with `memfit_stream_release`; taking
+ * a unit the reader is reading waits for it. With ``ahead == 0`` there is no thread and consumers
+ * read every unit. Taking a unit also writes its address into registered pointer fields (the
+ * decode step's weight table), so the step reads streamed weights as it reads resident ones.
  */
 #define _GNU_SOURCE
 #include <errno.h>

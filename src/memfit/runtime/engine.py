@@ -85,7 +85,7 @@ class Engine:
             yes); False runs it eagerly there.
         native: decode with `NativeStep` (one call of memfit's C library per token) where it runs
             the model (default: yes).
-        streamed: the model's streamed layers (`memfit.runtime.offload.load_streamed`); their
+        streamed: the model's streamed layers (`memfit.offload.load_streamed`); their
             weights are read as each forward reaches them. The PyTorch step then runs eagerly.
         cache_step: cache lengths are rounded up to a multiple of this (default `CACHE_STEP`;
             1 sizes the cache to the prompt plus new tokens exactly).

@@ -6,11 +6,11 @@ layer is read in five units, in the order a forward uses them: attention inputs 
 k, v), attention output (o, post-attention norm), gate, up, down. Units land in one ring buffer;
 the layer's tensors are views into it, re-pointed each time a unit is acquired.
 
-The reader (``native/stream.c``) is a C thread that reads the next units with ``pread`` while the
-current ones compute, as far ahead as the ring has room; with ``ahead=0`` the consumer reads each
-unit itself when it needs it (synchronous streaming, for comparison). The decode step in C and
-the Python forward (the prefill, the eager step) take units through the same acquire and release
-calls, in the same order, so one reader serves both.
+Units are read with ``pread`` (``native/stream.c``): ahead, by a C thread, while the current ones
+compute, as far as the ring has room; or, with ``ahead=0``, by the consumer when it needs one (the
+decode step's threads together; the Python forward alone). The decode step in C and the Python
+forward (the prefill, the eager step) take units through the same acquire and release calls, in
+the same order, so one reader serves both.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class StreamedWeights:
     Args:
         units: every streamed layer's units, in layer order.
         capacity: the ring's bytes.
-        ahead: units read ahead of the consumer by a background thread (0: none, synchronous).
+        ahead: units read ahead of the consumer by a background thread (0: none; the consumer reads).
     """
 
     def __init__(self, units: list[Unit], capacity: int, ahead: int) -> None:
@@ -134,22 +134,18 @@ class StreamedWeights:
         self.units, self.ahead, self._lib = units, ahead, lib
         self.layers = sorted({u.layer for u in units})
         self._layer_set = set(self.layers)
+        paths = {slot.stored.path for u in units for slot in u.slots}
+        if len(paths) != 1:  # the reader has one file descriptor
+            raise RecipeError("streaming reads one safetensors file; this model's layers are in several",
+                              "save the model with memfit (one model.safetensors) and stream that")
         self.ring = torch.empty(capacity, dtype=torch.uint8)
-        self.bytes_per_pass = sum(u.nbytes for u in units)
-        paths = sorted({slot.stored.path for u in units for slot in u.slots})
-        self._fds = {path: os.open(path, os.O_RDONLY) for path in paths}
         sizes = (ctypes.c_int64 * len(units))(*[u.nbytes for u in units])
         first, pieces = [0], []
         for unit in units:
-            for slot in unit.slots:
-                pieces.append((slot.stored.path, slot.stored.offset, slot.stored.nbytes, slot.offset))
+            pieces.extend((slot.stored.offset, slot.stored.nbytes, slot.offset) for slot in unit.slots)
             first.append(len(pieces))
-        if len(paths) != 1:  # one file descriptor per stream: several files need one stream each
-            self.close()
-            raise RecipeError("streaming reads one safetensors file; this model's layers are in several",
-                              "save the model with memfit (one model.safetensors) and stream that")
-        flat = (ctypes.c_int64 * (3 * len(pieces) + 1))(*[v for p in pieces for v in p[1:]])
-        self._fd = self._fds[paths[0]]
+        flat = (ctypes.c_int64 * (3 * len(pieces) + 1))(*[v for p in pieces for v in p])
+        self._fd = os.open(paths.pop(), os.O_RDONLY)
         self._handle = lib.memfit_stream_open(self._fd, self.ring.data_ptr(), capacity, len(units), sizes,
                                               (ctypes.c_int64 * len(first))(*first), flat, ahead)
         if not self._handle:
@@ -218,18 +214,21 @@ class StreamedWeights:
             self.acquire()
             self.release()
 
-    def stats(self) -> tuple[int, float]:
-        """(bytes read so far, seconds consumers waited for reads)."""
+    def _stats(self) -> tuple[float, float, float]:
         out = (ctypes.c_double * 3)()
         self._lib.memfit_stream_stats(self._handle, out)
-        return int(out[0]), float(out[1])
+        return out[0], out[1], out[2]
+
+    def stats(self) -> tuple[int, float]:
+        """(bytes read so far, seconds consumers waited for reads)."""
+        read, waited, _ = self._stats()
+        return int(read), waited
 
     def check(self) -> None:
         """Raise if the reader failed."""
-        out = (ctypes.c_double * 3)()
-        self._lib.memfit_stream_stats(self._handle, out)
-        if out[2]:
-            raise OSError(int(out[2]), f"reading streamed weights failed: {os.strerror(int(out[2]))}")
+        error = int(self._stats()[2])
+        if error:
+            raise OSError(error, f"reading streamed weights failed: {os.strerror(error)}")
 
     @property
     def handle(self) -> int:
@@ -239,10 +238,10 @@ class StreamedWeights:
         handle, self._handle = getattr(self, "_handle", None), None
         if handle:
             self._lib.memfit_stream_close(handle)
-        for fd in getattr(self, "_fds", {}).values():
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._fds = {}
 
     def __del__(self) -> None:
         self.close()
