@@ -17,8 +17,6 @@ Rows are left-padded: all rows of a batch end at the same column, row ``b`` star
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,44 +24,9 @@ from torch import nn
 from memfit import native
 from memfit.errors import RecipeError
 from memfit.models.arch import LAYOUTS, decoder_parts, layout_of
+from memfit.runtime.kvcache import KVCache, KVFormat, read, write
 
 SUPPORTED = tuple(LAYOUTS)
-
-
-@dataclasses.dataclass
-class KVCache:
-    """Keys and values of every layer, preallocated: ``keys[i]``, ``values[i]`` are [B, KV, L, D].
-
-    ``L`` (`max_len`) bounds prompt plus new tokens; columns are written in place, never reallocated.
-    """
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-    @classmethod
-    def allocate(cls, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (batch, kv_heads, max_len, head_dim)
-        make = lambda: [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]  # noqa: E731
-        cache = cls(keys=make(), values=make())
-        if torch.device(device).type == "cuda":  # CUDA graphs may then write into them in place
-            for tensor in cache.tensors():
-                torch._dynamo.mark_static_address(tensor)
-        return cache
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
-
-    @property
-    def batch(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.keys, *self.values]
 
 
 def runs_on_runtime(model: nn.Module) -> bool:
@@ -81,7 +44,7 @@ class Decoder:
         RecipeError: the architecture is not one the runtime knows.
     """
 
-    def __init__(self, model: nn.Module, streamed=None) -> None:
+    def __init__(self, model: nn.Module, streamed=None, kv_format: KVFormat | None = None) -> None:
         config = model.config
         if not runs_on_runtime(model):
             raise RecipeError(
@@ -103,6 +66,7 @@ class Decoder:
         self.window = window if window and getattr(config, "use_sliding_window", True) else None
         self._cos = self._sin = None
         self.streamed = streamed  # `memfit.runtime.streamed.StreamedWeights`, or None
+        self.kv_format = kv_format  # the cache's quantization (None: the keys' and values' own dtype)
 
     @property
     def vocab_size(self) -> int:
@@ -114,7 +78,8 @@ class Decoder:
         # under autocast the projections give keys and values in the autocast dtype: hold them in it
         device_type = self.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.dtype
-        return KVCache.allocate(len(self.layers), batch, self.kv_heads, max_len, self.head_dim, dtype, self.device)
+        return KVCache.allocate(len(self.layers), batch, self.kv_heads, max_len, self.head_dim, dtype, self.device,
+                                self.kv_format)
 
     def rotary_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, D] in the model's dtype, from the model's rotary module (computed once)."""
@@ -179,13 +144,15 @@ class Decoder:
             streamed.release()
             streamed.acquire()  # attention output
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        key_cache.index_copy_(2, columns, k.to(key_cache.dtype))  # no-ops unless autocast changed the dtypes
-        value_cache.index_copy_(2, columns, v.to(value_cache.dtype))
+        write(key_cache, columns, k)
+        write(value_cache, columns, v)
         if t == 1:
-            out = _attend_one(q, key_cache, value_cache, mask, self.scaling)
+            out = _attend_one(q, read(key_cache, torch.float32, columns), read(value_cache, torch.float32, columns), mask,
+                              self.scaling, fused=self.kv_format is KVFormat.INT8)
         else:
-            out = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=mask, scale=self.scaling,
-                                                 enable_gqa=q.shape[1] != key_cache.shape[1])
+            keys, values = read(key_cache, q.dtype, columns), read(value_cache, q.dtype, columns)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                                 enable_gqa=q.shape[1] != keys.shape[1])
         return project(getattr(block, names.o), out.transpose(1, 2).reshape(b, t, -1))
 
     @staticmethod
@@ -225,7 +192,7 @@ def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, fused: bool = False) -> torch.Tensor:
     """Attention of one query per row [B, H, 1, D] over the whole cache [B, KV, L, D], in float32.
 
     A decode step's attention as plain matmuls and a softmax, which the compiler fuses: PyTorch's
@@ -236,9 +203,15 @@ def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask:
     b, h, _, d = q.shape
     kv = keys.shape[1]
     grouped = q.reshape(b, kv, h // kv, d).float()  # [B, KV, G, D]
-    scores = grouped @ keys.float().transpose(-1, -2) * scale  # [B, KV, G, L]
+    if fused:  # products and sums the compiler fuses with the dequantization: no float copy of the cache
+        scores = (grouped[:, :, :, None, :] * keys[:, :, None]).sum(-1) * scale
+    else:
+        scores = grouped @ keys.float().transpose(-1, -2) * scale  # [B, KV, G, L]
     scores = scores.masked_fill(~mask[:, :, 0, None, :], float("-inf"))  # mask [B, 1, 1, L]
-    out = scores.softmax(-1) @ values.float()  # [B, KV, G, D]
+    if fused:
+        out = (scores.softmax(-1)[..., None] * values[:, :, None]).sum(-2)
+    else:
+        out = scores.softmax(-1) @ values.float()  # [B, KV, G, D]
     return out.reshape(b, h, 1, d).to(q.dtype)
 
 

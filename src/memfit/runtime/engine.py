@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from memfit.errors import RecipeError
-from memfit.runtime.decoder import Decoder, KVCache
+from memfit.runtime.decoder import Decoder
+from memfit.runtime.kvcache import KVCache, KVFormat
 from memfit.runtime.native_step import NativeStep
 from memfit.runtime.sampling import GREEDY, Sampler, Sampling
 from memfit.runtime.streamed import StreamedWeights
@@ -89,12 +90,15 @@ class Engine:
             weights are read as each forward reaches them. The PyTorch step then runs eagerly.
         cache_step: cache lengths are rounded up to a multiple of this (default `CACHE_STEP`;
             1 sizes the cache to the prompt plus new tokens exactly).
+        kv_format: quantize the KV cache (`KVFormat`: ``kv-int8``, ``kv-int4``); the decode step is
+            then the compiled one (the native step keeps its cache in the model's dtype).
     """
 
     def __init__(self, model: nn.Module, *, compile: bool = True, native: bool = True,
-                 streamed: StreamedWeights | None = None, cache_step: int = CACHE_STEP) -> None:
+                 streamed: StreamedWeights | None = None, cache_step: int = CACHE_STEP,
+                 kv_format: KVFormat | None = None) -> None:
         model.eval()
-        self.decoder = Decoder(model, streamed)
+        self.decoder = Decoder(model, streamed, kv_format)
         self.cache_step = cache_step
         if streamed is not None:
             compile = False  # the streamed forward acquires units through ctypes: no graph to compile

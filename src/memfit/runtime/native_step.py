@@ -26,7 +26,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
 from memfit import native
-from memfit.runtime.decoder import GATED_MLPS, Decoder, KVCache, _plain_call
+from memfit.runtime.decoder import GATED_MLPS, Decoder, _plain_call
+from memfit.runtime.kvcache import KVCache
 
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x / rms(x), float32 statistics
 SILU = ("SiLU", "SiLUActivation")
@@ -151,6 +152,8 @@ class NativeStep:
             raise _Unsupported(f"the model is on {decoder.device.type}")
         if not native.available():
             raise _Unsupported("memfit's C kernels are not built")
+        if decoder.kv_format is not None:
+            raise _Unsupported(f"the KV cache is quantized ({decoder.kv_format.token})")
         dtype, names, keep = decoder.dtype, decoder.layout, []
         if decoder.streamed is not None:  # the table's streamed addresses are then offsets in their units
             decoder.streamed.bind_placeholders()
