@@ -202,7 +202,8 @@ def test_run_settings_shrink_what_they_claim(make_tiny, token):
 
     plan = memfit.Plan.parse(token)
     saves = next(s.saves for s in SETTINGS if getattr(plan.settings, s.field) is not None)
-    workload = memfit.Workload(mode=memfit.Mode.TRAIN, batch_size=2, seq_len=256)
+    workload = (memfit.Workload(mode=memfit.Mode.GENERATE, batch_size=2, seq_len=64, new_tokens=64)
+                if token.startswith("kv-") else memfit.Workload(mode=memfit.Mode.TRAIN, batch_size=2, seq_len=256))
     model, _ = make_tiny("tiny-llama")
     baseline = profile(model, workload)
     after = profile(model, workload, plan.run)

@@ -24,6 +24,7 @@ from torch import nn
 from memfit.errors import BudgetError
 from memfit.io import StoredTensor, load_partial, stored_tensors
 from memfit.models.arch import decoder_parts
+from memfit.runtime.kvcache import KVFormat
 from memfit.runtime.streamed import ALIGN, StreamedWeights, aligned, layer_units, ring_minimum
 from memfit.units import format_bytes
 
@@ -32,6 +33,7 @@ from memfit.units import format_bytes
 SLACK = 64 << 10
 READ_AHEAD = 64  # units the background reader may read ahead of the step
 CACHED = 0.9  # above this fraction of the streamed bytes in the page cache, no background reader
+CONTEXT_PROBE = 256  # tokens added to the second prediction that gives the workspace's growth per token
 
 
 @dataclasses.dataclass
@@ -59,6 +61,9 @@ class Placement:
     files: list[str]
     read_ahead: bool = True  # whether a background reader reads ahead (else the step's threads read)
     cached_fraction: float = -1.0  # of the streamed bytes in the page cache when it was decided (-1: not asked)
+    context_tokens: int = 0  # the longest prompt + new tokens this placement's budget holds (0: not predicted)
+    batch: int = 1
+    kv_cache: str = "model dtype"  # the KV cache's format
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -66,7 +71,7 @@ class Placement:
 
     def describe(self) -> str:
         if not self.streamed_layers:
-            return f"every layer resident ({format_bytes(self.resident_bytes)}); nothing streamed"
+            return f"every layer resident ({format_bytes(self.resident_bytes)}); nothing streamed" + self._context()
         resident = _ranges(self.resident_layers)
         return (f"resident: embedding, head, norms{' and layers ' + resident if resident else ''} "
                 f"({format_bytes(self.resident_bytes)}); streamed: layers {_ranges(self.streamed_layers)} "
@@ -74,14 +79,22 @@ class Placement:
                 f"{format_bytes(self.ring_bytes)} buffer, "
                 + ("read ahead by a background thread" if self.read_ahead else
                    "read by the decode step's threads as reached" + (
-                       f" ({self.cached_fraction:.0%} of it in the page cache)" if self.cached_fraction >= 0 else "")))
+                       f" ({self.cached_fraction:.0%} of it in the page cache)" if self.cached_fraction >= 0 else ""))
+                + self._context())
+
+    def _context(self) -> str:
+        if not self.context_tokens:
+            return ""
+        return (f"; the budget holds up to {self.context_tokens:,} tokens of prompt and new tokens per row at "
+                f"batch {self.batch} (KV cache: {self.kv_cache})")
 
     def as_dict(self) -> dict:
         return {"resident_layers": self.resident_layers, "streamed_layers": self.streamed_layers,
                 "resident_bytes": self.resident_bytes, "streamed_bytes": self.streamed_bytes,
                 "ring_bytes": self.ring_bytes, "workspace_bytes": self.workspace_bytes,
                 "predicted_peak_bytes": self.predicted_peak_bytes, "budget_bytes": self.budget_bytes,
-                "files": self.files, "read_ahead": self.read_ahead, "cached_fraction": self.cached_fraction}
+                "files": self.files, "read_ahead": self.read_ahead, "cached_fraction": self.cached_fraction,
+                "context_tokens": self.context_tokens, "batch": self.batch, "kv_cache": self.kv_cache}
 
 
 def _ranges(indices: list[int]) -> str:
@@ -95,7 +108,8 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(out)
 
 
-def _workspace_bytes(skeleton: nn.Module, batch: int, prompt_tokens: int, new_tokens: int, streamed: bool) -> int:
+def _workspace_bytes(skeleton: nn.Module, batch: int, prompt_tokens: int, new_tokens: int, streamed: bool,
+                     kv_format: KVFormat | None = None) -> int:
     """The runtime generate's peak beyond its weights (KV cache, activations, workspace), predicted
     on fake tensors with the cache sized exactly; with ``streamed``, the int4 layers run on their
     saved layout, as streamed ones do (the Python prefill's kernel then needs other temporaries)."""
@@ -113,15 +127,20 @@ def _workspace_bytes(skeleton: nn.Module, batch: int, prompt_tokens: int, new_to
     to_fake(fake, mode, torch.device("cpu"))
     workload = Workload(mode=Mode.GENERATE, batch_size=batch, seq_len=prompt_tokens, new_tokens=new_tokens)
     with mode, synthetic_input_facts():
-        report = runtime_generate_report(fake, workload, cache_step=1)
+        report = runtime_generate_report(fake, workload, cache_step=1, kv_format=kv_format)
     return report.peak_bytes - weight_bytes(fake)
 
 
 def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget: int, *, batch: int = 1,
                    prompt_tokens: int, new_tokens: int, overhead: int = 0,
-                   resident_layers: int | None = None) -> Placement:
+                   resident_layers: int | None = None, kv_format: KVFormat | None = None) -> Placement:
     """The placement of ``skeleton`` (a meta model) that fits ``budget`` bytes with the most
     layers resident (or with the first ``resident_layers`` resident, if given).
+
+    It also says how long a context the budget holds with that placement (`Placement.context_tokens`):
+    the workspace (KV cache, attention's per-column temporaries) grows linearly with the tokens, so
+    one more prediction, `CONTEXT_PROBE` tokens longer, gives its growth per token; the length that
+    gives is then predicted itself, and stepped back until it fits.
 
     Raises:
         BudgetError: no placement fits; the message names the smallest budget that does.
@@ -131,7 +150,7 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
     layer_prefixes = [f"{parts.layers_fqn}.{i}." for i in range(count)]
     layer_bytes = [sum(t.nbytes for n, t in stored.items() if n.startswith(p)) for p in layer_prefixes]
     other_bytes = sum(t.nbytes for n, t in stored.items() if not n.startswith(f"{parts.layers_fqn}."))
-    workspaces = [_workspace_bytes(skeleton, batch, prompt_tokens, new_tokens, streamed) + overhead
+    workspaces = [_workspace_bytes(skeleton, batch, prompt_tokens, new_tokens, streamed, kv_format) + overhead
                   for streamed in (False, True)]
     units = [u for i in range(count) for u in layer_units(skeleton, i, stored)]
 
@@ -156,13 +175,30 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
         ring = min(ring + (budget - used) // ALIGN * ALIGN,
                    aligned(sum(u.nbytes for u in units if u.layer >= resident)) + ring)
     files = sorted({str(t.path) for t in stored.values()})
+    fixed = used - workspaces[resident < count]  # weights, ring and slack: the same at any length
+
+    def workspace(new: int) -> int:
+        return _workspace_bytes(skeleton, batch, prompt_tokens, new, resident < count, kv_format) + overhead
+
+    per_token = max(workspace(new_tokens + CONTEXT_PROBE) - workspaces[resident < count], 1) / CONTEXT_PROBE
+    extra = int((budget - used) / per_token)
+    for _ in range(4):  # the growth is linear but for rounding (cache groups, allocator blocks): check, step back
+        over = fixed + workspace(new_tokens + extra) - budget if extra else 0
+        if over <= 0:
+            break
+        extra = max(extra - int(over / per_token) - 1, 0)
+    context = prompt_tokens + new_tokens + extra
+    limit = int(getattr(skeleton.config, "max_position_embeddings", 0) or context)
     return Placement(list(range(resident)), list(range(resident, count)), other_bytes + sum(layer_bytes[:resident]),
-                     streamed_bytes, ring, workspaces[resident < count], budget, files)
+                     streamed_bytes, ring, workspaces[resident < count], budget, files,
+                     context_tokens=min(context, limit), batch=batch,
+                     kv_cache=kv_format.token if kv_format is not None else "model dtype")
 
 
 def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_tokens: int, new_tokens: int,
                   ahead: int | None = None, overhead: int = 0, count_rss: bool = True,
-                  resident_layers: int | None = None) -> tuple[nn.Module, StreamedWeights | None, Placement]:
+                  resident_layers: int | None = None,
+                  kv_format: KVFormat | None = None) -> tuple[nn.Module, StreamedWeights | None, Placement]:
     """Load ``ref`` to run in ``max_memory`` bytes: ``(model, streamed weights or None, placement)``.
 
     ``ahead``: units the background reader may read ahead (0: none, the step's threads read each
@@ -171,7 +207,7 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
     bytes the process already holds that count against the budget (`memfit generate` passes
     what building the model's modules added); with ``count_rss`` the growth of the process while the
     modules are built is added to it. ``resident_layers``: keep exactly the first this many layers
-    resident (default: as many as fit).
+    resident (default: as many as fit). ``kv_format``: the run's KV cache is quantized so.
 
     Raises:
         BudgetError: the budget is below the smallest placement (the message says which budget works).
@@ -188,7 +224,8 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
         trim_freed_memory()
         built = max(rss_bytes() - before, 0) if count_rss else 0
         placement = plan_placement(skeleton, stored, max_memory, batch=batch, prompt_tokens=prompt_tokens,
-                                   new_tokens=new_tokens, overhead=overhead + built, resident_layers=resident_layers)
+                                   new_tokens=new_tokens, overhead=overhead + built, resident_layers=resident_layers,
+                                   kv_format=kv_format)
         trim_freed_memory()  # the prediction's fake tensors and copies, given back before the weights come
         if ahead is None and placement.streamed_layers:  # asked before this process reads anything of them
             placement.cached_fraction = StreamedWeights.cached_fraction(

@@ -21,11 +21,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from memfit.errors import RecipeError
 from memfit.generation import cached_step
 from memfit.memory.report import MemoryReport
 from memfit.memory.tracker import Tracker, track
 from memfit.runtime import Engine, runs_on_runtime
 from memfit.runtime.engine import CACHE_STEP
+from memfit.runtime.kvcache import KVFormat
 from memfit.settings import RunSettings
 from memfit.workload import Mode, Workload
 
@@ -102,8 +104,12 @@ def run_workload(
         steps = workload.new_tokens if decode_steps is None else min(decode_steps, workload.new_tokens)
         if runs_on_runtime(model):
             with torch.no_grad(), settings.forward(device.type):
-                _generate_with_runtime(model, ids, workload, tracker, steps)
+                _generate_with_runtime(model, ids, workload, tracker, steps, kv_format=settings.kv_cache)
             return
+        if settings.kv_cache is not None:
+            raise RecipeError(f"{settings.kv_cache.token} quantizes memfit runtime's cache, which does not run "
+                              f"model type {getattr(model.config, 'model_type', None)!r}",
+                              f"leave {settings.kv_cache.token} out for this model")
         with torch.no_grad(), settings.forward(device.type):
             cache = kv_cache(model, workload)
             _, token = cached_step(model, ids, cache)
@@ -116,22 +122,24 @@ def run_workload(
 
 
 def runtime_generate_report(model: nn.Module, workload: Workload, *, cache_step: int = CACHE_STEP,
-                            decode_steps: int = 2) -> MemoryReport:
+                            decode_steps: int = 2, kv_format: KVFormat | None = None) -> MemoryReport:
     """The tracked report of the runtime's generate on ``model`` (real or fake tensors), its cache
     length rounded up to a multiple of ``cache_step`` (1: exactly the prompt plus new tokens, as a
     streamed run sizes it)."""
     ids = torch.randint(0, model.config.vocab_size, (workload.batch_size, workload.seq_len))
     with track(model) as tracker, torch.no_grad():
-        _generate_with_runtime(model, ids, workload, tracker, min(decode_steps, workload.new_tokens), cache_step)
+        _generate_with_runtime(model, ids, workload, tracker, min(decode_steps, workload.new_tokens), cache_step,
+                               kv_format)
     return tracker.report()
 
 
 def _generate_with_runtime(model: nn.Module, ids: torch.Tensor, workload: Workload, tracker: Tracker,
-                           steps: int, cache_step: int = CACHE_STEP) -> None:
-    """What `memfit generate` runs (its native step where it runs the model, else its eager one):
-    the engine's workspace, its static cache (rounded up as the engine rounds it), the prefill,
-    then ``steps`` decode steps."""
-    engine = Engine(model, compile=False, cache_step=cache_step)
+                           steps: int, cache_step: int = CACHE_STEP, kv_format: KVFormat | None = None) -> None:
+    """What `memfit generate` runs (its native step where it runs the model, else its eager one;
+    with ``kv_format``, its quantized cache on the eager step, whose dequantized layer the compiled
+    step's fused kernels may not hold, so the prediction is an upper bound there): the engine's workspace, its static cache (rounded up as the engine rounds it), the
+    prefill, then ``steps`` decode steps."""
+    engine = Engine(model, compile=False, cache_step=cache_step, kv_format=kv_format)
     cache = engine.cache_for(workload.batch_size, workload.seq_len + max(workload.new_tokens, 1))
     tracker.hold(cache.tensors())
     pad = torch.zeros(workload.batch_size, dtype=torch.long, device=ids.device)

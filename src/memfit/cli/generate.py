@@ -15,6 +15,7 @@ examples:
   memfit generate --model demo --prompt "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 7
   memfit generate --model demo --prompt "Once upon a time" --max-memory 25%    # streams what does not fit
   memfit generate --model ./smollm2-int4 --prompt-file prompts.txt --batch 16 --max-memory 60MB --json
+  memfit generate --model demo --prompt-file long.txt --kv-cache int4 --max-memory 40%
 
 Decode steps run in memfit's C library, one call per token (decode_step "native"), for models in
 float32, bf16, int8, int4-gN, w8a8 and structurally pruned shapes; nothing is compiled but the
@@ -42,7 +43,13 @@ the weights held, the buffer, the KV cache, the activations and workspace, and t
 modules; what was placed where is printed. JSON adds "max_memory_bytes", "tracked_peak_bytes" (the
 run's tracked peak, within the budget), "bytes_read_per_token" and "placement" ({"resident_layers",
 "streamed_layers", "resident_bytes", "streamed_bytes", "ring_bytes", "workspace_bytes",
-"predicted_peak_bytes", "budget_bytes", "files", "read_ahead", "cached_fraction"}).
+"predicted_peak_bytes", "budget_bytes", "files", "read_ahead", "cached_fraction", "context_tokens",
+"batch", "kv_cache"}); context_tokens is the longest prompt plus new tokens per row the budget holds with
+that placement and KV cache (predicted), which is also printed.
+
+--kv-cache int8|int4 keeps the KV cache quantized (per token in 8 bits; in 4 bits keys per channel over
+32-token groups and values per token): 0.52x / 0.30x an fp16 cache's bytes at 2,048 tokens, perplexity
++0.03% / +2.4% on the demo model; with --max-memory the budget then holds a longer context.
 Streaming reads memfit directories, Hugging Face directories with one safetensors file, and demo."""
 
 
@@ -77,6 +84,9 @@ def add_parser(subparsers) -> None:
                         help="run within B bytes (e.g. 150MB, or 25%% of the model's weight bytes): the decoder "
                              "layers that do not fit are streamed from the model's file, the next ones read ahead "
                              "while the current ones compute")
+    parser.add_argument("--kv-cache", choices=("int8", "int4"),
+                        help="quantize the KV cache (kv-int8: 0.52x, kv-int4: 0.30x an fp16 cache's bytes); decodes "
+                             "with the compiled PyTorch step")
     reads = parser.add_mutually_exclusive_group()
     reads.add_argument("--prefetch", action="store_true",
                        help="with --max-memory, always read streamed layers ahead in a background thread")
@@ -98,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from memfit.runtime import Engine, Sampling, stream
     from memfit.runtime.engine import CACHE_STEP
     from memfit.runtime.generate import encode, generate_batch
+    from memfit.runtime.kvcache import KVFormat
     from memfit.units import format_bytes
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -118,14 +129,15 @@ def run(args: argparse.Namespace) -> int:
     streamed = placement = tracker = None
     batch = min(args.batch or 1, len(prompts))
     longest = max(len(encode(tokenizer, p, args.chat)) for p in prompts)
+    kv_format = KVFormat(args.kv_cache) if args.kv_cache else None
     if args.max_memory is not None:
-        model, streamed, placement = _load_within(args, batch, longest)
+        model, streamed, placement = _load_within(args, batch, longest, kv_format)
         if not args.json:
             console.stderr.print(f"placement: {placement.describe()}", soft_wrap=True)
     else:
         model, _ = load(args.model, tokenizer=False)
     engine = Engine(model, compile=not args.no_compile, native=not args.no_native, streamed=streamed,
-                    cache_step=1 if placement is not None else CACHE_STEP)
+                    cache_step=1 if placement is not None else CACHE_STEP, kv_format=kv_format)
     result = []
     with contextlib.ExitStack() as stack:
         if placement is not None:  # the budget is checked against what the run holds, tracked
@@ -181,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_within(args: argparse.Namespace, batch: int, longest: int):
+def _load_within(args: argparse.Namespace, batch: int, longest: int, kv_format):
     """``(model, streamed weights, placement)`` for ``--max-memory``: ``batch`` rows of up to
     ``longest`` prompt tokens."""
     from memfit.io import stored_tensors
@@ -192,4 +204,4 @@ def _load_within(args: argparse.Namespace, batch: int, longest: int):
     budget = parse_budget(args.max_memory, sum(t.nbytes for t in stored.values()))
     return load_streamed(args.model, budget, batch=batch, prompt_tokens=longest,
                          new_tokens=max(args.max_new_tokens, 1),
-                         ahead=0 if args.no_prefetch else READ_AHEAD if args.prefetch else None)
+                         ahead=0 if args.no_prefetch else READ_AHEAD if args.prefetch else None, kv_format=kv_format)
