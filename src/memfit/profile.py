@@ -137,7 +137,8 @@ def _generate_with_runtime(model: nn.Module, ids: torch.Tensor, workload: Worklo
                            steps: int, cache_step: int = CACHE_STEP, kv_format: KVFormat | None = None) -> None:
     """What `memfit generate` runs (its native step where it runs the model, else its eager one;
     with ``kv_format``, its quantized cache on the eager step, whose dequantized layer the compiled
-    step's fused kernels may not hold, so the prediction is an upper bound there): the engine's workspace, its static cache (rounded up as the engine rounds it), the
+    step's fused kernels may not hold, so the prediction is an upper bound there): the engine's
+    workspace, its static cache (rounded up as the engine rounds it), the
     prefill, then ``steps`` decode steps."""
     engine = Engine(model, compile=False, cache_step=cache_step, kv_format=kv_format)
     cache = engine.cache_for(workload.batch_size, workload.seq_len + max(workload.new_tokens, 1))

@@ -13,4 +13,5 @@ from memfit.runtime.generate import Generation, generate, stream
 from memfit.runtime.kvcache import KVCache, KVFormat
 from memfit.runtime.sampling import Sampling
 
-__all__ = ["Decoder", "Engine", "Generation", "KVCache", "KVFormat", "Sampling", "generate", "runs_on_runtime", "stream"]
+__all__ = ["Decoder", "Engine", "Generation", "KVCache", "KVFormat", "Sampling", "generate", "runs_on_runtime",
+           "stream"]
