@@ -20,6 +20,11 @@ Peak RSS growth is the process's high-water mark (``VmHWM``) minus its RSS just 
 is read. ``--cold`` drops the weight files from the page cache (``posix_fadvise(DONTNEED)``) before
 each run.
 
+Each memfit row also gets the cost model's prediction (`memfit.speed`), from rates measured in the
+same run after the rounds, once per batch: the runtime's step with every layer streamed, and the
+streamed bytes read with 1 and T threads (cold with ``--cold``); the prediction for a row is made
+for the bytes that row streamed and the way it read them, and its error is against the row's median.
+
     python benchmarks/offload.py --model demo
     python benchmarks/offload.py --model DIR --budgets 50% --batches 1 --rounds 1
 """
@@ -95,7 +100,8 @@ def memfit_run(model_ref: str, budget: int, batch: int, new: int, prefetch: bool
     return {"decode_tokens_per_s": data["batch_decode_tokens_per_s"],
             "rss_growth": data["peak_rss_bytes"] - data["baseline_rss_bytes"],
             "bytes_read_per_token": data["bytes_read_per_token"], "text": data["texts"][0],
-            "tracked_peak_bytes": data["tracked_peak_bytes"]}
+            "tracked_peak_bytes": data["tracked_peak_bytes"], "read_ahead": data["placement"]["read_ahead"],
+            "resident_bytes": data["placement"]["resident_bytes"]}
 
 
 def main() -> None:
@@ -144,16 +150,24 @@ def main() -> None:
                 results[row].append(result)
                 print(f"round {round_ + 1}: {text} batch {batch} {kind}: "
                       f"{result.get('decode_tokens_per_s', result.get('error'))}", file=sys.stderr, flush=True)
+    from memfit.io import load_tokenizer
+    from memfit.speed import measure
+
+    prompt_tokens = len(load_tokenizer(args.model)(PROMPT)["input_ids"])
+    rates = {batch: measure(args.model, batch=batch, prompt_tokens=prompt_tokens, new_tokens=args.new, cold=args.cold)
+             for batch in sorted({row[2] for row in rows})}
+    for batch, rate in rates.items():
+        print(f"cost model rates at batch {batch}: {json.dumps(rate.as_dict())}", file=sys.stderr)
     print(f"{args.model}: {total:,} weight bytes; {args.new} new tokens after {PROMPT!r}; {args.rounds} interleaved "
           f"rounds, medians; page cache {'dropped before each run' if args.cold else 'warm'}\n")
-    print("| budget | batch | row | decode tok/s | vs synchronous | vs Accelerate | peak RSS growth MB | "
-          "read per token MB | same text as memfit read-ahead |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| budget | batch | row | decode tok/s | predicted tok/s | error | vs synchronous | vs Accelerate | "
+          "peak RSS growth MB | read per token MB | same text as memfit read-ahead |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for text, budget, batch, kind in rows:
         runs = [r for r in results[text, budget, batch, kind] if "error" not in r]
         if not runs:
             error = results[text, budget, batch, kind][0]["error"]
-            print(f"| {text} | {batch} | {kind} | refused: {error} | | | | | |")
+            print(f"| {text} | {batch} | {kind} | refused: {error} | | | | | | | |")
             continue
         rate = statistics.median(r["decode_tokens_per_s"] for r in runs)
 
@@ -164,7 +178,11 @@ def main() -> None:
         sync, acc = median_rate("memfit synchronous"), median_rate("accelerate offload")
         ref = next((r["text"] for r in results[text, budget, batch, "memfit read-ahead"] if "error" not in r), None)
         ratio = lambda other: f"{rate / other:.2f}x" if other else "-"  # noqa: E731
-        print(f"| {text} | {batch} | {kind} | {rate:.1f} | {ratio(sync)} | {ratio(acc)} | "
+        predicted = error = ""
+        if kind.startswith("memfit"):
+            step = rates[batch].step_s(runs[0]["bytes_read_per_token"], read_ahead=runs[0]["read_ahead"])
+            predicted, error = f"{batch / step:.1f}", f"{batch / step / rate - 1:+.0%}"
+        print(f"| {text} | {batch} | {kind} | {rate:.1f} | {predicted} | {error} | {ratio(sync)} | {ratio(acc)} | "
               f"{statistics.median(r['rss_growth'] for r in runs) / 1e6:.1f} | "
               f"{runs[0]['bytes_read_per_token'] / 1e6:.1f} | {runs[0]['text'] == ref} |")
 

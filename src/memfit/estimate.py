@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memfit.errors import BudgetError, RecipeError
+from memfit.errors import BudgetError, ModelNotFoundError, RecipeError
 from memfit.io import skeleton as build_skeleton
 from memfit.memory.report import MemoryReport, weight_report
 from memfit.models.meta import meta_copy, to_fake
@@ -153,3 +153,35 @@ def max_batch_size(
         else:
             too_big = middle
     return fits
+
+
+def placement_inputs(ref: str | Path, plan: Plan) -> tuple[nn.Module, dict, bool]:
+    """What `memfit.offload.plan_placement` needs for ``ref`` under ``plan``: ``(meta model, stored
+    tensors, whether they are files on this machine)``.
+
+    A model directory is placed as its files store it, so its ``plan`` may hold run settings only
+    (``kv-int8``); a config (``llama-3-70b``, a ``config.json``) gets ``plan``'s strategies applied
+    on the meta device, and its tensors are placed at the bytes they would have.
+
+    Raises:
+        RecipeError: a model directory with weight strategies in ``plan``.
+    """
+    from memfit.io import StoredTensor, stored_tensors
+
+    try:
+        stored = stored_tensors(ref)
+    except ModelNotFoundError:
+        stored = None
+    if stored is not None:
+        if plan.strategies:
+            raise RecipeError(f"{str(ref)!r} is streamed as its files store it; --recipe {plan.recipe} would change it",
+                              "save the model with the recipe first (memfit compress), or keep only run settings "
+                              "such as kv-int8")
+        return build_skeleton(ref), stored, True
+    skeleton = build_skeleton(ref)
+    with torch.no_grad():
+        apply(skeleton, plan, Context())
+    where = Path(str(ref))
+    stored = {name: StoredTensor(where, 0, t.numel() * t.element_size(), t.dtype, tuple(t.shape))
+              for name, t in skeleton.state_dict().items()}
+    return skeleton, stored, False

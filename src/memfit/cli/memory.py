@@ -58,9 +58,14 @@ examples:
   memfit estimate --model llama-3-8b --mode generate --batch 8 --seq 2048 --new-tokens 512 --recipe int4-g128
   memfit estimate --model demo --mode train --seq 256 --recipe bf16,sgd --budget 1GiB
   memfit estimate --model llama-3-8b --mode train --batch 8 --seq 2048 --recipe fsdp,bf16-master --nproc 8
+  memfit estimate --model demo --mode generate --seq 32 --new-tokens 32 --max-memory 25%
+  memfit estimate --model llama-3-70b --recipe int4-g128 --mode generate --seq 512 --new-tokens 512 \
+      --max-memory 24GB --memory-bandwidth 1TB --read-bandwidth 25GB --host-memory 64GB
 
 JSON (last stdout line): {{"peak_bytes", "by_category": {{...}}, "by_module": [[name, bytes], ...top 20]}},
-plus "max_batch_size" with --budget"""
+plus "max_batch_size" with --budget; with --max-memory: {{"placement", "weight_bytes", "prediction":
+{{"resident_bytes", "streamed_bytes", "tokens_per_s", "tokens_per_s_read_when_reached",
+"tokens_per_s_read_ahead", "rates"}}}} (prediction null for a model without weights here and no bandwidths)"""
 
 
 def add_parser(subparsers) -> None:
@@ -93,6 +98,20 @@ def add_parser(subparsers) -> None:
                                      "the recipe); the report is one rank's")
             parser.add_argument("--budget", metavar="SIZE",
                                 help="also print the largest batch whose predicted peak fits SIZE (e.g. 1GiB)")
+            speed = parser.add_argument_group(
+                "models larger than memory (--mode generate)",
+                "with --max-memory, predict the placement memfit generate --max-memory would choose (what stays "
+                "resident, what is streamed per token) and its decode tokens/s: measured on this machine for a "
+                "model whose weights are here, or from the two bandwidths given")
+            speed.add_argument("--max-memory", metavar="B",
+                               help="the memory the run may hold (e.g. 150MB, or 25%% of the model's weight bytes)")
+            speed.add_argument("--memory-bandwidth", metavar="RATE",
+                               help="assume the device reads its memory at RATE bytes/s (e.g. 1TB for a GPU's)")
+            speed.add_argument("--read-bandwidth", metavar="RATE",
+                               help="assume streamed bytes arrive at RATE bytes/s, overlapped with compute "
+                                    "(e.g. 25GB for pinned host memory over PCIe 4.0 x16)")
+            speed.add_argument("--host-memory", metavar="B",
+                               help="with the bandwidths: the host memory the streamed bytes are held in (checked)")
         parser.add_argument("--report", type=Path, metavar="FILE",
                             help="write the tables and a timeline plot by category (.html page or .png plot)")
         options.add_json(parser)
@@ -150,6 +169,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     from memfit.units import format_bytes, parse_bytes
 
     plan, workload = _plan_and_workload(args)
+    if args.max_memory is not None:
+        return _estimate_streamed(args, plan, workload)
     budget_bytes = parse_bytes(args.budget) if args.budget is not None else None
     with _status("reading the config"):
         model = skeleton(args.model)
@@ -162,6 +183,64 @@ def run_estimate(args: argparse.Namespace) -> int:
     extra = {} if batch is None else {"max_batch_size": batch}
     summary = [] if batch is None else [(f"largest batch under {format_bytes(budget_bytes)}", str(batch))]
     _output(args, "memfit estimate", _label(args, plan, workload), report, extra, summary)
+    return 0
+
+
+def _estimate_streamed(args: argparse.Namespace, plan, workload) -> int:
+    """``estimate --max-memory``: the placement and its predicted decode speed."""
+    from memfit.errors import RecipeError
+    from memfit.estimate import placement_inputs
+    from memfit.offload import plan_placement
+    from memfit.speed import Rates, measure, predict
+    from memfit.units import format_bytes, parse_budget, parse_bytes
+    from memfit.workload import Mode
+
+    if workload.mode is not Mode.GENERATE:
+        raise RecipeError("--max-memory predicts generation", "add --mode generate")
+    assumed = (args.memory_bandwidth, args.read_bandwidth)
+    if (assumed[0] is None) != (assumed[1] is None):
+        raise RecipeError("--memory-bandwidth and --read-bandwidth go together", "pass both, or neither to measure")
+    with _status("reading the model"):
+        model, stored, on_disk = placement_inputs(args.model, plan)
+    weights = sum(t.nbytes for t in stored.values())
+    budget = parse_budget(args.max_memory, weights)
+    with _status("placing the layers (the workload on fake tensors)"):
+        placement = plan_placement(model, stored, budget, batch=workload.batch_size, prompt_tokens=workload.seq_len,
+                                   new_tokens=workload.new_tokens, kv_format=plan.run.kv_cache)
+    if assumed[0] is not None:
+        if args.host_memory is not None and placement.streamed_bytes > parse_bytes(args.host_memory):
+            raise RecipeError(f"the streamed layers hold {format_bytes(placement.streamed_bytes)}, over --host-memory "
+                              f"{args.host_memory}", "raise --max-memory or compress the model further")
+        rates = Rates.assumed(weights, parse_bytes(assumed[0]), parse_bytes(assumed[1]),
+                              batch=workload.batch_size, context=workload.seq_len + workload.new_tokens)
+    elif on_disk:
+        placement.read_ahead = False  # what generate does when the file is in the page cache, as measuring leaves it
+        with _status("measuring this machine: the runtime's step with every layer streamed, and reads"):
+            rates = measure(args.model, batch=workload.batch_size, prompt_tokens=workload.seq_len,
+                            new_tokens=workload.new_tokens)
+    else:
+        rates = None
+    prediction = predict(placement, rates) if rates is not None else None
+    if args.json:
+        console.print_json({"placement": placement.as_dict(), "weight_bytes": weights,
+                            "prediction": prediction.as_dict() if prediction else None})
+        return 0
+    console.stdout.print(f"memfit estimate: {_label(args, plan, workload)}, --max-memory {format_bytes(budget)}")
+    console.stdout.print(f"placement: {placement.describe()}", soft_wrap=True)
+    console.stdout.print(f"predicted peak: {format_bytes(placement.predicted_peak_bytes)} "
+                         f"(resident {format_bytes(placement.resident_bytes)}, buffer "
+                         f"{format_bytes(placement.ring_bytes)}, workspace {format_bytes(placement.workspace_bytes)})")
+    if prediction is None:
+        console.stdout.print("speed: the weights are not on this machine; pass --memory-bandwidth and "
+                             "--read-bandwidth to predict it", soft_wrap=True)
+        return 0
+    source = ("assumed bandwidths" if rates.source == "assumed" else
+              f"measured here: step compute {rates.compute_s * 1e3:.1f} ms, reads "
+              f"{format_bytes(int(rates.read_bytes_per_s))}/s with {rates.read_threads} threads, "
+              f"{format_bytes(int(rates.read_one_bytes_per_s))}/s with one")
+    console.stdout.print(f"predicted decode: {prediction.tokens_per_s:.1f} tokens/s at batch {workload.batch_size} "
+                         f"(read when reached {prediction.tokens_per_s_read_when_reached:.1f}, read ahead "
+                         f"{prediction.tokens_per_s_read_ahead:.1f}; {source})", soft_wrap=True)
     return 0
 
 
