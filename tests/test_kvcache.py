@@ -144,6 +144,9 @@ def test_generate_and_estimate_take_the_kv_cache(capsys):
                  "--json"]) == 0
     full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["by_category"]["kv_cache"]
     assert quantized < full / 3  # an fp32 cache against int8 codes and their scales
+    assert main(["eval", "--model", "tiny-llama", "--kv-cache", "int4", "--tokens", "1024", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["kv_cache"] == "kv-int4" and scored["eval_tokens"] == 1024 and scored["perplexity"] > 1
     with pytest.raises(SystemExit) as exit:
         main(["generate", "--model", "tiny-llama", "--prompt", "hi", "--kv-cache", "int2"])
     assert exit.value.code == 2 and "invalid choice: 'int2'" in capsys.readouterr().err

@@ -190,3 +190,23 @@ def test_generate_batch_decodes_each_line_as_its_own_run_would(saved, tmp_path, 
     assert data["texts"] == alone and data["placement"]["streamed_layers"]
     assert main([*args[:-2], "0", "--json"]) == 2
     assert "--batch must be at least 1" in capsys.readouterr().err
+
+
+def test_eval_max_memory_scores_as_the_resident_runtime_does_within_the_budget(saved, capsys):
+    from memfit.cli.eval import STREAMED_CHUNK
+    from memfit.data import eval_text, token_windows
+    from memfit.evaluate import WINDOW, runtime_perplexity
+
+    path = saved("tiny-llama", "none")
+    budget = smallest_budget(path, prompt_tokens=WINDOW, new_tokens=0, eval_chunk=STREAMED_CHUNK, count_rss=False)
+    assert main(["eval", "--model", str(path), "--max-memory", str(budget + (64 << 10)), "--tokens", "1024",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["placement"]["streamed_layers"] and out["tracked_peak_bytes"] <= out["max_memory_bytes"]
+    model, tokenizer = memfit.load(path)
+    windows = token_windows(tokenizer, eval_text(), 1024, WINDOW)
+    resident = runtime_perplexity(Engine(model, compile=False, native=False, cache_step=1), windows,
+                                  chunk=STREAMED_CHUNK)
+    assert out["perplexity"] == resident and out["eval_tokens"] == 1024
+    assert main(["eval", "--model", str(path), "--max-memory", "1", "--tokens", "1024"]) == 2
+    assert "pass --max-memory" in capsys.readouterr().err

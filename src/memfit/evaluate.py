@@ -129,21 +129,11 @@ def runtime_perplexity(engine: Engine, windows: torch.Tensor, progress: Progress
     """`perplexity` through memfit's runtime: each window [T] written into the engine's static KV
     cache ``chunk`` tokens at a time, every position's logits computed over the cache as stored, so
     a quantized cache (``kv-int8``/``kv-int4``) or streamed layers are what is measured."""
-    decoder = engine.decoder
-    length = windows.shape[1]
-    cache = engine.cache_for(1, length)
-    pad = torch.zeros(1, dtype=torch.long, device=decoder.device)
     total_nll, total_count = 0.0, 0
     for i, window in enumerate(windows):
-        ids = window.to(decoder.device)
-        for start in range(0, length, chunk):
-            end = min(start + chunk, length)
-            columns = torch.arange(start, end, device=decoder.device)
-            logits = decoder.forward(ids[None, start:end], columns, pad, cache, last_only=False)[0]
-            targets = ids[start + 1:end + 1]  # the window's last position has none
-            total_nll += F.cross_entropy(logits[: len(targets)], targets, reduction="sum").item()
-            total_count += len(targets)
-            del logits
+        for loss, count in engine.losses(window.to(engine.decoder.device), chunk):
+            total_nll += loss.item()
+            total_count += count
         if progress:
             progress("perplexity", i + 1, len(windows))
     return math.exp(total_nll / total_count)

@@ -109,15 +109,17 @@ def _ranges(indices: list[int]) -> str:
 
 
 def _workspace_bytes(skeleton: nn.Module, batch: int, prompt_tokens: int, new_tokens: int, streamed: bool,
-                     kv_format: KVFormat | None = None) -> int:
+                     kv_format: KVFormat | None = None, eval_chunk: int | None = None) -> int:
     """The runtime generate's peak beyond its weights (KV cache, activations, workspace), predicted
     on fake tensors with the cache sized exactly; with ``streamed``, the int4 layers run on their
-    saved layout, as streamed ones do (the Python prefill's kernel then needs other temporaries)."""
+    saved layout, as streamed ones do (the Python prefill's kernel then needs other temporaries).
+    With ``eval_chunk``, the workload is `memfit.evaluate.runtime_perplexity` over windows of
+    ``prompt_tokens``, that many tokens a forward."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memfit.memory.report import weight_bytes
     from memfit.models.meta import meta_copy, to_fake
-    from memfit.profile import runtime_generate_report, synthetic_input_facts
+    from memfit.profile import runtime_generate_report, runtime_perplexity_report, synthetic_input_facts
     from memfit.workload import Mode, Workload
 
     fake = meta_copy(skeleton)
@@ -127,20 +129,25 @@ def _workspace_bytes(skeleton: nn.Module, batch: int, prompt_tokens: int, new_to
     to_fake(fake, mode, torch.device("cpu"))
     workload = Workload(mode=Mode.GENERATE, batch_size=batch, seq_len=prompt_tokens, new_tokens=new_tokens)
     with mode, synthetic_input_facts():
-        report = runtime_generate_report(fake, workload, cache_step=1, kv_format=kv_format)
+        if eval_chunk is not None:
+            report = runtime_perplexity_report(fake, prompt_tokens, eval_chunk, kv_format)
+        else:
+            report = runtime_generate_report(fake, workload, cache_step=1, kv_format=kv_format)
     return report.peak_bytes - weight_bytes(fake)
 
 
 def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget: int, *, batch: int = 1,
                    prompt_tokens: int, new_tokens: int, overhead: int = 0,
-                   resident_layers: int | None = None, kv_format: KVFormat | None = None) -> Placement:
+                   resident_layers: int | None = None, kv_format: KVFormat | None = None,
+                   eval_chunk: int | None = None) -> Placement:
     """The placement of ``skeleton`` (a meta model) that fits ``budget`` bytes with the most
     layers resident (or with the first ``resident_layers`` resident, if given).
 
     It also says how long a context the budget holds with that placement (`Placement.context_tokens`):
     the workspace (KV cache, attention's per-column temporaries) grows linearly with the tokens, so
     one more prediction, `CONTEXT_PROBE` tokens longer, gives its growth per token; the length that
-    gives is then predicted itself, and stepped back until it fits.
+    gives is then predicted itself, and stepped back until it fits. With ``eval_chunk`` the workload
+    is perplexity over windows of ``prompt_tokens`` (see `_workspace_bytes`), and no context is predicted.
 
     Raises:
         BudgetError: no placement fits; the message names the smallest budget that does.
@@ -150,8 +157,8 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
     layer_prefixes = [f"{parts.layers_fqn}.{i}." for i in range(count)]
     layer_bytes = [sum(t.nbytes for n, t in stored.items() if n.startswith(p)) for p in layer_prefixes]
     other_bytes = sum(t.nbytes for n, t in stored.items() if not n.startswith(f"{parts.layers_fqn}."))
-    workspaces = [_workspace_bytes(skeleton, batch, prompt_tokens, new_tokens, streamed, kv_format) + overhead
-                  for streamed in (False, True)]
+    workspaces = [_workspace_bytes(skeleton, batch, prompt_tokens, new_tokens, streamed, kv_format, eval_chunk)
+                  + overhead for streamed in (False, True)]
     units = [u for i in range(count) for u in layer_units(skeleton, i, stored)]
 
     def need(resident: int) -> tuple[int, int]:
@@ -175,6 +182,11 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
         ring = min(ring + (budget - used) // ALIGN * ALIGN,
                    aligned(sum(u.nbytes for u in units if u.layer >= resident)) + ring)
     files = sorted({str(t.path) for t in stored.values()})
+    kv_name = kv_format.token if kv_format is not None else "model dtype"
+    if eval_chunk is not None:
+        return Placement(list(range(resident)), list(range(resident, count)),
+                         other_bytes + sum(layer_bytes[:resident]), streamed_bytes, ring, workspaces[resident < count],
+                         budget, files, batch=batch, kv_cache=kv_name)
     fixed = used - workspaces[resident < count]  # weights, ring and slack: the same at any length
 
     def workspace(new: int) -> int:
@@ -192,13 +204,13 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
     return Placement(list(range(resident)), list(range(resident, count)), other_bytes + sum(layer_bytes[:resident]),
                      streamed_bytes, ring, workspaces[resident < count], budget, files,
                      context_tokens=min(context, limit), batch=batch,
-                     kv_cache=kv_format.token if kv_format is not None else "model dtype")
+                     kv_cache=kv_name)
 
 
 def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_tokens: int, new_tokens: int,
                   ahead: int | None = None, overhead: int = 0, count_rss: bool = True,
-                  resident_layers: int | None = None,
-                  kv_format: KVFormat | None = None) -> tuple[nn.Module, StreamedWeights | None, Placement]:
+                  resident_layers: int | None = None, kv_format: KVFormat | None = None,
+                  eval_chunk: int | None = None) -> tuple[nn.Module, StreamedWeights | None, Placement]:
     """Load ``ref`` to run in ``max_memory`` bytes: ``(model, streamed weights or None, placement)``.
 
     ``ahead``: units the background reader may read ahead (0: none, the step's threads read each
@@ -208,6 +220,8 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
     what building the model's modules added); with ``count_rss`` the growth of the process while the
     modules are built is added to it. ``resident_layers``: keep exactly the first this many layers
     resident (default: as many as fit). ``kv_format``: the run's KV cache is quantized so.
+    ``eval_chunk``: the run is `memfit.evaluate.runtime_perplexity` over windows of ``prompt_tokens``
+    (``new_tokens`` 0), that many tokens a forward.
 
     Raises:
         BudgetError: the budget is below the smallest placement (the message says which budget works).
@@ -225,7 +239,7 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
         built = max(rss_bytes() - before, 0) if count_rss else 0
         placement = plan_placement(skeleton, stored, max_memory, batch=batch, prompt_tokens=prompt_tokens,
                                    new_tokens=new_tokens, overhead=overhead + built, resident_layers=resident_layers,
-                                   kv_format=kv_format)
+                                   kv_format=kv_format, eval_chunk=eval_chunk)
         trim_freed_memory()  # the prediction's fake tensors and copies, given back before the weights come
         if ahead is None and placement.streamed_layers:  # asked before this process reads anything of them
             placement.cached_fraction = StreamedWeights.cached_fraction(

@@ -133,6 +133,22 @@ def runtime_generate_report(model: nn.Module, workload: Workload, *, cache_step:
     return tracker.report()
 
 
+def runtime_perplexity_report(model: nn.Module, window: int, chunk: int,
+                              kv_format: KVFormat | None = None) -> MemoryReport:
+    """The tracked report of `memfit.evaluate.runtime_perplexity` on ``model`` (real or fake
+    tensors): a cache of ``window`` columns, then the window's first two chunks of ``chunk`` tokens
+    (the others allocate the same)."""
+    engine = Engine(model, compile=False, native=False, cache_step=1, kv_format=kv_format)
+    ids = torch.randint(0, model.config.vocab_size, (window,))
+    with track(model) as tracker, torch.no_grad():
+        tracker.hold(engine.cache_for(1, window).tensors())
+        for i, (loss, _) in enumerate(engine.losses(ids, chunk)):
+            del loss
+            if i == 1:
+                break
+    return tracker.report()
+
+
 def _generate_with_runtime(model: nn.Module, ids: torch.Tensor, workload: Workload, tracker: Tracker,
                            steps: int, cache_step: int = CACHE_STEP, kv_format: KVFormat | None = None) -> None:
     """What `memfit generate` runs (its native step where it runs the model, else its eager one;

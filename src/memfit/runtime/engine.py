@@ -221,6 +221,24 @@ class Engine:
                 column = torch.arange(longest + produced, longest + produced + 1, device=device)
                 logits = step(decoder, token[:, None], column, pad, cache)
 
+    def losses(self, ids: torch.Tensor, chunk: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """Next-token losses of one window ``ids`` [T] through the cache, ``chunk`` tokens a forward:
+        per chunk, ``(summed NLL as a 0-d float tensor, tokens scored)``; every position's logits are
+        computed over the cache as stored (a quantized cache, streamed layers). Reads no value, so
+        the estimator runs it on fake tensors too."""
+        decoder = self.decoder
+        length = ids.shape[0]
+        cache = self.cache_for(1, length)
+        pad = torch.zeros(1, dtype=torch.long, device=decoder.device)
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            columns = torch.arange(start, end, device=decoder.device)
+            logits = decoder.forward(ids[None, start:end], columns, pad, cache, last_only=False)[0]
+            targets = ids[start + 1:end + 1]  # the window's last position has none
+            loss = torch.nn.functional.cross_entropy(logits[: len(targets)], targets, reduction="sum")
+            del logits
+            yield loss, len(targets)
+
     def _greedy_native(self, token: torch.Tensor, longest: int, pad: torch.Tensor, cache: KVCache,
                        max_new_tokens: int) -> Iterator[torch.Tensor]:
         """`tokens`' loop for greedy decoding with the native step: the library takes several steps
