@@ -210,3 +210,23 @@ def test_eval_max_memory_scores_as_the_resident_runtime_does_within_the_budget(s
     assert out["perplexity"] == resident and out["eval_tokens"] == 1024
     assert main(["eval", "--model", str(path), "--max-memory", "1", "--tokens", "1024"]) == 2
     assert "pass --max-memory" in capsys.readouterr().err
+
+
+def test_without_the_page_cache_every_pass_reads_the_disk_and_gives_the_same_tokens(saved):
+    from memfit.runtime.streamed import StreamedWeights
+
+    path = saved("tiny-llama", "none")
+    budget = smallest_budget(path, batch=len(PROMPTS), prompt_tokens=max(map(len, PROMPTS)), new_tokens=NEW,
+                             count_rss=False)
+    os.sync()  # written pages are dirty until written back, and only clean ones can be dropped
+    fd = os.open(path / "model.safetensors", os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # a cold start: then only the run's reads could cache pages
+    os.close(fd)
+    model, streamed, placement = load_streamed(path, budget, batch=len(PROMPTS), prompt_tokens=max(map(len, PROMPTS)),
+                                               new_tokens=NEW, count_rss=False, page_cache=False)
+    assert placement.read_ahead and streamed.ahead > 0  # disk reads wait: read ahead by default
+    engine = Engine(model, compile=False, streamed=streamed, cache_step=1)
+    tokens = [step.tokens for step in engine.stream(PROMPTS, NEW)]
+    assert StreamedWeights.cached_fraction(streamed.units) < 0.5  # the reader's last few units at most
+    assert streamed.stats()[0] >= NEW * placement.streamed_bytes  # every token read its layers again
+    assert tokens == streamed_tokens(path, 1 << 40)[0]  # the resident model's (read after: it maps the file)

@@ -52,7 +52,8 @@ def test_measured_rates_of_a_saved_model_and_the_estimate_cli(tmp_path, make_tin
     assert main(["estimate", "--model", str(tmp_path / "m"), "--mode", "generate", "--seq", "8", "--new-tokens", "8",
                  "--max-memory", "75%", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["placement"]["streamed_layers"] and out["placement"]["predicted_peak_bytes"] <= out["weight_bytes"] * 0.75
+    placement = out["placement"]
+    assert placement["streamed_layers"] and placement["predicted_peak_bytes"] <= out["weight_bytes"] * 0.75
     assert out["prediction"]["streamed_bytes"] == out["placement"]["streamed_bytes"] > 0
     assert out["prediction"]["tokens_per_s"] > 0
     assert main(["estimate", "--model", str(tmp_path / "m"), "--mode", "generate", "--recipe", "int8",

@@ -210,7 +210,8 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
 def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_tokens: int, new_tokens: int,
                   ahead: int | None = None, overhead: int = 0, count_rss: bool = True,
                   resident_layers: int | None = None, kv_format: KVFormat | None = None,
-                  eval_chunk: int | None = None) -> tuple[nn.Module, StreamedWeights | None, Placement]:
+                  eval_chunk: int | None = None,
+                  page_cache: bool = True) -> tuple[nn.Module, StreamedWeights | None, Placement]:
     """Load ``ref`` to run in ``max_memory`` bytes: ``(model, streamed weights or None, placement)``.
 
     ``ahead``: units the background reader may read ahead (0: none, the step's threads read each
@@ -221,7 +222,9 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
     modules are built is added to it. ``resident_layers``: keep exactly the first this many layers
     resident (default: as many as fit). ``kv_format``: the run's KV cache is quantized so.
     ``eval_chunk``: the run is `memfit.evaluate.runtime_perplexity` over windows of ``prompt_tokens``
-    (``new_tokens`` 0), that many tokens a forward.
+    (``new_tokens`` 0), that many tokens a forward. ``page_cache=False``: streamed reads leave
+    nothing in the page cache (`StreamedWeights`' ``drop``), so every token reads the disk; reads
+    are then ahead by default (they wait on the disk rather than copy).
 
     Raises:
         BudgetError: the budget is below the smallest placement (the message says which budget works).
@@ -241,7 +244,7 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
                                    new_tokens=new_tokens, overhead=overhead + built, resident_layers=resident_layers,
                                    kv_format=kv_format, eval_chunk=eval_chunk)
         trim_freed_memory()  # the prediction's fake tensors and copies, given back before the weights come
-        if ahead is None and placement.streamed_layers:  # asked before this process reads anything of them
+        if ahead is None and placement.streamed_layers and page_cache:  # asked before this process reads them
             placement.cached_fraction = StreamedWeights.cached_fraction(
                 [u for i in placement.streamed_layers for u in layer_units(skeleton, i, stored)])
         chosen.append(placement)
@@ -256,9 +259,9 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
     units = [u for i in placement.streamed_layers for u in layer_units(model, i, stored)]
     _plain_layouts(slot.module for unit in units for slot in unit.slots)
     if ahead is None:  # page-cache reads are copies by a core: the step's threads copy faster than one reader
-        ahead = 0 if placement.cached_fraction >= CACHED else READ_AHEAD
+        ahead = 0 if page_cache and placement.cached_fraction >= CACHED else READ_AHEAD
     placement.read_ahead = ahead > 0
-    return model, StreamedWeights(units, placement.ring_bytes, ahead), placement
+    return model, StreamedWeights(units, placement.ring_bytes, ahead, drop=not page_cache), placement
 
 
 def _plain_layouts(modules) -> None:

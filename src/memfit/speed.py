@@ -4,8 +4,9 @@ A decode step of a placement that streams ``S`` bytes per token costs
 
 - read when reached (the step's ``T`` threads read each unit together): ``C + S / R_T``;
 - read ahead by a background thread while the step computes: ``max(C, S / R_1)`` when a core is
-  left for the reader, else ``C + S / R_1`` (the reader's copies take a core the step's threads
-  were using, so they add to the step rather than hide under it);
+  left for the reader or the reads wait on the disk (cold), else ``C + S / R_1`` (copies from the
+  page cache take a core the step's threads were using, so they add to the step rather than hide
+  under it);
 
 where ``C`` is the step's compute (the runtime's kernels reading every weight, resident or
 streamed, from memory, and attending over the cache), ``R_T`` the rate at which ``T`` threads copy
@@ -65,6 +66,7 @@ class Rates:
     context: int
     source: str = "measured"
     overlapped: bool = False  # reads overlap compute on another engine (a GPU's copy engine)
+    cold: bool = False  # reads come from the disk: a reader waits on it rather than copying, so it overlaps
 
     @classmethod
     def assumed(cls, weight_bytes: int, memory_bytes_per_s: float, read_bytes_per_s: float, *, batch: int = 1,
@@ -82,7 +84,8 @@ class Rates:
         if not read_ahead:
             return self.compute_s + streamed_bytes / self.read_bytes_per_s
         one = streamed_bytes / self.read_one_bytes_per_s
-        return max(self.compute_s, one) if self.cores > self.read_threads else self.compute_s + one
+        spare = self.cores > self.read_threads or self.cold
+        return max(self.compute_s, one) if spare else self.compute_s + one
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -182,4 +185,4 @@ def measure(ref: str | Path, *, batch: int = 1, prompt_tokens: int, new_tokens: 
         rate_t, rate_1 = read_rate(ranges, threads, cold=True), read_rate(ranges, 1, cold=True)
     return Rates(compute_s=compute, read_threads=threads, read_bytes_per_s=rate_t, read_one_bytes_per_s=rate_1,
                  cores=len(os.sched_getaffinity(0)), batch=batch, context=prompt_tokens + new_tokens,
-                 source="measured, cold" if cold else "measured")
+                 source="measured, cold" if cold else "measured", cold=cold)

@@ -93,6 +93,10 @@ def add_parser(subparsers) -> None:
     reads.add_argument("--no-prefetch", action="store_true",
                        help="with --max-memory, read each streamed layer only when it is reached, with the "
                             "step's threads (default: this when the file is in the page cache, else read-ahead)")
+    parser.add_argument("--no-page-cache", action="store_true",
+                        help="with --max-memory, drop each streamed read's pages from the page cache after it: every "
+                             "token reads the disk, as for a model larger than the machine's memory, and other "
+                             "files keep their place in the cache (reads are then ahead by default)")
     options.add_json(parser)
     parser.set_defaults(run=run)
 
@@ -204,4 +208,5 @@ def _load_within(args: argparse.Namespace, batch: int, longest: int, kv_format):
     budget = parse_budget(args.max_memory, sum(t.nbytes for t in stored.values()))
     return load_streamed(args.model, budget, batch=batch, prompt_tokens=longest,
                          new_tokens=max(args.max_new_tokens, 1),
-                         ahead=0 if args.no_prefetch else READ_AHEAD if args.prefetch else None, kv_format=kv_format)
+                         ahead=0 if args.no_prefetch else READ_AHEAD if args.prefetch else None, kv_format=kv_format,
+                         page_cache=not args.no_page_cache)

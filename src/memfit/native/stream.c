@@ -47,7 +47,7 @@ typedef struct Stream {
     int64_t claimed, acquired, released; /* sequence numbers: units claimed for reading, handed out, given back */
     int64_t bytes_read;
     double wait_seconds; /* consumers' time blocked in acquire */
-    int error, stop, threaded;
+    int error, stop, threaded, drop; /* drop: give each read's pages back to the kernel (page cache) */
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t changed;
@@ -88,6 +88,11 @@ static int read_unit(Stream *s, int64_t unit, char *dst, int part, int parts) {
             if (got <= 0) return got < 0 ? errno : EIO;
             done += got;
         }
+        if (s->drop && last > first) { /* whole pages: the kernel keeps partly covered ones */
+            const int64_t from = (p->file_offset + first) & ~(int64_t)4095;
+            const int64_t to = (p->file_offset + last + 4095) & ~(int64_t)4095;
+            posix_fadvise(s->fd, from, to - from, POSIX_FADV_DONTNEED);
+        }
     }
     return 0;
 }
@@ -127,12 +132,18 @@ static void *reader(void *arg) {
 /* A stream over ``units`` units (in pass order) of the open file ``fd``, into ``ring``
  * [capacity bytes, 64-byte aligned]; ``size`` [units]; ``first_piece`` [units + 1] indexes
  * ``pieces`` (file offset, bytes, offset in the unit: three int64 each); ``ahead``: units read
- * ahead of the consumer (0: none, no thread). NULL if the thread cannot start. */
+ * ahead of the consumer (0: none, no thread). With ``drop``, the pages each read brought into the
+ * page cache are dropped after it (``posix_fadvise(POSIX_FADV_DONTNEED)``): every pass reads the
+ * disk, as it would for a model larger than the machine's memory, and the streamed file does not
+ * push other files out of the cache. NULL if the thread cannot start. */
 Stream *memfit_stream_open(int fd, char *ring, int64_t capacity, int64_t units, const int64_t *size,
-                           const int64_t *first_piece, const int64_t *pieces, int64_t ahead) {
+                           const int64_t *first_piece, const int64_t *pieces, int64_t ahead, int drop) {
     Stream *s = calloc(1, sizeof *s);
     if (!s) return NULL;
-    s->fd = fd, s->ring = ring, s->capacity = capacity, s->units = units, s->ahead = ahead;
+    s->fd = fd, s->ring = ring, s->capacity = capacity, s->units = units, s->ahead = ahead, s->drop = drop;
+    /* the kernel's own read-ahead would fill the cache with pages the next reads drop: the reads are
+     * whole tensors, large enough without it */
+    if (drop) posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
     s->slots = 64;
     s->size = malloc(units * sizeof *s->size);
     s->first_piece = malloc((units + 1) * sizeof *s->first_piece);

@@ -124,9 +124,11 @@ class StreamedWeights:
         units: every streamed layer's units, in layer order.
         capacity: the ring's bytes.
         ahead: units read ahead of the consumer by a background thread (0: none; the consumer reads).
+        drop: drop each read's pages from the page cache after it (every pass reads the disk, as for
+            a model larger than the machine's memory; the streamed file pushes no other file out).
     """
 
-    def __init__(self, units: list[Unit], capacity: int, ahead: int) -> None:
+    def __init__(self, units: list[Unit], capacity: int, ahead: int, drop: bool = False) -> None:
         lib = native.library()
         if lib is None:
             raise RecipeError("streaming weights needs memfit's C library, which could not be built",
@@ -147,7 +149,7 @@ class StreamedWeights:
         flat = (ctypes.c_int64 * (3 * len(pieces) + 1))(*[v for p in pieces for v in p])
         self._fd = os.open(paths.pop(), os.O_RDONLY)
         self._handle = lib.memfit_stream_open(self._fd, self.ring.data_ptr(), capacity, len(units), sizes,
-                                              (ctypes.c_int64 * len(first))(*first), flat, ahead)
+                                              (ctypes.c_int64 * len(first))(*first), flat, ahead, int(drop))
         if not self._handle:
             self.close()
             raise RecipeError("cannot start the weight reader", "run without --max-memory")
