@@ -18,7 +18,8 @@ bytes:
 
 Peak RSS growth is the process's high-water mark (``VmHWM``) minus its RSS just before the model
 is read. ``--cold`` drops the weight files from the page cache (``posix_fadvise(DONTNEED)``) before
-each run.
+each run, and runs memfit with ``--no-page-cache``, so every token's streamed layers come from the
+disk (Accelerate's offloaded weights, read through the page cache, are cold for its first token only).
 
 Each memfit row also gets the cost model's prediction (`memfit.speed`), from rates measured in the
 same run after the rounds, once per batch: the runtime's step with every layer streamed, and the
@@ -88,11 +89,14 @@ def accelerate_run(model_ref: str, budget: int, batch: int, new: int) -> dict:
             "bytes_read_per_token": read, "text": text, "offloaded_modules": len(offloaded)}
 
 
-def memfit_run(model_ref: str, budget: int, batch: int, new: int, prefetch: bool, prompts: Path) -> dict:
+def memfit_run(model_ref: str, budget: int, batch: int, new: int, prefetch: bool, prompts: Path,
+               cold: bool = False) -> dict:
     command = [sys.executable, "-m", "memfit.cli.main", "generate", "--model", model_ref, "--prompt-file",
                str(prompts), "--batch", str(batch), "--max-new-tokens", str(new), "--max-memory", str(budget),
                "--json"]
     command.append("--prefetch" if prefetch else "--no-prefetch")
+    if cold:
+        command.append("--no-page-cache")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1]}
@@ -146,7 +150,8 @@ def main() -> None:
                     result = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
                               else {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]})
                 else:
-                    result = memfit_run(args.model, budget, batch, args.new, kind.endswith("read-ahead"), prompts)
+                    result = memfit_run(args.model, budget, batch, args.new, kind.endswith("read-ahead"), prompts,
+                                        args.cold)
                 results[row].append(result)
                 print(f"round {round_ + 1}: {text} batch {batch} {kind}: "
                       f"{result.get('decode_tokens_per_s', result.get('error'))}", file=sys.stderr, flush=True)
