@@ -15,8 +15,8 @@ A quantized cache keeps each layer's keys and values as integer codes plus fp16 
   until it is whole. 0.297x fp16 at 2,048 columns and ``D = 64``; the residual's fixed 2 KiB per
   head and layer makes it more at short lengths (0.31x at 512).
 
-Attention reads the whole layer dequantized; the compiler fuses the unpack, scale and offset
-into one pass over the codes.
+Attention reads the whole layer dequantized, in expressions the compiler fuses into one pass
+over the codes (for int8 into attention's products and sums themselves, with no float copy).
 """
 
 from __future__ import annotations
@@ -46,14 +46,13 @@ class KVFormat(enum.Enum):
 GROUP = 32  # columns per group of a kv-int4 cache's keys (a scale and offset per channel and group)
 
 
-def quantize(x: torch.Tensor, format: KVFormat, integer_zero: bool = False) -> tuple[torch.Tensor, ...]:
+def quantize(x: torch.Tensor, format: KVFormat) -> tuple[torch.Tensor, ...]:
     """Codes and scales of ``x`` [..., N], one group per vector of its last dimension.
 
-    ``int8``: symmetric, ``(codes [..., N] int8 in [-127, 127], scales [..., 1] fp16)``. ``int4``:
-    asymmetric over the group's min-max range, codes [..., N / 2] uint8 (two in [0, 15] a byte: the first
-    half of the group in the low nibbles) and ``x = code * scale + offset`` with scales [..., 2] fp16
-    (scale, offset); with ``integer_zero``, ``x = (code - zero) * scale``, ``(codes, scales [..., 1]
-    fp16, zeros [..., 1] uint8)``: a byte less per group. Scales are rounded to fp16 before the
+    ``int8``: symmetric, ``x = code * scale``: ``(codes [..., N] int8 in [-127, 127], scales [..., 1]
+    fp16)``. ``int4``: asymmetric over the group's min-max range widened to hold 0, ``x = (code - zero) * scale``:
+    ``(codes [..., N / 2] uint8, two in [0, 15] a byte with the first half of the group in the low
+    nibbles, scales [..., 1] fp16, zeros [..., 1] uint8)``. Scales are rounded to fp16 before the
     codes are computed, so `dequantize` gives back what the codes were chosen against.
     """
     x = x.float()
@@ -61,16 +60,14 @@ def quantize(x: torch.Tensor, format: KVFormat, integer_zero: bool = False) -> t
     if format is KVFormat.INT8:
         scale = (x.abs().amax(-1, keepdim=True) / 127).to(SCALE_DTYPE)
         return (x / scale.float().clamp(min=tiny)).round().clamp(-127, 127).to(torch.int8), scale
-    low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    # the range holds 0, so the zero point is one of the 16 codes (a group of one sign, rare in
+    # values, gives up a little of its resolution)
+    low, high = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
     scale = ((high - low) / 15).to(SCALE_DTYPE)
     safe = scale.float().clamp(min=tiny)
-    if integer_zero:
-        zero = (-low / safe).round().clamp(0, 15)
-        codes = (x / safe + zero).round().clamp(0, 15).to(torch.uint8)
-        return _pack(codes), scale, zero.to(torch.uint8)
-    offset = low.to(SCALE_DTYPE)
-    codes = ((x - offset.float()) / safe).round().clamp(0, 15).to(torch.uint8)
-    return _pack(codes), torch.cat((scale, offset), -1)
+    zero = (-low / safe).round().clamp(0, 15)
+    codes = (x / safe + zero).round().clamp(0, 15).to(torch.uint8)
+    return _pack(codes), scale, zero.to(torch.uint8)
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:
@@ -88,13 +85,10 @@ def _unpack(codes: torch.Tensor) -> torch.Tensor:
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, format: KVFormat, dtype: torch.dtype,
                zeros: torch.Tensor | None = None) -> torch.Tensor:
-    """The values `quantize` gave ``codes``, ``scales`` (and ``zeros``) for, in ``dtype``."""
+    """The values `quantize` gave ``codes``, ``scales`` (and, for int4, ``zeros``) for, in ``dtype``."""
     if format is KVFormat.INT8:
         return (codes.float() * scales.float()).to(dtype)
-    unpacked = _unpack(codes).float()
-    if zeros is not None:
-        return ((unpacked - zeros.float()) * scales.float()).to(dtype)
-    return (unpacked * scales[..., :1].float() + scales[..., 1:].float()).to(dtype)
+    return ((_unpack(codes) - zeros.float()) * scales.float()).to(dtype)
 
 
 class TokenQuantized:
@@ -116,7 +110,7 @@ class TokenQuantized:
 
     def write(self, columns: torch.Tensor, x: torch.Tensor) -> None:
         """Quantize ``x`` [B, KV, T, D] into columns ``columns`` [T]."""
-        for store, new in zip(self.tensors(), quantize(x, self.format, integer_zero=True), strict=True):
+        for store, new in zip(self.tensors(), quantize(x, self.format), strict=True):
             store.index_copy_(2, columns, new)
 
     def read(self, dtype: torch.dtype, columns: torch.Tensor | None = None) -> torch.Tensor:
