@@ -22,9 +22,10 @@ each run, and runs memfit with ``--no-page-cache``, so every token's streamed la
 disk (Accelerate's offloaded weights, read through the page cache, are cold for its first token only).
 
 Each memfit row also gets the cost model's prediction (`memfit.speed`), from rates measured in the
-same run after the rounds, once per batch: the runtime's step with every layer streamed, and the
-streamed bytes read with 1 and T threads (cold with ``--cold``); the prediction for a row is made
-for the bytes that row streamed and the way it read them, and its error is against the row's median.
+same run after the rounds, once per batch: the runtime's step with every layer streamed, read when
+reached and read ahead (around the page cache with ``--cold``), and the streamed bytes read with T
+threads; the prediction for a row is made for the bytes that row streamed and the way it read
+them, and its error is against the row's median.
 
     python benchmarks/offload.py --model demo
     python benchmarks/offload.py --model DIR --budgets 50% --batches 1 --rounds 1

@@ -139,7 +139,7 @@ def _workspace_bytes(skeleton: nn.Module, batch: int, prompt_tokens: int, new_to
 def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget: int, *, batch: int = 1,
                    prompt_tokens: int, new_tokens: int, overhead: int = 0,
                    resident_layers: int | None = None, kv_format: KVFormat | None = None,
-                   eval_chunk: int | None = None) -> Placement:
+                   eval_chunk: int | None = None, ring_bytes: int | None = None) -> Placement:
     """The placement of ``skeleton`` (a meta model) that fits ``budget`` bytes with the most
     layers resident (or with the first ``resident_layers`` resident, if given).
 
@@ -148,6 +148,8 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
     one more prediction, `CONTEXT_PROBE` tokens longer, gives its growth per token; the length that
     gives is then predicted itself, and stepped back until it fits. With ``eval_chunk`` the workload
     is perplexity over windows of ``prompt_tokens`` (see `_workspace_bytes`), and no context is predicted.
+    ``ring_bytes``: the ring's size (at least the smallest that works; default: the smallest plus
+    what the budget leaves, up to a whole pass).
 
     Raises:
         BudgetError: no placement fits; the message names the smallest budget that does.
@@ -178,7 +180,9 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
             f"pass --max-memory {smallest} or more, fewer new tokens, or a more compressed model (memfit compress)")
     used, ring = need(resident)
     streamed_bytes = sum(layer_bytes[resident:])
-    if resident < count:  # the rest of the budget deepens the read-ahead, up to a pass
+    if ring_bytes is not None:  # asked for: at least the smallest
+        ring = max(ring, aligned(ring_bytes))
+    elif resident < count:  # the rest of the budget deepens the read-ahead, up to a pass
         ring = min(ring + (budget - used) // ALIGN * ALIGN,
                    aligned(sum(u.nbytes for u in units if u.layer >= resident)) + ring)
     files = sorted({str(t.path) for t in stored.values()})
@@ -210,8 +214,8 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
 def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_tokens: int, new_tokens: int,
                   ahead: int | None = None, overhead: int = 0, count_rss: bool = True,
                   resident_layers: int | None = None, kv_format: KVFormat | None = None,
-                  eval_chunk: int | None = None,
-                  page_cache: bool = True) -> tuple[nn.Module, StreamedWeights | None, Placement]:
+                  eval_chunk: int | None = None, page_cache: bool = True,
+                  ring_bytes: int | None = None) -> tuple[nn.Module, StreamedWeights | None, Placement]:
     """Load ``ref`` to run in ``max_memory`` bytes: ``(model, streamed weights or None, placement)``.
 
     ``ahead``: units the background reader may read ahead (0: none, the step's threads read each
@@ -224,7 +228,7 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
     ``eval_chunk``: the run is `memfit.evaluate.runtime_perplexity` over windows of ``prompt_tokens``
     (``new_tokens`` 0), that many tokens a forward. ``page_cache=False``: streamed reads leave
     nothing in the page cache (`StreamedWeights`' ``drop``), so every token reads the disk; reads
-    are then ahead by default (they wait on the disk rather than copy).
+    are then ahead by default (they wait on the disk rather than copy). ``ring_bytes``: see `plan_placement`.
 
     Raises:
         BudgetError: the budget is below the smallest placement (the message says which budget works).
@@ -242,7 +246,7 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
         built = max(rss_bytes() - before, 0) if count_rss else 0
         placement = plan_placement(skeleton, stored, max_memory, batch=batch, prompt_tokens=prompt_tokens,
                                    new_tokens=new_tokens, overhead=overhead + built, resident_layers=resident_layers,
-                                   kv_format=kv_format, eval_chunk=eval_chunk)
+                                   kv_format=kv_format, eval_chunk=eval_chunk, ring_bytes=ring_bytes)
         trim_freed_memory()  # the prediction's fake tensors and copies, given back before the weights come
         if ahead is None and placement.streamed_layers and page_cache:  # asked before this process reads them
             placement.cached_fraction = StreamedWeights.cached_fraction(

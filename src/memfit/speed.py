@@ -13,10 +13,13 @@ streamed, from memory, and attending over the cache), ``R_T`` the rate at which 
 the file's bytes into memory (from the page cache when it holds them, else from the disk) and
 ``R_1`` one thread's. Tokens/s is the batch over the step.
 
-`measure` measures the three on this machine: ``R_1`` and ``R_T`` by reading the streamed layers'
-byte ranges of the model's file with 1 and ``T`` threads, as the runtime reads them (``pread`` into
-a buffer); ``C`` by running the runtime's decode with every layer streamed (the placement that
-needs the least memory) and taking ``S / R_T`` off its step. `Rates.assumed` stands for a machine
+`measure` measures the three on this machine by running the runtime's decode with every layer
+streamed (the placement that needs the least memory), read when reached and read ahead, warm or
+from the disk: ``C`` is the warm step read when reached less its reads at the rate ``T`` threads
+copy the file's bytes (`read_rate`, ``pread`` into buffers as the runtime reads), and ``R_T`` and
+``R_1`` are the rates the runtime's reader achieved in those runs. A prediction for another
+placement (more layers resident, another batch's compute measured the same way) is then the
+formula at its own ``S``. `Rates.assumed` stands for a machine
 memfit is not running on (a GPU a model is planned for): ``C`` as every weight byte read once at
 the memory bandwidth (decode at small batches is bound by it) and the reads overlapped on a side
 stream, ``max(C, S / R)``.
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 
 from memfit.io import stored_tensors
-from memfit.offload import Placement, load_streamed
+from memfit.offload import READ_AHEAD, Placement, load_streamed
 from memfit.runtime import Engine
 from memfit.runtime.streamed import layer_units
 
@@ -156,33 +159,47 @@ def measure(ref: str | Path, *, batch: int = 1, prompt_tokens: int, new_tokens: 
             steps: int = STEPS, cold: bool = False) -> Rates:
     """`Rates` of this machine for ``ref`` at ``batch`` rows of ``prompt_tokens`` plus ``new_tokens``.
 
-    Runs the runtime with every layer streamed (its smallest placement, whatever the budget) for
-    ``steps`` decode steps, and reads the streamed bytes with 1 and ``T`` threads, from the page
-    cache (warm) and, with ``cold``, also from the disk: the compute is the warm step less its
-    warm reads, and the rates returned are the cold ones.
+    The runtime runs ``steps`` decode steps with every layer streamed (its smallest placement,
+    whatever the budget), read when reached and read ahead; and the streamed bytes are read with
+    ``T`` threads from the page cache (`read_rate`). The compute ``C`` is the warm step read when
+    reached less those reads; the read rates are what the runtime's reader achieved, ``S`` over
+    its step less ``C`` (read ahead from the disk, where reads overlap: ``S`` over the step). With
+    ``cold``, the runs read around the page cache (``page_cache=False``: from the disk every token).
     """
+    warm = _step_seconds(ref, batch, prompt_tokens, new_tokens, steps, ahead=0, page_cache=True)
+    streamed_bytes, threads, ranges = warm[1], torch.get_num_threads(), warm[2]
+    compute = max(warm[0] - streamed_bytes / read_rate(ranges, threads), 1e-6)
+    sync = warm[0] if not cold else _step_seconds(ref, batch, prompt_tokens, new_tokens, steps, ahead=0,
+                                                  page_cache=False)[0]
+    ahead = _step_seconds(ref, batch, prompt_tokens, new_tokens, steps, ahead=READ_AHEAD, page_cache=not cold)[0]
+    rate_t = streamed_bytes / max(sync - compute, 1e-9)
+    rate_1 = streamed_bytes / (ahead if cold else max(ahead - compute, 1e-9))
+    return Rates(compute_s=compute, read_threads=threads, read_bytes_per_s=rate_t, read_one_bytes_per_s=rate_1,
+                 cores=len(os.sched_getaffinity(0)), batch=batch, context=prompt_tokens + new_tokens,
+                 source="measured, cold" if cold else "measured", cold=cold)
+
+
+def _step_seconds(ref, batch: int, prompt_tokens: int, new_tokens: int, steps: int, *, ahead: int,
+                  page_cache: bool) -> tuple[float, int, list[tuple[Path, int, int]]]:
+    """``(seconds per decode step, streamed bytes, their file ranges)`` of the runtime with every layer
+    of ``ref`` streamed through the smallest ring (a run's ring is within a few MB of it when its
+    budget goes to resident layers; a ring far past the caches is slower to compute from); the
+    median of three passes after one that warms the step."""
     model, streamed, placement = load_streamed(ref, 1 << 62, batch=batch, prompt_tokens=prompt_tokens,
-                                               new_tokens=max(new_tokens, steps + 1), ahead=0, count_rss=False,
-                                               resident_layers=0)
-    threads = torch.get_num_threads()
+                                               new_tokens=max(new_tokens, steps + 1), ahead=ahead, count_rss=False,
+                                               resident_layers=0, page_cache=page_cache, ring_bytes=0)
     units = [u for i in placement.streamed_layers for u in layer_units(model, i, stored_tensors(ref))]
     ranges = [(slot.stored.path, slot.stored.offset, slot.stored.nbytes) for u in units for slot in u.slots]
     engine = Engine(model, streamed=streamed, cache_step=1)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), generator=generator).tolist()
     times = []
-    for _ in range(2):  # the first pass warms the step and the page cache
-        steps_iter = engine.stream(prompts, steps + 1)
-        next(steps_iter)
+    for _ in range(4):
+        tokens = engine.stream(prompts, steps + 1)
+        next(tokens)  # the prefill's
         began = time.perf_counter()
-        for _ in steps_iter:
+        for _ in tokens:
             pass
         times.append((time.perf_counter() - began) / steps)
-    rate_t, rate_1 = read_rate(ranges, threads), read_rate(ranges, 1)
-    streamed_bytes = placement.streamed_bytes
-    compute = max(times[-1] - streamed_bytes / rate_t, 0.0)
-    if cold:
-        rate_t, rate_1 = read_rate(ranges, threads, cold=True), read_rate(ranges, 1, cold=True)
-    return Rates(compute_s=compute, read_threads=threads, read_bytes_per_s=rate_t, read_one_bytes_per_s=rate_1,
-                 cores=len(os.sched_getaffinity(0)), batch=batch, context=prompt_tokens + new_tokens,
-                 source="measured, cold" if cold else "measured", cold=cold)
+    streamed.close()
+    return statistics.median(times[1:]), placement.streamed_bytes, ranges
