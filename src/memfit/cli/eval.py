@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-memory", metavar="B",
                         help="score within B bytes (e.g. 150MB, or 40%% of the weight bytes), streaming the "
                              "decoder layers that do not fit from the model's file")
-    parser.add_argument("--kv-cache", choices=("int8", "int4"), help="score through a quantized KV cache")
+    options.add_kv_cache(parser, "scores through it")
     options.add_json(parser)
     parser.set_defaults(run=run)
 

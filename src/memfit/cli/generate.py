@@ -84,9 +84,7 @@ def add_parser(subparsers) -> None:
                         help="run within B bytes (e.g. 150MB, or 25%% of the model's weight bytes): the decoder "
                              "layers that do not fit are streamed from the model's file, the next ones read ahead "
                              "while the current ones compute")
-    parser.add_argument("--kv-cache", choices=("int8", "int4"),
-                        help="quantize the KV cache (kv-int8: 0.52x, kv-int4: 0.30x an fp16 cache's bytes); decodes "
-                             "with the compiled PyTorch step")
+    options.add_kv_cache(parser, "decodes with the compiled PyTorch step (eagerly with --max-memory)")
     reads = parser.add_mutually_exclusive_group()
     reads.add_argument("--prefetch", action="store_true",
                        help="with --max-memory, always read streamed layers ahead in a background thread")

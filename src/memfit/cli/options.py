@@ -20,6 +20,11 @@ def add_eval(parser: argparse.ArgumentParser) -> None:
                         help=f"evaluation tokens, in windows of 512 (default {DEFAULT_TOKENS})")
 
 
+def add_kv_cache(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--kv-cache", choices=("int8", "int4"),
+                        help=f"quantize the KV cache (kv-int8: 0.52x, kv-int4: 0.30x an fp16 cache's bytes); {what}")
+
+
 def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 
