@@ -45,12 +45,13 @@ run's tracked peak, within the budget), "bytes_read_per_token" and "placement" (
 "streamed_layers", "resident_bytes", "streamed_bytes", "ring_bytes", "workspace_bytes",
 "predicted_peak_bytes", "budget_bytes", "files", "read_ahead", "cached_fraction", "context_tokens",
 "batch", "kv_cache"}); context_tokens is the longest prompt plus new tokens per row the budget holds with
-that placement and KV cache (predicted), which is also printed.
+that placement and KV cache (predicted), which is also printed. Streaming reads memfit directories,
+Hugging Face directories with one safetensors file, and demo. --no-page-cache reads every token's
+streamed layers from the disk, leaving nothing of them in the page cache.
 
 --kv-cache int8|int4 keeps the KV cache quantized (per token in 8 bits; in 4 bits keys per channel over
 32-token groups and values per token): 0.52x / 0.30x an fp16 cache's bytes at 2,048 tokens, perplexity
-+0.03% / +2.4% on the demo model; with --max-memory the budget then holds a longer context.
-Streaming reads memfit directories, Hugging Face directories with one safetensors file, and demo."""
++0.03% / +2.4% on the demo model; with --max-memory the budget then holds a longer context."""
 
 
 def add_parser(subparsers) -> None:
