@@ -130,7 +130,7 @@ def test_on_the_demo_a_quarter_of_its_bytes_holds_a_longer_context_with_a_quanti
     budget = sum(t.nbytes for t in stored.values()) // 4
     contexts = [plan_placement(skeleton("demo"), stored, budget, prompt_tokens=8, new_tokens=24,
                                kv_format=format).context_tokens for format in (None, KVFormat.INT8, KVFormat.INT4)]
-    assert contexts[0] * 2.5 < contexts[1] and contexts[1] * 1.4 < contexts[2]  # 217, 643 and 1,009 tokens
+    assert contexts[0] * 2.5 < contexts[1] and contexts[1] * 1.4 < contexts[2]  # about 217, 640 and 1,010 tokens
 
 
 def test_generate_and_estimate_take_the_kv_cache(capsys):

@@ -159,8 +159,11 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
     layer_prefixes = [f"{parts.layers_fqn}.{i}." for i in range(count)]
     layer_bytes = [sum(t.nbytes for n, t in stored.items() if n.startswith(p)) for p in layer_prefixes]
     other_bytes = sum(t.nbytes for n, t in stored.items() if not n.startswith(f"{parts.layers_fqn}."))
-    workspaces = [_workspace_bytes(skeleton, batch, prompt_tokens, new_tokens, streamed, kv_format, eval_chunk)
-                  + overhead for streamed in (False, True)]
+
+    def workspace(new: int, streamed: bool) -> int:
+        return _workspace_bytes(skeleton, batch, prompt_tokens, new, streamed, kv_format, eval_chunk) + overhead
+
+    workspaces = [workspace(new_tokens, streamed) for streamed in (False, True)]
     units = [u for i in range(count) for u in layer_units(skeleton, i, stored)]
 
     def need(resident: int) -> tuple[int, int]:
@@ -186,29 +189,29 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
         ring = min(ring + (budget - used) // ALIGN * ALIGN,
                    aligned(sum(u.nbytes for u in units if u.layer >= resident)) + ring)
     files = sorted({str(t.path) for t in stored.values()})
-    kv_name = kv_format.token if kv_format is not None else "model dtype"
-    if eval_chunk is not None:
-        return Placement(list(range(resident)), list(range(resident, count)),
-                         other_bytes + sum(layer_bytes[:resident]), streamed_bytes, ring, workspaces[resident < count],
-                         budget, files, batch=batch, kv_cache=kv_name)
-    fixed = used - workspaces[resident < count]  # weights, ring and slack: the same at any length
+    streams = resident < count
+    context = 0 if eval_chunk is not None else _context_tokens(
+        lambda new: used - workspaces[streams] + workspace(new, streams), budget, prompt_tokens, new_tokens, used,
+        int(getattr(skeleton.config, "max_position_embeddings", 0) or 0))
+    return Placement(list(range(resident)), list(range(resident, count)), other_bytes + sum(layer_bytes[:resident]),
+                     streamed_bytes, ring, workspaces[streams], budget, files, context_tokens=context, batch=batch,
+                     kv_cache=kv_format.token if kv_format is not None else "model dtype")
 
-    def workspace(new: int) -> int:
-        return _workspace_bytes(skeleton, batch, prompt_tokens, new, resident < count, kv_format) + overhead
 
-    per_token = max(workspace(new_tokens + CONTEXT_PROBE) - workspaces[resident < count], 1) / CONTEXT_PROBE
+def _context_tokens(need, budget: int, prompt_tokens: int, new_tokens: int, used: int, limit: int) -> int:
+    """The longest prompt plus new tokens whose ``need(new tokens)`` (``used`` at ``new_tokens``) fits
+    ``budget``, up to the model's context ``limit`` (0: none): the workspace's growth per token from one prediction
+    `CONTEXT_PROBE` tokens longer, then that length predicted, stepped back until it fits."""
+    per_token = max(need(new_tokens + CONTEXT_PROBE) - used, 1) / CONTEXT_PROBE
     extra = int((budget - used) / per_token)
+    if limit:
+        extra = min(extra, max(limit - prompt_tokens - new_tokens, 0))
     for _ in range(4):  # the growth is linear but for rounding (cache groups, allocator blocks): check, step back
-        over = fixed + workspace(new_tokens + extra) - budget if extra else 0
+        over = need(new_tokens + extra) - budget if extra else 0
         if over <= 0:
             break
         extra = max(extra - int(over / per_token) - 1, 0)
-    context = prompt_tokens + new_tokens + extra
-    limit = int(getattr(skeleton.config, "max_position_embeddings", 0) or context)
-    return Placement(list(range(resident)), list(range(resident, count)), other_bytes + sum(layer_bytes[:resident]),
-                     streamed_bytes, ring, workspaces[resident < count], budget, files,
-                     context_tokens=min(context, limit), batch=batch,
-                     kv_cache=kv_name)
+    return prompt_tokens + new_tokens + extra
 
 
 def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_tokens: int, new_tokens: int,

@@ -117,15 +117,14 @@ def predict(placement: Placement, rates: Rates) -> Prediction:
                       ahead if placement.read_ahead and placement.streamed_layers else sync, sync, ahead, rates)
 
 
-def read_rate(ranges: list[tuple[Path, int, int]], threads: int, *, rounds: int = ROUNDS, cold: bool = False) -> float:
+def read_rate(ranges: list[tuple[Path, int, int]], threads: int, *, rounds: int = ROUNDS) -> float:
     """Bytes/s at which ``threads`` threads copy ``ranges`` (``(file, offset, bytes)``) into memory,
-    each into its own buffer, a `CHUNK` a call; the median of ``rounds`` passes after an untimed one.
-    ``cold``: the files are dropped from the page cache (``posix_fadvise(POSIX_FADV_DONTNEED)``)
-    before each pass, so the reads come from the disk."""
+    each into its own buffer, a `CHUNK` a call; the median of ``rounds`` passes after an untimed one
+    (so from the page cache). A pass repeats the ranges up to `MIN_PASS_BYTES`, so starting threads
+    does not dominate a small model's."""
     pieces = [(path, start, min(CHUNK, offset + size - start)) for path, offset, size in ranges
               for start in range(offset, offset + size, CHUNK)]
-    if not cold:  # warm passes of at least MIN_PASS_BYTES, so starting threads does not dominate a small model's
-        pieces = pieces * max(1, -(-MIN_PASS_BYTES // max(sum(size for _, _, size in pieces), 1)))
+    pieces = pieces * max(1, -(-MIN_PASS_BYTES // max(sum(size for _, _, size in pieces), 1)))
     total = sum(size for _, _, size in pieces)
     files = {path: os.open(path, os.O_RDONLY) for path in {p for p, _, _ in pieces}}
     buffers = [bytearray(CHUNK) for _ in range(threads)]
@@ -136,9 +135,6 @@ def read_rate(ranges: list[tuple[Path, int, int]], threads: int, *, rounds: int 
             os.preadv(files[path], [view[:size]], start)
 
     def one_pass() -> float:
-        if cold:
-            for fd in files.values():
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         began = time.perf_counter()
         workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
         for worker in workers:

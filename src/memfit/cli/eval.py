@@ -6,6 +6,8 @@ import argparse
 
 from memfit.cli import console, options
 
+STREAMED_CHUNK = 64  # tokens a forward within --max-memory: its logits are [64, vocab] floats
+
 EPILOG = """\
 examples:
   memfit eval --model demo
@@ -120,6 +122,3 @@ def _run_on_runtime(args: argparse.Namespace) -> int:
                  ("process growth", format_bytes(result["peak_rss_bytes"] - baseline))]
     console.table(f"memfit eval: {args.model}", ("metric", "value"), rows)
     return 0
-
-
-STREAMED_CHUNK = 64  # tokens a forward within --max-memory: its logits are [64, vocab] floats

@@ -200,6 +200,8 @@ def _estimate_streamed(args: argparse.Namespace, plan, workload) -> int:
     assumed = (args.memory_bandwidth, args.read_bandwidth)
     if (assumed[0] is None) != (assumed[1] is None):
         raise RecipeError("--memory-bandwidth and --read-bandwidth go together", "pass both, or neither to measure")
+    bandwidths = [parse_bytes(rate) for rate in assumed] if assumed[0] is not None else None  # bad ones fail first
+    host_memory = parse_bytes(args.host_memory) if args.host_memory is not None else None
     with _status("reading the model"):
         model, stored, on_disk = placement_inputs(args.model, plan)
     weights = sum(t.nbytes for t in stored.values())
@@ -207,12 +209,12 @@ def _estimate_streamed(args: argparse.Namespace, plan, workload) -> int:
     with _status("placing the layers (the workload on fake tensors)"):
         placement = plan_placement(model, stored, budget, batch=workload.batch_size, prompt_tokens=workload.seq_len,
                                    new_tokens=workload.new_tokens, kv_format=plan.run.kv_cache)
-    if assumed[0] is not None:
-        if args.host_memory is not None and placement.streamed_bytes > parse_bytes(args.host_memory):
+    if bandwidths is not None:
+        if host_memory is not None and placement.streamed_bytes > host_memory:
             raise RecipeError(f"the streamed layers hold {format_bytes(placement.streamed_bytes)}, over --host-memory "
                               f"{args.host_memory}", "raise --max-memory or compress the model further")
-        rates = Rates.assumed(weights, parse_bytes(assumed[0]), parse_bytes(assumed[1]),
-                              batch=workload.batch_size, context=workload.seq_len + workload.new_tokens)
+        rates = Rates.assumed(weights, *bandwidths, batch=workload.batch_size,
+                              context=workload.seq_len + workload.new_tokens)
     elif on_disk:
         placement.read_ahead = False  # what generate does when the file is in the page cache, as measuring leaves it
         with _status("measuring this machine: the runtime's step with every layer streamed, and reads"):

@@ -128,8 +128,6 @@ class ChannelQuantized:
     read from the residual while it is the newest: the codes of a group count once it is whole.
     """
 
-    format = KVFormat.INT4
-
     def __init__(self, shape: tuple[int, int, int, int], device) -> None:
         b, kv, length, d = shape
         self.length, groups = length, -(-length // GROUP)
