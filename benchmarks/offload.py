@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -100,7 +101,9 @@ def memfit_run(model_ref: str, budget: int, batch: int, new: int, prefetch: bool
         command.append("--no-page-cache")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        return {"error": done.stderr.strip().splitlines()[-1]}
+        line = done.stderr.strip().splitlines()[-1]
+        needs = re.search(r"needs .* \((\d+) bytes", line)
+        return {"error": f"needs {int(needs[1]):,} B" if needs else line}
     data = json.loads(done.stdout.strip().splitlines()[-1])
     return {"decode_tokens_per_s": data["batch_decode_tokens_per_s"],
             "rss_growth": data["peak_rss_bytes"] - data["baseline_rss_bytes"],
@@ -150,6 +153,8 @@ def main() -> None:
                                            str(budget), str(batch), str(args.new)], capture_output=True, text=True)
                     result = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
                               else {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]})
+                    if "error" in result and (Path(args.model) / "memfit.json").exists():
+                        result["error"] = f"Accelerate cannot load memfit's packed format ({result['error']})"
                 else:
                     result = memfit_run(args.model, budget, batch, args.new, kind.endswith("read-ahead"), prompts,
                                         args.cold)

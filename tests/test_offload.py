@@ -212,19 +212,34 @@ def test_eval_max_memory_scores_as_the_resident_runtime_does_within_the_budget(s
     assert "pass --max-memory" in capsys.readouterr().err
 
 
-def test_without_the_page_cache_every_pass_reads_the_disk_and_gives_the_same_tokens(saved):
+@pytest.mark.parametrize("recipe", ["none", "int8"])
+def test_without_the_page_cache_every_pass_reads_the_disk_and_gives_the_same_tokens(saved, recipe):
     from memfit.runtime.streamed import StreamedWeights
 
-    path = saved("tiny-llama", "none")
+    path = saved("tiny-llama", recipe)
     budget = smallest_budget(path, batch=len(PROMPTS), prompt_tokens=max(map(len, PROMPTS)), new_tokens=NEW,
-                             count_rss=False)
+                             count_rss=False, page_cache=False, resident_layers=0)
     os.sync()  # written pages are dirty until written back, and only clean ones can be dropped
     fd = os.open(path / "model.safetensors", os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # a cold start: then only the run's reads could cache pages
     os.close(fd)
+    try:  # the file system of the test's directory may refuse O_DIRECT; the reads then drop their pages
+        os.close(os.open(path / "model.safetensors", os.O_RDONLY | os.O_DIRECT))
+        direct = True
+    except OSError:
+        direct = False
     model, streamed, placement = load_streamed(path, budget, batch=len(PROMPTS), prompt_tokens=max(map(len, PROMPTS)),
-                                               new_tokens=NEW, count_rss=False, page_cache=False)
+                                               new_tokens=NEW, count_rss=False, page_cache=False, resident_layers=0)
     assert placement.read_ahead and streamed.ahead > 0  # disk reads wait: read ahead by default
+    assert streamed.direct == direct
+    # fp32 tensors sit in the ring at their offset within a page of the file, for O_DIRECT; int8 ones
+    # at an offset that is not a multiple of 64 in the file go through the page cache, 64-byte aligned
+    slots = [slot for unit in streamed.units for slot in unit.slots]
+    for slot in slots:
+        at = slot.module._parameters.get(slot.attr, slot.module._buffers.get(slot.attr)).data_ptr()
+        page_placed = (at - slot.stored.offset) % 4096 == 0
+        assert page_placed == (slot.stored.dtype.is_floating_point or slot.stored.offset % 64 == 0), slot.attr
+        assert page_placed or at % 64 == 0
     engine = Engine(model, compile=False, streamed=streamed, cache_step=1)
     tokens = [step.tokens for step in engine.stream(PROMPTS, NEW)]
     assert StreamedWeights.cached_fraction(streamed.units) < 0.5  # the reader's last few units at most

@@ -139,7 +139,8 @@ def _workspace_bytes(skeleton: nn.Module, batch: int, prompt_tokens: int, new_to
 def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget: int, *, batch: int = 1,
                    prompt_tokens: int, new_tokens: int, overhead: int = 0,
                    resident_layers: int | None = None, kv_format: KVFormat | None = None,
-                   eval_chunk: int | None = None, ring_bytes: int | None = None) -> Placement:
+                   eval_chunk: int | None = None, ring_bytes: int | None = None,
+                   page_aligned: bool = False) -> Placement:
     """The placement of ``skeleton`` (a meta model) that fits ``budget`` bytes with the most
     layers resident (or with the first ``resident_layers`` resident, if given).
 
@@ -149,7 +150,8 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
     gives is then predicted itself, and stepped back until it fits. With ``eval_chunk`` the workload
     is perplexity over windows of ``prompt_tokens`` (see `_workspace_bytes`), and no context is predicted.
     ``ring_bytes``: the ring's size (at least the smallest that works; default: the smallest plus
-    what the budget leaves, up to a whole pass).
+    what the budget leaves, up to a whole pass). ``page_aligned``: the streamed units are laid out for
+    reads around the page cache (`layer_units`).
 
     Raises:
         BudgetError: no placement fits; the message names the smallest budget that does.
@@ -164,7 +166,7 @@ def plan_placement(skeleton: nn.Module, stored: dict[str, StoredTensor], budget:
         return _workspace_bytes(skeleton, batch, prompt_tokens, new, streamed, kv_format, eval_chunk) + overhead
 
     workspaces = [workspace(new_tokens, streamed) for streamed in (False, True)]
-    units = [u for i in range(count) for u in layer_units(skeleton, i, stored)]
+    units = [u for i in range(count) for u in layer_units(skeleton, i, stored, page_aligned)]
 
     def need(resident: int) -> tuple[int, int]:
         streamed = [u for u in units if u.layer >= resident]
@@ -230,8 +232,9 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
     resident (default: as many as fit). ``kv_format``: the run's KV cache is quantized so.
     ``eval_chunk``: the run is `memfit.evaluate.runtime_perplexity` over windows of ``prompt_tokens``
     (``new_tokens`` 0), that many tokens a forward. ``page_cache=False``: streamed reads leave
-    nothing in the page cache (`StreamedWeights`' ``drop``), so every token reads the disk; reads
-    are then ahead by default (they wait on the disk rather than copy). ``ring_bytes``: see `plan_placement`.
+    nothing in the page cache (`StreamedWeights`' ``drop``, with O_DIRECT where the file system
+    allows), so every token reads the disk; reads are then ahead by default (they wait on the disk
+    rather than copy). ``ring_bytes``: see `plan_placement`.
 
     Raises:
         BudgetError: the budget is below the smallest placement (the message says which budget works).
@@ -249,7 +252,8 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
         built = max(rss_bytes() - before, 0) if count_rss else 0
         placement = plan_placement(skeleton, stored, max_memory, batch=batch, prompt_tokens=prompt_tokens,
                                    new_tokens=new_tokens, overhead=overhead + built, resident_layers=resident_layers,
-                                   kv_format=kv_format, eval_chunk=eval_chunk, ring_bytes=ring_bytes)
+                                   kv_format=kv_format, eval_chunk=eval_chunk, ring_bytes=ring_bytes,
+                                   page_aligned=not page_cache)
         trim_freed_memory()  # the prediction's fake tensors and copies, given back before the weights come
         if ahead is None and placement.streamed_layers and page_cache:  # asked before this process reads them
             placement.cached_fraction = StreamedWeights.cached_fraction(
@@ -263,7 +267,7 @@ def load_streamed(ref: str | Path, max_memory: int, *, batch: int = 1, prompt_to
     placement = chosen[0]
     if not placement.streamed_layers:
         return model, None, placement
-    units = [u for i in placement.streamed_layers for u in layer_units(model, i, stored)]
+    units = [u for i in placement.streamed_layers for u in layer_units(model, i, stored, not page_cache)]
     _plain_layouts(slot.module for unit in units for slot in unit.slots)
     if ahead is None:  # page-cache reads are copies by a core: the step's threads copy faster than one reader
         ahead = 0 if page_cache and placement.cached_fraction >= CACHED else READ_AHEAD

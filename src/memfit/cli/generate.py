@@ -93,9 +93,10 @@ def add_parser(subparsers) -> None:
                        help="with --max-memory, read each streamed layer only when it is reached, with the "
                             "step's threads (default: this when the file is in the page cache, else read-ahead)")
     parser.add_argument("--no-page-cache", action="store_true",
-                        help="with --max-memory, drop each streamed read's pages from the page cache after it: every "
-                             "token reads the disk, as for a model larger than the machine's memory, and other "
-                             "files keep their place in the cache (reads are then ahead by default)")
+                        help="with --max-memory, read streamed layers around the page cache (O_DIRECT where the "
+                             "file system allows, else dropping each read's pages): every token reads the disk, as "
+                             "for a model larger than the machine's memory, and other files keep their place in "
+                             "the cache (reads are then ahead by default)")
     options.add_json(parser)
     parser.set_defaults(run=run)
 

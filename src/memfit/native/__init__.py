@@ -136,7 +136,7 @@ def _build() -> ctypes.CDLL:
     lib.memfit_int4_to_blocked.restype = None
     lib.memfit_dequantize.argtypes = [i32, ptr, ptr, ptr, i64, i64, i64, ptr, i32]
     lib.memfit_dequantize.restype = i32
-    lib.memfit_stream_open.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.memfit_stream_open.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int, i64]
     lib.memfit_stream_open.restype = ptr
     lib.memfit_stream_patches.argtypes = [ptr, i64, ptr, ptr, ptr]
     lib.memfit_stream_patches.restype = ctypes.c_int

@@ -5,7 +5,7 @@
  * tensors one stage of the decode step reads: attention inputs, attention output, gate, up,
  * down); a pass over the model uses every unit once, in a fixed order, so the reader can load
  * the next units while the step computes with the current ones. Units land in one ring buffer
- * (contiguous, 64-byte aligned positions, wrapping to the start when the end is too short) and
+ * (contiguous, aligned positions, wrapping to the start when the end is too short) and
  * are released in the order they were acquired, so the free space is one arc.
  *
  * Consumers take the next unit in the pass order (Python through ctypes with
@@ -48,6 +48,8 @@ typedef struct Stream {
     int64_t bytes_read;
     double wait_seconds; /* consumers' time blocked in acquire */
     int error, stop, threaded, drop; /* drop: give each read's pages back to the kernel (page cache) */
+    int direct_fd; /* the file opened with O_DIRECT, or -1: see read_piece */
+    int64_t align;  /* ring positions are multiples of this (a power of two) */
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t changed;
@@ -66,7 +68,7 @@ static int64_t place(const Stream *s, int64_t seq) {
     if (s->claimed == s->released) return 0; /* empty: start over at the front */
     const int64_t last = (s->claimed - 1) % s->slots;
     int64_t at = s->position[last] + s->size[(s->claimed - 1) % s->units];
-    at = (at + 63) & ~(int64_t)63;
+    at = (at + s->align - 1) & ~(s->align - 1);
     if (at + need > s->capacity) at = 0;
     for (int64_t q = s->released; q < s->claimed; q++) { /* the units still held or not yet used */
         const int64_t p = s->position[q % s->slots], n = s->size[q % s->units];
@@ -75,24 +77,53 @@ static int64_t place(const Stream *s, int64_t seq) {
     return at;
 }
 
-/* Reads share ``part`` of ``parts`` of ``unit`` into ``dst`` (each piece split in page-aligned
- * slices, so several threads can read one unit together). 0, or an errno. */
+#define PAGE 4096
+
+/* Reads bytes ``[first, last)`` of the file from ``file_offset`` to ``at`` (the same offsets);
+ * the file may end after ``needed``. 0, or an errno. */
+static int read_range(int fd, char *at, int64_t first, int64_t last, int64_t file_offset, int64_t needed) {
+    for (int64_t done = first; done < last;) {
+        const ssize_t got = pread(fd, at + done, last - done, file_offset + done);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) return errno;
+        if (got == 0) return done >= needed ? 0 : EIO;
+        done += got;
+    }
+    return 0;
+}
+
+/* Reads share ``part`` of ``parts`` of piece ``p`` to ``dst`` (the unit's start). A piece whose
+ * place in the ring is at the same offset within a page as its bytes in the file (the layout
+ * `layer_units` makes for reads around the page cache) is read with O_DIRECT when the stream has
+ * such a descriptor: whole pages from the one before its first byte, straight from the disk into
+ * the ring by DMA, no copy by a core. Other pieces are read through the page cache (and, with
+ * ``drop``, their pages dropped after). Shares are whole pages, so several threads can read one piece. */
+static int read_piece(Stream *s, const Piece *p, char *dst, int part, int parts) {
+    char *const to = dst + p->unit_offset;
+    const int64_t head = p->file_offset % PAGE;
+    if (s->direct_fd >= 0 && ((uintptr_t)to - head) % PAGE == 0) {
+        const int64_t span = (head + p->nbytes + PAGE - 1) & ~(int64_t)(PAGE - 1);
+        const int64_t share = ((span + parts - 1) / parts + PAGE - 1) & ~(int64_t)(PAGE - 1);
+        const int64_t first = share * part, last = first + share < span ? first + share : span;
+        const int64_t needed = head + p->nbytes < last ? head + p->nbytes : last; /* the file may end in the last page */
+        return read_range(s->direct_fd, to - head, first, last, p->file_offset - head, needed);
+    }
+    const int64_t share = ((p->nbytes + parts - 1) / parts + PAGE - 1) & ~(int64_t)(PAGE - 1);
+    const int64_t first = share * part, last = first + share < p->nbytes ? first + share : p->nbytes;
+    const int err = read_range(s->fd, to, first, last, p->file_offset, last);
+    if (!err && s->drop && last > first) { /* whole pages: the kernel keeps partly covered ones */
+        const int64_t from = (p->file_offset + first) & ~(int64_t)(PAGE - 1);
+        const int64_t end = (p->file_offset + last + PAGE - 1) & ~(int64_t)(PAGE - 1);
+        posix_fadvise(s->fd, from, end - from, POSIX_FADV_DONTNEED);
+    }
+    return err;
+}
+
+/* Reads share ``part`` of ``parts`` of ``unit`` into ``dst`` (see read_piece). 0, or an errno. */
 static int read_unit(Stream *s, int64_t unit, char *dst, int part, int parts) {
     for (int64_t i = s->first_piece[unit]; i < s->first_piece[unit + 1]; i++) {
-        const Piece *p = &s->pieces[i];
-        const int64_t share = ((p->nbytes + parts - 1) / parts + 4095) & ~(int64_t)4095;
-        const int64_t first = share * part, last = first + share < p->nbytes ? first + share : p->nbytes;
-        for (int64_t done = first; done < last;) {
-            const ssize_t got = pread(s->fd, dst + p->unit_offset + done, last - done, p->file_offset + done);
-            if (got < 0 && errno == EINTR) continue;
-            if (got <= 0) return got < 0 ? errno : EIO;
-            done += got;
-        }
-        if (s->drop && last > first) { /* whole pages: the kernel keeps partly covered ones */
-            const int64_t from = (p->file_offset + first) & ~(int64_t)4095;
-            const int64_t to = (p->file_offset + last + 4095) & ~(int64_t)4095;
-            posix_fadvise(s->fd, from, to - from, POSIX_FADV_DONTNEED);
-        }
+        const int err = read_piece(s, &s->pieces[i], dst, part, parts);
+        if (err) return err;
     }
     return 0;
 }
@@ -130,20 +161,27 @@ static void *reader(void *arg) {
 }
 
 /* A stream over ``units`` units (in pass order) of the open file ``fd``, into ``ring``
- * [capacity bytes, 64-byte aligned]; ``size`` [units]; ``first_piece`` [units + 1] indexes
+ * [capacity bytes, aligned to ``align``, the positions' alignment]; ``size`` [units]; ``first_piece`` [units + 1] indexes
  * ``pieces`` (file offset, bytes, offset in the unit: three int64 each); ``ahead``: units read
  * ahead of the consumer (0: none, no thread). With ``drop``, the pages each read brought into the
  * page cache are dropped after it (``posix_fadvise(POSIX_FADV_DONTNEED)``): every pass reads the
  * disk, as it would for a model larger than the machine's memory, and the streamed file does not
- * push other files out of the cache. NULL if the thread cannot start. */
+ * push other files out of the cache; ``direct_fd`` (the same file opened with O_DIRECT, or -1)
+ * then reads the pieces laid out for it (read_piece) around the page cache. NULL if the thread
+ * cannot start. */
 Stream *memfit_stream_open(int fd, char *ring, int64_t capacity, int64_t units, const int64_t *size,
-                           const int64_t *first_piece, const int64_t *pieces, int64_t ahead, int drop) {
+                           const int64_t *first_piece, const int64_t *pieces, int64_t ahead, int drop,
+                           int direct_fd, int64_t align) {
     Stream *s = calloc(1, sizeof *s);
     if (!s) return NULL;
     s->fd = fd, s->ring = ring, s->capacity = capacity, s->units = units, s->ahead = ahead, s->drop = drop;
+    s->direct_fd = direct_fd, s->align = align;
     /* the kernel's own read-ahead would fill the cache with pages the next reads drop: the reads are
      * whole tensors, large enough without it */
     if (drop) posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+    /* and what loading the resident tensors brought in (their own reads, the kernel's read-ahead
+     * around them) is in memory already: the streamed layers start from the disk */
+    if (drop) posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
     s->slots = 64;
     s->size = malloc(units * sizeof *s->size);
     s->first_piece = malloc((units + 1) * sizeof *s->first_piece);

@@ -34,10 +34,12 @@ if TYPE_CHECKING:
 
 PARTS = ("attention in", "attention out", "gate", "up", "down")
 ALIGN = 64
+PAGE = 4096  # O_DIRECT's alignment: buffers, offsets and lengths in whole pages
+GAP = 64 << 10  # O_DIRECT reads of tensors this close in the file are merged
 
 
-def aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+def aligned(n: int, to: int = ALIGN) -> int:
+    return (n + to - 1) // to * to
 
 
 @dataclasses.dataclass
@@ -56,6 +58,45 @@ class Unit:
     part: int  # index into PARTS
     nbytes: int
     slots: list[_Slot]
+    pieces: list[tuple[int, int, int]]  # the reads that fill it: (file offset, bytes, offset in the unit)
+    align: int = ALIGN  # the unit's place in the ring is a multiple of this
+
+
+def _lay_out(tensors: list[StoredTensor], page_aligned: bool) -> tuple[list[int], list[tuple[int, int, int]], int]:
+    """``(each tensor's offset in its unit, the reads that fill the unit, the unit's bytes)``.
+
+    By default the tensors follow each other, 64-byte aligned, one read each. ``page_aligned``
+    lays a unit out for O_DIRECT reads, which bring whole pages from the disk straight into the
+    ring: each tensor sits at its offset within a page of the file, and tensors at most `GAP`
+    bytes apart in the file are one read (one disk request; the bytes between come too). Integer
+    tensors at offsets that are not multiples of `ALIGN` in the file stay out of them: the packed
+    CPU kernels' vector loads need them aligned (`memfit.io._read_tensors`), so they are read
+    through the page cache to an aligned place after the rest.
+    """
+    offsets = [0] * len(tensors)
+    direct = sorted((i for i, t in enumerate(tensors)
+                     if page_aligned and (t.offset % ALIGN == 0 or t.dtype.is_floating_point)),
+                    key=lambda i: tensors[i].offset)
+    extents: list[list] = []  # [first file byte, end, members]
+    for i in direct:
+        t = tensors[i]
+        if extents and t.offset - extents[-1][1] <= GAP:
+            extents[-1][1] = max(extents[-1][1], t.offset + t.nbytes)
+            extents[-1][2].append(i)
+        else:
+            extents.append([t.offset, t.offset + t.nbytes, [i]])
+    pieces, end = [], 0
+    for first, last, members in extents:
+        start = aligned(end, PAGE) + first % PAGE
+        for i in members:
+            offsets[i] = start + tensors[i].offset - first
+        pieces.append((first, last - first, start))
+        end = aligned(start + last - first, PAGE)
+    for i in sorted(set(range(len(tensors))) - set(direct)):
+        offsets[i] = end
+        pieces.append((tensors[i].offset, tensors[i].nbytes, end))
+        end = aligned(end + tensors[i].nbytes)
+    return offsets, pieces, end
 
 
 def _unit_modules(layer: nn.Module, names) -> list[list[tuple[str, nn.Module]]]:
@@ -72,8 +113,10 @@ def _unit_modules(layer: nn.Module, names) -> list[list[tuple[str, nn.Module]]]:
     ]
 
 
-def layer_units(model: nn.Module, index: int, stored: dict[str, StoredTensor]) -> list[Unit]:
-    """The units of decoder layer ``index`` with their tensors' places in the file.
+def layer_units(model: nn.Module, index: int, stored: dict[str, StoredTensor],
+                page_aligned: bool = False) -> list[Unit]:
+    """The units of decoder layer ``index`` with their tensors' places in the file (laid out for
+    O_DIRECT reads with ``page_aligned``: see `_lay_out`).
 
     Raises:
         RecipeError: the layer holds tensors outside the five units, or ones the file lacks.
@@ -88,7 +131,7 @@ def layer_units(model: nn.Module, index: int, stored: dict[str, StoredTensor]) -
                           "run this model without --max-memory")
     units, covered = [], set()
     for part, modules in enumerate(_unit_modules(layer, names)):
-        slots, offset = [], 0
+        found = []
         for path, module in modules:
             for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
                 if tensor is None or attr in module._non_persistent_buffers_set:
@@ -97,10 +140,11 @@ def layer_units(model: nn.Module, index: int, stored: dict[str, StoredTensor]) -
                 if name not in stored:
                     raise RecipeError(f"layer {index}'s {path}.{attr} is not in the model's files",
                                       "stream a model saved by memfit or a Hugging Face directory")
-                slots.append(_Slot(module, attr, offset, stored[name]))
+                found.append((module, attr, stored[name]))
                 covered.add(name)
-                offset = aligned(offset + stored[name].nbytes)
-        units.append(Unit(index, part, offset, slots))
+        offsets, pieces, nbytes = _lay_out([t for _, _, t in found], page_aligned)
+        slots = [_Slot(module, attr, at, t) for (module, attr, t), at in zip(found, offsets, strict=True)]
+        units.append(Unit(index, part, nbytes, slots, pieces, PAGE if page_aligned else ALIGN))
     extra = sorted(n for n in stored if n.startswith(prefix) and n not in covered)
     if extra:
         raise RecipeError(f"layer {index} holds tensors the streamed forward does not read ({extra[0]})",
@@ -114,7 +158,7 @@ def ring_minimum(units: list[Unit]) -> int:
     and up, which are held together), plus one unit's bytes lost where the ring wraps."""
     by_part = [max((u.nbytes for u in units if u.part == p), default=0) for p in range(len(PARTS))]
     a, b, g, u, d = by_part
-    return max(a, b, g + u, d) + max(by_part) + ALIGN * len(PARTS)
+    return max(a, b, g + u, d) + max(by_part) + max(u.align for u in units) * len(PARTS)
 
 
 class StreamedWeights:
@@ -126,6 +170,9 @@ class StreamedWeights:
         ahead: units read ahead of the consumer by a background thread (0: none; the consumer reads).
         drop: drop each read's pages from the page cache after it (every pass reads the disk, as for
             a model larger than the machine's memory; the streamed file pushes no other file out).
+            Units laid out for it (`layer_units`' ``page_aligned``) are then read with O_DIRECT: the
+            disk writes into the ring, no core copies (where the file system refuses O_DIRECT, reads
+            go through the page cache and drop their pages).
     """
 
     def __init__(self, units: list[Unit], capacity: int, ahead: int, drop: bool = False) -> None:
@@ -140,16 +187,25 @@ class StreamedWeights:
         if len(paths) != 1:  # the reader has one file descriptor
             raise RecipeError("streaming reads one safetensors file; this model's layers are in several",
                               "save the model with memfit (one model.safetensors) and stream that")
-        self.ring = torch.empty(capacity, dtype=torch.uint8)
+        align = max(u.align for u in units)
+        self._buffer = torch.empty(capacity + align - ALIGN, dtype=torch.uint8)  # 64-byte aligned already
+        start = -self._buffer.data_ptr() % align
+        self.ring = self._buffer[start:start + capacity]
         sizes = (ctypes.c_int64 * len(units))(*[u.nbytes for u in units])
         first, pieces = [0], []
         for unit in units:
-            pieces.extend((slot.stored.offset, slot.stored.nbytes, slot.offset) for slot in unit.slots)
+            pieces.extend(unit.pieces)
             first.append(len(pieces))
         flat = (ctypes.c_int64 * (3 * len(pieces) + 1))(*[v for p in pieces for v in p])
-        self._fd = os.open(paths.pop(), os.O_RDONLY)
+        path = paths.pop()
+        self._fd, self._direct_fd = os.open(path, os.O_RDONLY), -1
+        if drop and align == PAGE:
+            with contextlib.suppress(OSError):  # tmpfs and some others refuse O_DIRECT
+                self._direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         self._handle = lib.memfit_stream_open(self._fd, self.ring.data_ptr(), capacity, len(units), sizes,
-                                              (ctypes.c_int64 * len(first))(*first), flat, ahead, int(drop))
+                                              (ctypes.c_int64 * len(first))(*first), flat, ahead, int(drop),
+                                              self._direct_fd, align)
+        self.direct = self._direct_fd >= 0  # reads bypass the page cache
         if not self._handle:
             self.close()
             raise RecipeError("cannot start the weight reader", "run without --max-memory")
@@ -240,10 +296,12 @@ class StreamedWeights:
         handle, self._handle = getattr(self, "_handle", None), None
         if handle:
             self._lib.memfit_stream_close(handle)
-        fd, self._fd = getattr(self, "_fd", None), None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        for attr in ("_fd", "_direct_fd"):
+            fd = getattr(self, attr, -1)
+            setattr(self, attr, -1)
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def __del__(self) -> None:
         self.close()
