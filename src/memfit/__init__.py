@@ -2,7 +2,8 @@
 
 The verbs: `load` a model, `estimate` what a plan would hold, `profile` what a workload holds,
 `apply` a plan, `evaluate` the result, `compress` (apply, measure, save in one streamed run),
-`optimize` (search for the best plan under a budget), `train` (fine-tune under a budget), `save`, and
+`optimize` (search for the best plan under a budget), `train` (fine-tune under a budget), `distill`
+(train a smaller or quantized student to match a frozen teacher), `save`, and
 `generate` (text through memfit's runtime: static KV cache, compiled decode step).
 
 Example:
@@ -55,6 +56,7 @@ from memfit.strategies import (
 )
 
 # `memfit.train` is the function; its subpackage stays importable as `memfit.train.loop` etc.
+from memfit.train.distill import DistillResult, distill
 from memfit.train.loop import StepInfo, TrainResult, train
 from memfit.workload import Context, Mode, Workload
 
@@ -64,6 +66,7 @@ __all__ = [
     # verbs
     "apply",
     "compress",
+    "distill",
     "estimate",
     "evaluate",
     "generate",
@@ -76,6 +79,7 @@ __all__ = [
     "Candidate",
     "CompressResult",
     "Context",
+    "DistillResult",
     "Generation",
     "MemoryReport",
     "Metrics",

@@ -30,7 +30,7 @@ DECODE_STEPS = 2
 
 
 def estimate(
-    model: nn.Module | str | Path, plan: Plan | str = "none", workload: Workload | None = None
+    model: nn.Module | str | Path, plan: Plan | str = "none", workload: Workload | None = None, *, objective=None
 ) -> MemoryReport:
     """Predict what ``model`` would hold after ``plan`` (and while running ``workload``), without
     allocating or computing anything.
@@ -44,6 +44,9 @@ def estimate(
         workload: if given, the workload is run on fake tensors under the tracker and the report
             covers its peak (activations, gradients, optimizer state, KV cache); if None, the
             report holds the weights only.
+        objective: for a training workload, ``objective(skeleton, fake_mode, device)`` builds the
+            step's loss function on the fake model (`memfit.profile`'s ``loss_fn``: a distillation
+            step, its teacher on fake tensors too); default the model's next-token loss.
 
     Returns:
         A `MemoryReport`, with the same fields `memfit.profile` measures.
@@ -62,9 +65,13 @@ def estimate(
     to_fake(skeleton, mode, torch.device(workload.device))
     settings = plan.run
     if workload.mode is Mode.TRAIN and workload.ranks > 1 and settings.parallelism is not None:
+        if objective is not None:
+            raise RecipeError("predictions of a distillation step run one process", "estimate it without --nproc")
         return _estimate_ranks(skeleton, workload, mode, settings)
+    device = torch.device(workload.device)
+    loss_fn = objective(skeleton, mode, device) if objective is not None else None
     with mode, synthetic_input_facts():
-        return profile(skeleton, workload, settings, decode_steps=DECODE_STEPS)
+        return profile(skeleton, workload, settings, decode_steps=DECODE_STEPS, loss_fn=loss_fn)
 
 
 def _estimate_ranks(
@@ -117,8 +124,10 @@ def max_batch_size(
     plan: Plan | str = "none",
     *,
     limit: int = 1 << 16,
+    objective=None,
 ) -> int:
-    """The largest batch size whose predicted peak fits ``budget`` (bytes, or ``"1GiB"``-style).
+    """The largest batch size whose predicted peak fits ``budget`` (bytes, or ``"1GiB"``-style);
+    ``objective``: a training step's, as `estimate` takes it.
 
     Doubles the batch until the prediction no longer fits, then bisects; each probe is one
     `estimate` on fake tensors, so nothing is allocated.
@@ -132,7 +141,8 @@ def max_batch_size(
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     if not isinstance(model, nn.Module):
         model = build_skeleton(model)  # read the config once, not once per probe
-    peak = lambda batch: estimate(model, plan, dataclasses.replace(workload, batch_size=batch)).peak_bytes
+    peak = lambda batch: estimate(model, plan, dataclasses.replace(workload, batch_size=batch),
+                                  objective=objective).peak_bytes
     first = peak(1)
     if first > budget_bytes:
         raise BudgetError(

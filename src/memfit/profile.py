@@ -24,7 +24,7 @@ from torch import nn
 from memfit.errors import RecipeError
 from memfit.generation import cached_step
 from memfit.memory.report import MemoryReport
-from memfit.memory.tracker import Tracker, track
+from memfit.memory.tracker import PARAMETERS, Tracker, track
 from memfit.runtime import Engine, runs_on_runtime
 from memfit.runtime.engine import CACHE_STEP
 from memfit.runtime.kvcache import KVFormat
@@ -42,6 +42,7 @@ def profile(
     *,
     decode_steps: int | None = None,
     wrapped: nn.Module | None = None,
+    loss_fn=None,
 ) -> MemoryReport:
     """Measure ``workload`` on ``model``: every allocation, tracked (see `memfit.memory.track`).
 
@@ -55,6 +56,10 @@ def profile(
 
     ``wrapped``: the module to call instead of ``model`` (a ``DistributedDataParallel`` around it).
 
+    ``loss_fn``: a training step's objective ``(model, ids, rows) -> loss`` instead of the model's
+    next-token loss (`memfit.train.distill.Distiller`); its ``tensors()``, if it has them (a
+    teacher's weights), are held as parameters for the whole run, as `memfit.train` holds them.
+
     Returns:
         A `MemoryReport` of the peak, with the top 20 modules and a timeline of about
         `TIMELINE_POINTS` samples.
@@ -65,7 +70,10 @@ def profile(
     optimizer = settings.build_optimizer(model) if workload.mode is Mode.TRAIN else None
     try:
         with track(model, optimizer) as tracker:
-            run_workload(model, workload, tracker, optimizer, settings, decode_steps=decode_steps, wrapped=wrapped)
+            if hasattr(loss_fn, "tensors"):
+                tracker.hold(loss_fn.tensors(), PARAMETERS)
+            run_workload(model, workload, tracker, optimizer, settings, decode_steps=decode_steps, wrapped=wrapped,
+                         loss_fn=loss_fn)
     finally:
         model.train(was_training)
     return tracker.report(top=20, timeline_points=TIMELINE_POINTS)
@@ -79,8 +87,10 @@ def run_workload(
     settings: RunSettings | None = None,
     decode_steps: int | None = None,
     wrapped: nn.Module | None = None,
+    loss_fn=None,
 ) -> None:
-    """Run ``workload`` on ``model`` while ``tracker`` is active (the caller enters it)."""
+    """Run ``workload`` on ``model`` while ``tracker`` is active (the caller enters it); ``loss_fn``:
+    see `profile`."""
     settings = settings or RunSettings()
     vocab = model.config.vocab_size
     device = next(model.parameters()).device
@@ -90,7 +100,9 @@ def run_workload(
         for _ in range(TRAIN_STEPS):
             for _ in range(count):
                 with settings.forward(device.type):
-                    loss = (wrapped or model)(ids, labels=ids, use_cache=False).loss / count
+                    trained = wrapped or model
+                    loss = (trained(ids, labels=ids, use_cache=False).loss if loss_fn is None
+                            else loss_fn(trained, ids, list(range(micro)))) / count
                 loss.backward()
                 del loss
             optimizer.step()

@@ -21,6 +21,8 @@ workloads (--mode):
             --new-tokens single-token steps (batch --batch)
   train     two steps of forward, backward and optimizer step; the peak is the steady state,
             with the optimizer state allocated
+  distill   (estimate) two steps of memfit distill: train's, with the teacher (or its cache) and
+            the chunked distillation loss
 
 categories: parameters, buffers, gradients, optimizer_state, activations (allocated in a
 module's forward), kv_cache, temporary (backward and optimizer arithmetic, work between modules)"""
@@ -59,6 +61,7 @@ examples:
   memfit estimate --model demo --mode train --seq 256 --recipe bf16,sgd --budget 1GiB
   memfit estimate --model llama-3-8b --mode train --batch 8 --seq 2048 --recipe fsdp,bf16-master --nproc 8
   memfit estimate --model demo --mode generate --seq 32 --new-tokens 32 --max-memory 25%
+  memfit estimate --model demo --mode distill --student drop-layers-6 --batch 8 --seq 256 [--top-k 64]
   memfit estimate --model llama-3-70b --recipe int4-g128 --mode generate --seq 512 --new-tokens 512 \
       --max-memory 24GB --memory-bandwidth 1TB --read-bandwidth 25GB --host-memory 64GB
 
@@ -81,8 +84,8 @@ def add_parser(subparsers) -> None:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         options.add_model(parser)
-        parser.add_argument("--mode", choices=("infer", "generate", "train"), default="infer",
-                            help="the workload (default infer)")
+        modes = ("infer", "generate", "train", "distill") if name == "estimate" else ("infer", "generate", "train")
+        parser.add_argument("--mode", choices=modes, default="infer", help="the workload (default infer)")
         parser.add_argument("--batch", type=_positive, default=1, metavar="B", help="sequences per step (default 1)")
         parser.add_argument("--seq", type=_positive, default=512, metavar="S",
                             help="tokens per sequence, the prompt for generate (default 512)")
@@ -98,6 +101,15 @@ def add_parser(subparsers) -> None:
                                      "the recipe); the report is one rank's")
             parser.add_argument("--budget", metavar="SIZE",
                                 help="also print the largest batch whose predicted peak fits SIZE (e.g. 1GiB)")
+            distill = parser.add_argument_group(
+                "distillation (--mode distill)",
+                "a step of memfit distill: --model is the teacher, --recipe the training tokens; the teacher's "
+                "weights and forward, the student's step and the chunked loss (with --top-k: a teacher cache's "
+                "reads instead of the teacher)")
+            distill.add_argument("--student", default="none", metavar="SPEC",
+                                 help="a recipe applied to the teacher (drop-layers-6), or a model (default none)")
+            distill.add_argument("--top-k", type=_positive, metavar="K",
+                                 help="the teacher comes from a cache of its top K log-probabilities")
             speed = parser.add_argument_group(
                 "models larger than memory (--mode generate)",
                 "with --max-memory, predict the placement memfit generate --max-memory would choose (what stays "
@@ -134,8 +146,12 @@ def _plan_and_workload(args: argparse.Namespace):
     from memfit.workload import Mode, Workload
 
     recipe = args.recipe if args.optimizer is None else f"{args.recipe},{args.optimizer}"
+    if args.mode == "distill":  # the student's recipe and the training's
+        from memfit.train.distill import split_student
+
+        args.student_ref, recipe = split_student(args.student, str(args.model), recipe)
     plan = Plan.parse(recipe)  # bad recipes fail before anything is loaded
-    mode = Mode(args.mode)
+    mode = Mode.TRAIN if args.mode == "distill" else Mode(args.mode)
     new_tokens = args.new_tokens if mode is Mode.GENERATE else 0
     workload = Workload(mode=mode, batch_size=args.batch, seq_len=args.seq, new_tokens=new_tokens,
                         ranks=getattr(args, "nproc", 1) if mode is Mode.TRAIN else 1)
@@ -151,6 +167,9 @@ def _label(args: argparse.Namespace, plan, workload) -> str:
     sizes = f"batch {workload.batch_size}, seq {workload.seq_len}"
     if workload.new_tokens:
         sizes += f" + {workload.new_tokens} new"
+    if args.mode == "distill":
+        teacher = f"from a teacher cache of top {args.top_k}" if args.top_k else "teacher in memory"
+        return f"{args.model} -> {args.student}: distill {teacher}, {sizes}, recipe {plan.recipe}"
     return f"{args.model}: {workload.mode.value}, {sizes}, recipe {plan.recipe}"
 
 
@@ -172,14 +191,19 @@ def run_estimate(args: argparse.Namespace) -> int:
     if args.max_memory is not None:
         return _estimate_streamed(args, plan, workload)
     budget_bytes = parse_bytes(args.budget) if args.budget is not None else None
+    objective = None
+    if args.mode == "distill":
+        from memfit.train.distill import DistillConfig, fake_objective
+
+        objective = fake_objective(args.model, DistillConfig(), args.top_k, workload.seq_len)
     with _status("reading the config"):
-        model = skeleton(args.model)
+        model = skeleton(getattr(args, "student_ref", args.model))
     with _status("running the workload on fake tensors"):
-        report = estimate(model, plan, workload)
+        report = estimate(model, plan, workload, objective=objective)
     batch = None
     if budget_bytes is not None:
         with _status(f"searching the largest batch under {format_bytes(budget_bytes)}"):
-            batch = max_batch_size(model, budget_bytes, workload, plan)
+            batch = max_batch_size(model, budget_bytes, workload, plan, objective=objective)
     extra = {} if batch is None else {"max_batch_size": batch}
     summary = [] if batch is None else [(f"largest batch under {format_bytes(budget_bytes)}", str(batch))]
     _output(args, "memfit estimate", _label(args, plan, workload), report, extra, summary)

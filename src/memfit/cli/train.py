@@ -42,16 +42,22 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     options.add_model(parser)
+    add_training(parser, recipe_help="strategies, comma-separated (see below)")
+    parser.add_argument("--budget", metavar="B",
+                        help="bytes one process may hold (2GiB): picks the micro-batch by prediction")
+    parser.set_defaults(run=run)
+
+
+def add_training(parser: argparse.ArgumentParser, recipe_help: str) -> None:
+    """The options of a training run (`memfit train`, `memfit distill`)."""
     parser.add_argument("--data", default="builtin", metavar="FILE",
                         help="UTF-8 text to train on, or 'builtin' (the built-in calibration half; default)")
     parser.add_argument("--steps", type=_positive, default=100, metavar="N", help="optimizer steps (default 100)")
     parser.add_argument("--batch", type=_positive, default=8, metavar="B",
                         help="sequences per step, over all processes and micro-batches (default 8)")
     parser.add_argument("--seq", type=_positive, default=256, metavar="S", help="tokens per sequence (default 256)")
-    parser.add_argument("--recipe", default="none", metavar="R", help="strategies, comma-separated (see below)")
+    parser.add_argument("--recipe", default="none", metavar="R", help=recipe_help)
     parser.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 1e-4; 1e-3 with LoRA)")
-    parser.add_argument("--budget", metavar="B",
-                        help="bytes one process may hold (2GiB): picks the micro-batch by prediction")
     parser.add_argument("--nproc", type=_positive, default=1, metavar="N",
                         help="processes on this machine, started through torchrun (default 1)")
     parser.add_argument("--seed", type=int, default=0, metavar="K", help="seed of data order and adapters (default 0)")
@@ -62,7 +68,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     options.add_json(parser)
-    parser.set_defaults(run=run)
 
 
 def _positive(text: str) -> int:
@@ -76,22 +81,27 @@ def run(args: argparse.Namespace) -> int:
     from memfit.train import distributed
 
     if args.nproc > 1 and not distributed.under_torchrun():
-        _check(args)
-        return distributed.launch(_child_argv(args.raw_argv), args.nproc)
+        check(args, str(args.model))
+        return distributed.launch(child_argv(args.raw_argv, "train"), args.nproc, "train")
     from memfit.train.loop import train
 
     main_rank = os.environ.get("RANK", "0") == "0"
-    with _progress(main_rank) as (on_step, on_work):
+    with progress(main_rank) as (on_step, on_work):
         result = train(
             str(args.model), data=args.data, steps=args.steps, batch=args.batch, seq=args.seq, recipe=args.recipe,
             lr=args.lr, budget=args.budget, seed=args.seed, out=args.out, resume=args.resume,
             save_every=args.save_every, device=args.device, progress=on_step, work_progress=on_work,
         )
-    if not main_rank:
-        return 0
-    if args.json:
+    if main_rank:
+        report(result, f"memfit train: {args.model}", args.json)
+    return 0
+
+
+def report(result, title: str, as_json: bool, extra: dict | None = None) -> None:
+    """Print a training run's result: a table (plus ``extra``'s rows), or its JSON as the last line."""
+    if as_json:
         console.print_json(result.to_json())
-        return 0
+        return
     from memfit.units import format_bytes
 
     rows = [
@@ -102,12 +112,12 @@ def run(args: argparse.Namespace) -> int:
         *[(f"tracked peak (rank {r})" if len(result.peak_bytes) > 1 else "tracked peak", format_bytes(p))
           for r, p in enumerate(result.peak_bytes)],
         ("saved to", str(result.out) if result.out else "-"),
+        *[(key, str(value)) for key, value in (extra or {}).items()],
     ]
-    console.table(f"memfit train: {args.model}", ("", "value"), rows)
-    return 0
+    console.table(title, ("", "value"), rows)
 
 
-def _check(args: argparse.Namespace) -> None:
+def check(args: argparse.Namespace, model: str) -> None:
     """Reject bad input before starting processes (each would report it, with torchrun's traceback)."""
     from memfit.data import read_text
     from memfit.models.refs import resolve_loadable
@@ -121,7 +131,7 @@ def _check(args: argparse.Namespace) -> None:
     device_type(args.device)
     if args.data != "builtin":
         read_text(args.data)
-    resolve_loadable(str(args.model))
+    resolve_loadable(model)
     check_run_dir(args.out, args.resume)
     if args.budget is not None:
         from memfit.units import parse_bytes
@@ -129,9 +139,9 @@ def _check(args: argparse.Namespace) -> None:
         parse_bytes(args.budget)
 
 
-def _child_argv(argv: list[str]) -> list[str]:
-    """The arguments after ``train``, without ``--nproc`` (the children are the processes)."""
-    rest = argv[argv.index("train") + 1:]
+def child_argv(argv: list[str], command: str) -> list[str]:
+    """The arguments after ``command``, without ``--nproc`` (the children are the processes)."""
+    rest = argv[argv.index(command) + 1:]
     out, skip = [], False
     for item in rest:
         if skip:
@@ -144,7 +154,7 @@ def _child_argv(argv: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _progress(show: bool):
+def progress(show: bool):
     """Progress bars on stderr (rank 0 only): ``(on_step, on_work)``, the training steps with the
     loss, tokens/s and tracked peak, and work before them (calibrated recipes)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -164,8 +174,8 @@ def _progress(show: bool):
 
         def on_step(info) -> None:
             status = f"loss {info.loss:.4f} · {info.tokens_per_s:,.0f} tok/s · peak {format_bytes(info.peak_bytes)}"
-            if "train" not in tasks:
-                tasks["train"] = bar.add_task("train", total=info.steps, status=status)
-            bar.update(tasks["train"], completed=info.step, status=status)
+            if "steps" not in tasks:
+                tasks["steps"] = bar.add_task("train", total=info.steps, status=status)
+            bar.update(tasks["steps"], completed=info.step, status=status)
 
         yield on_step, on_work

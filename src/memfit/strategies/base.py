@@ -32,6 +32,17 @@ class Phase(enum.IntEnum):
     RUNTIME = 3
 
 
+class Recovery(enum.Enum):
+    """What training (distillation from the unchanged model) can adjust to win back what a strategy cost."""
+
+    NONE = "none"  # lossless, or it changes how a run goes, not the weights
+    WEIGHTS = "weights"  # the weights it leaves are plain floats: they train (pruned, dropped, factored)
+    ADAPTERS = "adapters"  # its weights are packed and frozen: LoRA adapters beside them train
+
+
+RECOVERY_BY_PHASE = {Phase.STRUCTURE: Recovery.WEIGHTS, Phase.QUANTIZE: Recovery.ADAPTERS}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Strategy:
     """Base class of every memory-saving strategy.
@@ -58,6 +69,9 @@ class Strategy:
         exportable: the layers it makes are ones other formats describe (packed integers, plain
             Linears); False for memfit's own layouts (kept values plus a bitmask, low-rank
             factors), which `memfit.export` refuses before any work.
+        recovery: what distillation trains to recover its loss (`Recovery`; by default by phase:
+            structure changes leave trainable floats, quantization frozen packed weights, casts
+            and run settings nothing to recover).
         forms: the token grammar, as documented (``int4-gN[-awq][-gptq]``): placeholders in
             capitals, optional parts in brackets, alternatives separated by ``|``.
         summary: one line on what it does, for ``--help`` and error messages.
@@ -73,8 +87,14 @@ class Strategy:
     in_config: ClassVar[bool] = False
     train_only: ClassVar[bool] = False
     exportable: ClassVar[bool] = True
+    recovery: ClassVar[Recovery | None] = None  # None: `RECOVERY_BY_PHASE`
     forms: ClassVar[str]
     summary: ClassVar[str]
+
+    @classmethod
+    def recovers(cls) -> Recovery:
+        """What distillation trains after this strategy (see `recovery`)."""
+        return cls.recovery or RECOVERY_BY_PHASE.get(cls.phase, Recovery.NONE)
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Change ``model`` in place and return it. Must also work on meta tensors."""

@@ -45,15 +45,19 @@ class TokenWindows:
             self._orders = {epoch: torch.randperm(len(self), generator=generator).tolist()}
         return self._orders[epoch]
 
-    def batch(self, step: int, batch: int, part: int = 0, parts: int = 1) -> torch.Tensor:
-        """Rows ``part * batch / parts ..`` of global batch ``step``: LongTensor [batch / parts, seq]."""
+    def rows(self, step: int, batch: int, part: int = 0, parts: int = 1) -> list[int]:
+        """The window indices of rows ``part * batch / parts ..`` of global batch ``step``."""
         size = batch // parts
         first = step * batch + part * size
         rows = []
         for index in range(first, first + size):
             epoch, offset = divmod(index, len(self))
             rows.append(self._order(epoch)[offset])
-        return self.windows[rows]
+        return rows
+
+    def batch(self, step: int, batch: int, part: int = 0, parts: int = 1) -> torch.Tensor:
+        """Rows ``part * batch / parts ..`` of global batch ``step``: LongTensor [batch / parts, seq]."""
+        return self.windows[self.rows(step, batch, part, parts)]
 
 
 def training_windows(tokenizer, data: str | None, seq: int, seed: int) -> TokenWindows:

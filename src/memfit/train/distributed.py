@@ -137,11 +137,11 @@ def gather_int(value: int, world: World) -> list[int]:
     return [int(o.item()) for o in out]
 
 
-def launch(argv: Sequence[str], nproc: int) -> int:
-    """Run ``memfit train argv`` in ``nproc`` processes on this machine through torchrun."""
+def launch(argv: Sequence[str], nproc: int, verb: str = "train") -> int:
+    """Run ``memfit <verb> argv`` (train, distill) in ``nproc`` processes on this machine through torchrun."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "memfit.cli.main", "train", *argv,
+        "-m", "memfit.cli.main", verb, *argv,
     ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

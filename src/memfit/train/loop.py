@@ -23,7 +23,7 @@ from torch import nn
 
 from memfit.errors import BudgetError, CheckpointError, OutputError, RecipeError
 from memfit.memory.report import MemoryReport
-from memfit.memory.tracker import track
+from memfit.memory.tracker import PARAMETERS, track
 from memfit.plan import Plan, apply
 from memfit.settings import Parallelism, RunSettings
 from memfit.strategies.training import LoRA
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LR = 1e-4
 DEFAULT_LORA_LR = 1e-3
 WARMUP_SHARE = 0.1  # linear warm-up over the first 10% of steps, then linear decay to 10% of the rate
+FLAGS = {"ranks": "nproc", "model": "model (or --teacher, --student)"}  # a fingerprint key's option, where they differ
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +126,9 @@ def train(
         raise RecipeError(f"steps, batch and seq must be positive (got {steps}, {batch}, {seq})", "fix the arguments")
     check_run_dir(out, resume)
     try:
-        return _train(model, tokenizer, device, data=data, steps=steps, batch=batch, seq=seq, recipe=recipe, lr=lr,
-                      budget=budget, seed=seed, out=None if out is None else Path(out), resume=resume,
-                      save_every=save_every, progress=progress, work_progress=work_progress)
+        return run(model, tokenizer, device, data=data, steps=steps, batch=batch, seq=seq, recipe=recipe, lr=lr,
+                   budget=budget, seed=seed, out=None if out is None else Path(out), resume=resume,
+                   save_every=save_every, progress=progress, work_progress=work_progress)
     finally:
         distributed.leave()
 
@@ -160,8 +161,19 @@ def check_run_dir(out: str | Path | None, resume: bool) -> None:
         )
 
 
-def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, budget, seed, out, resume, save_every,
-           progress, work_progress) -> TrainResult:
+def next_token_loss(trained: nn.Module, ids: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+    """The plain training objective: the model's own next-token cross-entropy (``rows``: the
+    batch's window indices, which objectives with per-window data read)."""
+    return trained(ids, labels=ids, use_cache=False).loss
+
+
+def run(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, budget, seed, out, resume, save_every,
+        progress, work_progress, objective=None, fingerprint_extra=None, predict_objective=None) -> TrainResult:
+    """`train`'s body, also the loop of `memfit.train.distill`: ``objective(model, tokenizer, world)``
+    builds the step's loss function ``(trained, ids, rows) -> loss`` once the model is applied and placed
+    (default: `next_token_loss`); its ``tensors()``, if any, count as held parameters; and
+    ``fingerprint_extra`` joins the fingerprint a resumed run must match; ``predict_objective``: the
+    objective on fake tensors for ``budget``'s predictions (`memfit.estimate`'s ``objective``)."""
     plan = Plan.parse(recipe) if isinstance(recipe, str) else recipe.validate()
     ranks = distributed.planned_ranks()
     if ranks > 1 and plan.settings.parallelism is None:  # torchrun without a token: data-parallel
@@ -180,7 +192,7 @@ def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, bud
         raise RecipeError("train() got a model without its tokenizer", "pass tokenizer=, or a model reference")
     windows = training_windows(tokenizer, data, seq, seed)
     if budget is not None:  # before joining the process group: predicting fsdp starts a fake one
-        plan = fit_micro_batch(model, plan, workload, budget)
+        plan = fit_micro_batch(model, plan, workload, budget, objective=predict_objective)
     settings = plan.run
     micro, count = settings.split(workload)
     world = distributed.join(device_type)
@@ -202,9 +214,10 @@ def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, bud
     schedule = lambda s: min((s + 1) / warmup, 1.0 - 0.9 * max(0, s - warmup) / max(1, steps - warmup))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+    loss_fn = next_token_loss if objective is None else objective(model, tokenizer, world)
     fingerprint = {"model": str(reference or type(model).__name__), "recipe": plan.recipe, "steps": steps,
                    "batch": batch, "seq": seq, "seed": seed, "lr": lr, "data": windows.fingerprint,
-                   "ranks": world.size}
+                   "ranks": world.size, **(fingerprint_extra or {})}
     writer = checkpoint.Writer(out / "checkpoints", world.rank, world.size) if out is not None else None
     start, losses = 0, []
     if resume:
@@ -214,9 +227,11 @@ def _train(model, tokenizer, device, *, data, steps, batch, seq, recipe, lr, bud
                 f"the run under {str(out)!r} already finished its {steps} steps", "start a new run with another --out"
             )
 
-    step_fn = _Stepper(trained, optimizer, scheduler, windows, world, batch, micro, count, settings)
+    step_fn = _Stepper(trained, optimizer, scheduler, windows, world, batch, micro, count, settings, loss_fn)
     tokens, seconds = 0, 0.0
     with track(model, optimizer) as tracker:
+        if hasattr(loss_fn, "tensors"):  # a teacher: its weights are held too
+            tracker.hold(loss_fn.tensors(), PARAMETERS)
         for step in range(start, steps):
             began = time.perf_counter()
             loss = step_fn(step)
@@ -249,8 +264,8 @@ class _Stepper:
     """One optimizer step: the micro-batches' forward and backward, then the optimizer."""
 
     def __init__(self, trained, optimizer, scheduler, windows: TokenWindows, world, batch, micro, count,
-                 settings: RunSettings) -> None:
-        self.trained, self.optimizer, self.scheduler = trained, optimizer, scheduler
+                 settings: RunSettings, loss_fn) -> None:
+        self.trained, self.optimizer, self.scheduler, self.loss_fn = trained, optimizer, scheduler, loss_fn
         self.windows, self.world, self.batch = windows, world, batch
         self.micro, self.count, self.settings = micro, count, settings
 
@@ -273,12 +288,12 @@ class _Stepper:
         total = 0.0
         parts = self.world.size * self.count
         for i in range(self.count):
-            ids = self.windows.batch(step, self.batch, self.world.rank * self.count + i, parts)
-            ids = ids.to(self.world.device)
+            rows = self.windows.rows(step, self.batch, self.world.rank * self.count + i, parts)
+            ids = self.windows.windows[rows].to(self.world.device)
             last = i == self.count - 1
             with contextlib.nullcontext() if last else _no_sync(self.trained):
                 with self.settings.forward(self.world.device.type):
-                    loss = self.trained(ids, labels=ids, use_cache=False).loss / self.count
+                    loss = self.loss_fn(self.trained, ids, rows) / self.count
                 loss.backward()
             total += float(loss.detach())
             del loss
@@ -308,8 +323,10 @@ def _no_sync(trained: nn.Module):
     return unsynced()
 
 
-def fit_micro_batch(model: nn.Module, plan: Plan, workload: Workload, budget: int | str) -> Plan:
-    """``plan`` with the fewest micro-batches (``grad-accum-N``) whose predicted peak fits ``budget``.
+def fit_micro_batch(model: nn.Module, plan: Plan, workload: Workload, budget: int | str, *,
+                    objective=None) -> Plan:
+    """``plan`` with the fewest micro-batches (``grad-accum-N``) whose predicted peak fits ``budget``
+    (``objective``: the step's, as `memfit.estimate` takes it; default next-token training).
 
     With ``grad-accum-N`` already in the plan, only checks that it fits.
 
@@ -327,7 +344,7 @@ def fit_micro_batch(model: nn.Module, plan: Plan, workload: Workload, budget: in
         micro_batches = count if count > 1 else None
         settings = plan.settings if fixed else dataclasses.replace(plan.settings, micro_batches=micro_batches)
         candidate = dataclasses.replace(plan, settings=settings)
-        peak = estimate(model, candidate, workload).peak_bytes
+        peak = estimate(model, candidate, workload, objective=objective).peak_bytes
         log.info("micro-batch %d: predicted peak %s", per_rank // count, format_bytes(peak))
         if peak <= budget_bytes:
             return candidate
@@ -356,7 +373,7 @@ def _resume(root: Path, world, model, optimizer, scheduler, fingerprint) -> tupl
         differ = sorted(k for k in fingerprint if saved.get(k) != fingerprint[k])
         raise CheckpointError(
             f"checkpoint {str(found[-1])!r} is from a run with different {', '.join(differ)}",
-            "resume with the same --model, --recipe, --steps, --batch, --seq, --seed, --lr, --data and --nproc",
+            f"resume with the run's own {', '.join('--' + FLAGS.get(k, k) for k in differ)}, or start a new run",
         )
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     weights = tree["weights"]

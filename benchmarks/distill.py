@@ -1,0 +1,84 @@
+"""Knowledge distillation on the demo model: how much of a student's perplexity gap each way of training closes.
+
+For each student (a recipe applied to the teacher), the same tokens of the built-in calibration
+half are trained two ways, each in its own process through the CLI:
+
+- ``plain``: `memfit train` of the student on next-token loss;
+- ``kd``: `memfit distill` from the fp32 teacher (full-vocabulary forward KL, chunked).
+
+Perplexity is on the evaluation half (disjoint from the training text): the teacher, the student
+before training (`memfit compress` of the recipe), and each trained student (`memfit eval`). "gap
+closed" is (before - after) / (before - teacher). The tracked peak and tokens/s are the training
+runs' own figures (teacher weights included for kd).
+
+    .venv/bin/python benchmarks/distill.py                       # drop-layers-6, prune-mlp-25, int4 + LoRA
+    .venv/bin/python benchmarks/distill.py --students drop-layers-6 --steps 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+STUDENTS = "drop-layers-6;prune-mlp-25;int4-g128-gptq,lora-8"
+LORA_LR = 1e-3
+
+
+def memfit(*args: str) -> dict:
+    """Run ``memfit ARGS --json``; its JSON line (exits on failure, with its stderr)."""
+    done = subprocess.run([sys.executable, "-m", "memfit.cli.main", *args, "--json"], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"memfit {' '.join(args)} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def perplexity(model: str, tokens: int) -> float:
+    return memfit("eval", "--model", model, "--tokens", str(tokens))["perplexity"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--students", default=STUDENTS, help="recipes, separated by ';'")
+    parser.add_argument("--methods", default="plain,kd")
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of full-weight students")
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    args = parser.parse_args()
+
+    tokens = args.steps * args.batch * args.seq
+    teacher = perplexity(args.model, args.eval_tokens)
+    print(f"{args.model}: teacher perplexity {teacher:.3f} on {args.eval_tokens:,} evaluation tokens; each run "
+          f"{args.steps} steps x {args.batch} x {args.seq} = {tokens:,} training tokens of the calibration half\n",
+          flush=True)
+    print("| student | training | lr | perplexity before | after | gap closed | tracked peak GB | tokens/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, student in enumerate(args.students.split(";")):
+            weights = ",".join(t for t in student.split(",") if not t.startswith("lora"))
+            before = memfit("compress", "--model", args.model, "--recipe", weights, "--out", f"{tmp}/s{index}",
+                            "--tokens", str(args.eval_tokens))["metrics"]["perplexity"]
+            lr = LORA_LR if "lora" in student else args.lr
+            common = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--lr", str(lr)]
+            for method in args.methods.split(","):
+                out = f"{tmp}/s{index}-{method}"
+                if method == "plain":
+                    run = memfit("train", "--model", args.model, "--recipe", student, "--out", out, *common)
+                elif method == "kd":
+                    run = memfit("distill", "--teacher", args.model, "--student", student, "--out", out, *common)
+                else:
+                    sys.exit(f"unknown method {method!r}")
+                after = perplexity(str(Path(out) / "model"), args.eval_tokens)
+                closed = (before - after) / (before - teacher)
+                print(f"| {student} | {method} | {lr:g} | {before:.3f} | {after:.3f} | {closed:.1%} | "
+                      f"{run['peak_bytes'] / 1e9:.2f} | {run['tokens_per_s']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
