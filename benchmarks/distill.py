@@ -4,7 +4,9 @@ For each student (a recipe applied to the teacher), the same tokens of the built
 half are trained two ways, each in its own process through the CLI:
 
 - ``plain``: `memfit train` of the student on next-token loss;
-- ``kd``: `memfit distill` from the fp32 teacher (full-vocabulary forward KL, chunked).
+- ``kd``: `memfit distill` from the fp32 teacher (full-vocabulary forward KL, chunked);
+- ``kd-cache``: the same from a top-64 teacher cache (built first, by one teacher pass over the
+  run's windows; the build's time is not in tokens/s), the teacher not loaded while training.
 
 Perplexity is on the evaluation half (disjoint from the training text): the teacher, the student
 before training (`memfit compress` of the recipe), and each trained student (`memfit eval`). "gap
@@ -13,6 +15,12 @@ runs' own figures (teacher weights included for kd).
 
     .venv/bin/python benchmarks/distill.py                       # drop-layers-6, prune-mlp-25, int4 + LoRA
     .venv/bin/python benchmarks/distill.py --students drop-layers-6 --steps 48
+    .venv/bin/python benchmarks/distill.py --part memory --teacher-int8 DIR
+
+``--part memory``: a distillation step's predicted peak (`memfit.train.distill.estimate_distill`,
+fake tensors) against the peak `memfit.distill` tracks over 3 real steps, for the teacher in
+memory in fp32, an int8 teacher (``DIR``: `memfit compress --model demo --recipe int8 --out DIR`),
+and a top-64 teacher cache, beside a plain training step of the same student.
 """
 
 from __future__ import annotations
@@ -40,17 +48,51 @@ def perplexity(model: str, tokens: int) -> float:
     return memfit("eval", "--model", model, "--tokens", str(tokens))["perplexity"]
 
 
+def memory(args: argparse.Namespace) -> None:
+    import memfit
+    from memfit.train.distill import distill, estimate_distill
+    from memfit.workload import Mode, Workload
+
+    student, batch, seq = args.students.split(";")[0], args.batch, args.seq
+    workload = Workload(mode=Mode.TRAIN, batch_size=batch, seq_len=seq)
+    print(f"{args.model} -> {student}: a step at batch {batch}, seq {seq}, AdamW; tracked over 3 steps\n")
+    print("| teacher | predicted peak | tracked peak | difference | vs plain training | tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    plain = memfit.train(args.model, steps=3, batch=batch, seq=seq, recipe=student, device="cpu")
+    predicted = memfit.estimate(args.model, student, workload).peak_bytes
+    rows = [("none (plain training)", predicted, plain)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, teacher, top_k in (("fp32, in memory", args.model, None),
+                                      ("int8, in memory", args.teacher_int8, None),
+                                      ("top-64 cache", args.model, 64)):
+            if teacher is None:
+                continue
+            cache = {"teacher_cache": f"{tmp}/cache", "top_k": top_k} if top_k else {}
+            run = distill(teacher, student, steps=3, batch=batch, seq=seq, device="cpu", **cache)
+            rows.append((label, estimate_distill(teacher, student, workload, top_k=top_k).peak_bytes, run))
+    for label, predicted, run in rows:
+        tracked = run.peak_bytes[0]
+        print(f"| {label} | {predicted / 1e9:.3f} GB | {tracked / 1e9:.3f} GB | "
+              f"{(predicted - tracked) / tracked:+.2%} | {tracked / plain.peak_bytes[0]:.2f}x | "
+              f"{run.tokens_per_s:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--students", default=STUDENTS, help="recipes, separated by ';'")
-    parser.add_argument("--methods", default="plain,kd")
+    parser.add_argument("--methods", default="plain,kd,kd-cache")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of full-weight students")
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--part", choices=("quality", "memory"), default="quality")
+    parser.add_argument("--teacher-int8", metavar="DIR", help="--part memory: an int8 teacher's directory")
     args = parser.parse_args()
+    if args.part == "memory":
+        memory(args)
+        return
 
     tokens = args.steps * args.batch * args.seq
     teacher = perplexity(args.model, args.eval_tokens)
@@ -72,6 +114,9 @@ def main() -> None:
                     run = memfit("train", "--model", args.model, "--recipe", student, "--out", out, *common)
                 elif method == "kd":
                     run = memfit("distill", "--teacher", args.model, "--student", student, "--out", out, *common)
+                elif method == "kd-cache":
+                    run = memfit("distill", "--teacher", args.model, "--student", student, "--out", out, *common,
+                                 "--teacher-cache", f"{tmp}/cache", "--top-k", "64")  # one for every student
                 else:
                     sys.exit(f"unknown method {method!r}")
                 after = perplexity(str(Path(out) / "model"), args.eval_tokens)
