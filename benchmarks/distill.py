@@ -62,14 +62,19 @@ def memory(args: argparse.Namespace) -> None:
     predicted = memfit.estimate(args.model, student, workload).peak_bytes
     rows = [("none (plain training)", predicted, plain)]
     with tempfile.TemporaryDirectory() as tmp:
+        # the int8 teacher's student is the same fp32 one, saved first (a recipe applies to the teacher's weights)
+        saved = f"{tmp}/student"
+        if args.teacher_int8:
+            memfit.compress(args.model, student, saved)
         for label, teacher, top_k in (("fp32, in memory", args.model, None),
                                       ("int8, in memory", args.teacher_int8, None),
                                       ("top-64 cache", args.model, 64)):
             if teacher is None:
                 continue
             cache = {"teacher_cache": f"{tmp}/cache", "top_k": top_k} if top_k else {}
-            run = distill(teacher, student, steps=3, batch=batch, seq=seq, device="cpu", **cache)
-            rows.append((label, estimate_distill(teacher, student, workload, top_k=top_k).peak_bytes, run))
+            mine = saved if teacher == args.teacher_int8 else student
+            run = distill(teacher, mine, steps=3, batch=batch, seq=seq, device="cpu", **cache)
+            rows.append((label, estimate_distill(teacher, mine, workload, top_k=top_k).peak_bytes, run))
     for label, predicted, run in rows:
         tracked = run.peak_bytes[0]
         print(f"| {label} | {predicted / 1e9:.3f} GB | {tracked / 1e9:.3f} GB | "

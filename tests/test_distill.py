@@ -397,3 +397,17 @@ def test_hidden_loss_needs_the_teacher_in_memory(tmp_path):
         distill("tiny-llama", "none", steps=1, batch=2, seq=16, hidden_loss="cosine", teacher_cache=tmp_path / "c")
     result = distill("tiny-llama", "drop-layers-1", steps=2, batch=2, seq=16, hidden_loss="cosine", device="cpu")
     assert result.to_json()["hidden_loss"] == "cosine" and all(math.isfinite(x) for x in result.losses)
+
+
+def test_a_saved_structured_student_is_predicted_as_it_loads(tmp_path):
+    # the skeleton of a saved drop-layers model is the saved config's shapes, not the recipe applied again
+    from memfit.io import skeleton
+    from memfit.train.distill import estimate_distill
+    from memfit.workload import Mode, Workload
+
+    memfit.compress("tiny-llama", "drop-layers-1", tmp_path / "student")
+    assert len(skeleton(tmp_path / "student").model.layers) == len(memfit.load(tmp_path / "student")[0].model.layers)
+    result = distill("tiny-llama", tmp_path / "student", steps=3, batch=2, seq=64, device="cpu")
+    workload = Workload(mode=Mode.TRAIN, batch_size=2, seq_len=64)
+    predicted = estimate_distill("tiny-llama", tmp_path / "student", workload)
+    assert abs(predicted.peak_bytes - result.peak_bytes[0]) <= 0.01 * result.peak_bytes[0]

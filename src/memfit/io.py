@@ -100,6 +100,13 @@ def load_tokenizer(ref: str | Path | Ref) -> PreTrainedTokenizerBase:
                                  "pass a model directory that holds its tokenizer") from None
 
 
+def rebuild_plan(plan: Plan) -> Plan:
+    """What rebuilds a saved model's modules from its saved config: the recipe less the strategies
+    that shrank the config (fewer layers, heads, channels: already in its shapes) and the
+    training-only ones (optimizer, accumulation: nothing a loaded model holds)."""
+    return Plan(tuple(s for s in plan.strategies if not (s.in_config or s.train_only)), plan.workload)
+
+
 def skeleton(ref: str | Path | Ref) -> torch.nn.Module:
     """The model ``ref`` names, on the meta device: its modules, shapes, dtypes and ties, no weights.
 
@@ -122,7 +129,7 @@ def skeleton(ref: str | Path | Ref) -> torch.nn.Module:
     resolved = resolve(ref)
     if resolved.kind is RefKind.SAVED:
         _, plan, config = read_recipe(resolved.path)
-        return apply(meta_model(config), plan, Context())
+        return apply(meta_model(config), rebuild_plan(plan), Context())
     return external_skeleton(resolved)
 
 
@@ -287,10 +294,7 @@ def _load_saved_model(path: Path, select=None) -> torch.nn.Module:
     # the packed modules on meta, and the checkpoint's tensors are assigned in place.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    # strategies that shrank the config (fewer layers, heads, channels) are already in its shapes;
-    # training-only ones (optimizer, accumulation) change nothing a loaded model holds
-    rebuild = tuple(s for s in plan.strategies if not (s.in_config or s.train_only))
-    apply(model, Plan(rebuild, plan.workload), Context())
+    apply(model, rebuild_plan(plan), Context())
     model.memfit_plan = plan
     keep = select(model) if select is not None else None
     state = _read_tensors(weights, keep)
