@@ -29,9 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import RecipeError
 from memfit.train.loop import TrainResult
-from memfit.train.teacher_cache import ShapeOnlyCache, TeacherCache, prepare_teacher_cache
+from memfit.train.teacher_cache import CHUNK, ShapeOnlyCache, TeacherCache, prepare_teacher_cache
 
-CHUNK = 128  # positions whose logits are computed at once
 JSD_BETA = 0.5  # the generalized JSD's mixture weight of the teacher
 REST_FLOOR = 1e-6  # the least mass a teacher cache gives the tokens outside its top K
 HIDDEN_LOSSES = ("cosine", "mse")
@@ -457,8 +456,7 @@ def distill(
     from memfit.io import load, load_tokenizer
     from memfit.train import distributed, loop
 
-    if steps < 1 or batch < 1 or seq < 1 or save_every < 0:
-        raise RecipeError(f"steps, batch and seq must be positive (got {steps}, {batch}, {seq})", "fix the arguments")
+    loop.check_sizes(steps, batch, seq, save_every)
     config = DistillConfig(Divergence.parse(loss) if isinstance(loss, str) else loss, temperature, alpha,
                            hidden=hidden_loss, hidden_weight=hidden_weight)
     model_ref, run_recipe = split_student(str(student), str(teacher), recipe)

@@ -122,8 +122,7 @@ def train(
     Raises:
         RecipeError, BudgetError, DataError, CheckpointError, ModelNotFoundError: bad input.
     """
-    if steps < 1 or batch < 1 or seq < 1 or save_every < 0:
-        raise RecipeError(f"steps, batch and seq must be positive (got {steps}, {batch}, {seq})", "fix the arguments")
+    check_sizes(steps, batch, seq, save_every)
     check_run_dir(out, resume)
     try:
         return run(model, tokenizer, device, data=data, steps=steps, batch=batch, seq=seq, recipe=recipe, lr=lr,
@@ -131,6 +130,12 @@ def train(
                    save_every=save_every, progress=progress, work_progress=work_progress)
     finally:
         distributed.leave()
+
+
+def check_sizes(steps: int, batch: int, seq: int, save_every: int) -> None:
+    """Raise `RecipeError` unless a run's step count and sizes are positive (``save_every`` at least 0)."""
+    if steps < 1 or batch < 1 or seq < 1 or save_every < 0:
+        raise RecipeError(f"steps, batch and seq must be positive (got {steps}, {batch}, {seq})", "fix the arguments")
 
 
 def check_run_dir(out: str | Path | None, resume: bool) -> None:

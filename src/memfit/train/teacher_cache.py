@@ -23,7 +23,7 @@ from torch import nn
 
 from memfit.errors import CheckpointError, OutputError, RecipeError
 
-CHUNK = 128  # positions whose logits are computed at once while building
+CHUNK = 128  # positions whose logits are computed at once (distillation's chunked loss, and building a cache)
 
 CACHE_VERSION = 1
 CACHE_META = "teacher-cache.json"
