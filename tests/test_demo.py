@@ -126,7 +126,11 @@ def test_optimize_fits_30_percent(demo, outputs):
     assert result["metrics"]["weight_bytes"] <= result["budget_bytes"]
     evaluated = [c for c in result["candidates"] if c["metrics"] is not None]
     fitting = [c for c in evaluated if c["fits"]]
-    assert len(evaluated) >= 4
+    ranked = [c for c in result["candidates"] if c["predicted_divergence"] is not None]
+    # the 3 best predicted of the plans that fit are evaluated: the mixed plan sized to the budget
+    # (int8 blocks, some left in float) and uniform int8 rank first
+    assert len(evaluated) == 3 and len(ranked) >= 8
+    assert {c["plan"] for c in evaluated} >= {"int8"} and any(c["plan"].startswith("mixed-bits") for c in evaluated)
     assert result["metrics"]["perplexity"] == min(c["metrics"]["perplexity"] for c in fitting)
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     reloaded = run_json("eval", "--model", str(out), "--tokens", "2048")

@@ -144,3 +144,12 @@ def test_quantized_parameter_bytes_equal_the_compressed_models(make_tiny, recipe
     predicted = memfit.estimate(model, recipe, WORKLOADS["train"])
     memfit.apply(model, recipe)
     assert predicted.weight_bytes == memfit.weight_bytes(model)
+
+
+@pytest.mark.parametrize("mode", ["infer", "generate"])
+def test_prediction_of_bitmask_sparse_layers_equals_tracked_measurement(make_tiny, mode):
+    # their bit table is a module-level constant, a real tensor among the fake ones of a prediction
+    model, _ = make_tiny("tiny-llama")
+    predicted = memfit.estimate(model, "prune-50-magnitude", WORKLOADS[mode])
+    memfit.apply(model, "prune-50-magnitude")
+    assert predicted == profile(model, WORKLOADS[mode])

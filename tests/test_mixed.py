@@ -1,4 +1,7 @@
-"""Mixed bit-widths: sensitivity runs, the greedy allocation, the budget, and recorded widths."""
+"""Mixed formats per block: sensitivity runs, the exact allocation, the budget, and recorded choices."""
+
+import itertools
+import random
 
 import pytest
 import torch
@@ -6,18 +9,48 @@ import torch
 import memfit
 from memfit.strategies import MixedBits
 from memfit.strategies.quantize.calibrated import Method
-from memfit.strategies.quantize.mixed import FLOAT, allocate, linear_bytes, units_of
+from memfit.strategies.quantize.mixed import allocate, block_options, units_of
 
 
-def test_allocation_buys_the_most_divergence_per_byte_within_the_cap():
-    costs = [{4: 10, 8: 20, FLOAT: 40}, {4: 10, 8: 20, FLOAT: 40}, {4: 100, 8: 200, FLOAT: 400}]
-    gains = [{4: 0, 8: 5.0, FLOAT: 6.0}, {4: 0, 8: 1.0, FLOAT: 1.1}, {4: 0, 8: 50.0, FLOAT: 60.0}]
-    assert allocate(costs, gains, cap=120) == [4, 4, 4]  # every widening would pass the cap
-    assert allocate(costs, gains, cap=130) == [8, 4, 4]  # 0.5 per byte beats 0.1
-    assert allocate(costs, gains, cap=230) == [8, 4, 8]
-    assert allocate(costs, gains, cap=10_000) == [FLOAT, FLOAT, FLOAT]
-    widths = allocate(costs, gains, cap=250)
-    assert sum(c[w] for c, w in zip(costs, widths, strict=True)) <= 250
+def _brute_force(costs, scores, cap):
+    fitting = [c for c in itertools.product(*[sorted(u) for u in costs])
+               if sum(u[k] for u, k in zip(costs, c, strict=True)) <= cap]
+    return min(sum(s[k] for s, k in zip(scores, c, strict=True)) for c in fitting)
+
+
+def test_allocation_is_the_exact_optimum_within_the_cap():
+    rng = random.Random(0)
+    for _ in range(200):
+        units = rng.randint(1, 5)
+        costs = [{k: rng.randint(1, 40) for k in "abcd"[: rng.randint(1, 4)]} for _ in range(units)]
+        scores = [{k: rng.random() for k in c} for c in costs]
+        cap = rng.randint(sum(min(c.values()) for c in costs), sum(max(c.values()) for c in costs))
+        chosen = allocate(costs, scores, cap)
+        assert sum(c[k] for c, k in zip(costs, chosen, strict=True)) <= cap
+        assert sum(s[k] for s, k in zip(scores, chosen, strict=True)) == pytest.approx(_brute_force(costs, scores, cap))
+
+
+def test_allocation_beats_the_greedy_ratio_where_it_strands_bytes():
+    # the best ratio (unit 0's 'b': 1.0 per byte) leaves 9 bytes that buy nothing; unit 1's 'b'
+    # (0.9 per byte, 10 bytes) alone removes more
+    costs = [{"a": 0, "b": 2}, {"a": 0, "b": 10}]
+    scores = [{"a": 2.0, "b": 0.0}, {"a": 9.0, "b": 0.0}]
+    assert allocate(costs, scores, cap=11) == ["a", "b"]
+    assert allocate(costs, scores, cap=12) == ["b", "b"]
+    assert allocate(costs, scores, cap=1) == ["a", "a"]
+
+
+def test_allocation_of_large_costs_fits_and_is_near_the_optimum():
+    rng = random.Random(1)
+    costs = [{k: rng.randint(10**6, 10**7) for k in "abc"} for _ in range(6)]
+    scores = [{k: rng.random() for k in c} for c in costs]
+    cap = sum(sorted(c.values())[1] for c in costs)
+    chosen = allocate(costs, scores, cap)
+    assert sum(c[k] for c, k in zip(costs, chosen, strict=True)) <= cap
+    # costs rounded up to steps of slack / 65,536 give up at most a step per unit
+    step = (cap - sum(min(c.values()) for c in costs)) / 65536
+    best_within = _brute_force(costs, scores, cap - 6 * step)
+    assert sum(s[k] for s, k in zip(scores, chosen, strict=True)) <= best_within + 1e-12
 
 
 def test_units_are_attention_and_mlp_of_each_layer(make_tiny):
@@ -28,9 +61,14 @@ def test_units_are_attention_and_mlp_of_each_layer(make_tiny):
         (1, ["q_proj", "k_proj", "v_proj", "o_proj"]), (1, ["gate_proj", "up_proj", "down_proj"]),
     ]
     q = model.model.layers[0].self_attn.q_proj  # 64 x 64
-    assert linear_bytes(q, 4, 32) == 64 * 32 + 3 * 64 * 2
-    assert linear_bytes(q, 8, 32) == 64 * 64 + 2 * 64
-    assert linear_bytes(q, FLOAT, 32) == 64 * 64 * 4
+    options = block_options()
+    assert list(options) == ["int8", "int4-g32", "int4-g64", "int4-g128", "float"]
+    assert options["int4-g32"].nbytes(q) == 64 * 32 + 3 * 64 * 2
+    assert options["int4-g64"].nbytes(q) == options["int4-g128"].nbytes(q) == 64 * 32 + 3 * 64 * 1
+    assert options["int8"].nbytes(q) == 64 * 64 + 2 * 64
+    assert options["float"].nbytes(q) == 64 * 64 * 4
+    for option in options.values():  # what the option makes holds what it counts
+        assert memfit.weight_bytes(option.make(q, None)) == option.nbytes(q)
 
 
 def _calibration():
@@ -38,22 +76,37 @@ def _calibration():
 
 
 @pytest.mark.parametrize("bits", [4.5, 6.0, 16.0])
-def test_measured_widths_fit_the_bits_and_are_recorded(make_tiny, bits):
+def test_measured_choices_fit_the_bits_and_are_recorded(make_tiny, bits):
     model, _ = make_tiny("tiny-llama")
     units = units_of(model, memfit.Targets())
     params = sum(m.weight.numel() for _, unit in units for _, m in unit)
     ctx = memfit.Context(calibration=_calibration())
     memfit.apply(model, memfit.Plan((MixedBits(bits=bits, method=Method.RTN),)), ctx)
     resolved = model.memfit_plan.strategies[0]
-    assert len(resolved.widths) == len(units)
-    held = sum(linear_bytes(m, w, 128) for (_, unit), w in zip(units, resolved.widths, strict=True) for _, m in unit)
+    assert len(resolved.choices) == len(units)
+    options = block_options()
+    held = sum(options[c].nbytes(m) for (_, unit), c in zip(units, resolved.choices, strict=True) for _, m in unit)
     assert held <= bits * params / 8
     if bits == 16.0:
-        assert FLOAT in resolved.widths  # past int8's 8 bits, some units stay in float
-    # the recorded widths rebuild the same model, with no calibration text
+        assert "float" in resolved.choices  # past int8's 8 bits, some units stay in float
+    # the scores were measured once per unit and option, and the choice is their optimum
+    assert len([k for k in ctx.memo if k[0] == "block-score"]) == len(units) * 4
+    # the recorded choices rebuild the same model, with no calibration text
     fresh, _ = make_tiny("tiny-llama")
     assert memfit.estimate(fresh, memfit.Plan((resolved,))).weight_bytes == memfit.weight_bytes(model)
-    assert memfit.Plan.from_dict(model.memfit_plan.to_dict()).strategies[0].widths == resolved.widths
+    assert memfit.Plan.from_dict(model.memfit_plan.to_dict()).strategies[0].choices == resolved.choices
+
+
+def test_widths_of_recipes_written_before_choices_still_load(make_tiny):
+    old = MixedBits.from_dict({"strategy": "mixed-bits", "version": 1, "bits": 5.0, "group_size": 64,
+                               "method": "rtn", "widths": [4, 8, 16, 4], "targets": {"include": ["*"]}})
+    assert old.choices == ("int4-g64", "int8", "float", "int4-g64") and old.widths == ()
+    model, _ = make_tiny("tiny-llama")
+    memfit.apply(model, memfit.Plan((old,)))
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj.group_size == 64
+    assert type(layer.mlp.up_proj).__name__ == "Int8Linear"
+    assert isinstance(model.model.layers[1].self_attn.q_proj, torch.nn.Linear)
 
 
 def test_sensitivity_finds_the_unit_that_was_made_fragile(make_tiny):
@@ -71,8 +124,10 @@ def test_sensitivity_finds_the_unit_that_was_made_fragile(make_tiny):
 
 def test_widths_for_another_model_are_refused(make_tiny):
     model, _ = make_tiny("tiny-llama")
-    with pytest.raises(memfit.RecipeError, match=r"widths for 3 units, the model has 4"):
+    with pytest.raises(memfit.RecipeError, match=r"choices for 3 units, the model has 4"):
         memfit.apply(model, memfit.Plan((MixedBits(widths=(4, 8, 4), method=Method.RTN),)))
+    with pytest.raises(memfit.RecipeError, match=r"choices must be among .*got \['int3'\]"):
+        MixedBits.from_dict({"strategy": "mixed-bits", "choices": ["int3", "int8"]})
 
 
 def test_mixed_bits_without_calibration_text_says_how_to_get_it(make_tiny):

@@ -70,13 +70,14 @@ def test_optimize_is_deterministic(make_tiny, optimized):
     assert first.best.plan == second.best.plan
 
 
-def test_a_larger_budget_never_gives_a_worse_plan(make_tiny):
+def test_a_larger_budget_never_predicts_a_worse_plan(make_tiny):
     model, tokenizer = make_tiny("tiny-qwen2")
     budgets = ("25%", "40%", "100%")
     results = [_search(model, tokenizer, b, measure_speed=False) for b in budgets]
-    ppl = [r.best.metrics.perplexity for r in results]
-    assert ppl[0] >= ppl[1] >= ppl[2]
+    best = [min(c.predicted_divergence for c in r.candidates if c.predicted_divergence is not None) for r in results]
+    assert best[0] >= best[1] >= best[2] == 0.0
     assert [c.fits for c in results[2].candidates] == [True] * len(results[2].candidates)
+    assert results[2].candidates[0].plan.recipe == "none" and results[2].candidates[0].metrics is not None
 
 
 def test_impossible_budget_names_the_smallest_reachable_plan(make_tiny):
@@ -118,8 +119,37 @@ def test_pruning_is_skipped_where_the_plan_without_it_fits(optimized):
     assert skipped.skipped == "'int8' fits without prune-50-sparsegpt"
     assert by_recipe["int8"].metrics is not None
     for c in result.candidates:
-        assert (c.skipped is not None) == (c.fits and bool(_structure(c.plan)))
+        if c.fits and _structure(c.plan):
+            assert " fits without " in c.skipped
+        elif c.skipped is not None:
+            assert c.fits and "the best 3 predicted were evaluated" in c.skipped
     assert "plans with pruning or low-rank factors were skipped" in render_markdown(result)
+
+
+@SHARED
+def test_only_the_best_predicted_plans_are_evaluated(optimized):
+    result = optimized[0]
+    scored = [c for c in result.candidates if c.predicted_divergence is not None]
+    assert all(c.fits and c.skipped is None or "ranks" in c.skipped for c in scored)
+    ranked = sorted(scored, key=lambda c: (c.predicted_divergence, c.predicted_weight_bytes))
+    assert len(ranked) > 3
+    assert [c.metrics is not None for c in ranked] == [True] * 3 + [False] * (len(ranked) - 3)
+    by_recipe = {c.plan.recipe: c.predicted_divergence for c in scored}
+    assert 0 < by_recipe["int8"] < by_recipe["int4-g32"] < by_recipe["int4-g64"]
+    assert by_recipe["int8,bf16"] > by_recipe["int8"]  # the cast's own divergence is added
+
+
+def test_a_quality_limit_evaluates_past_the_best_predicted_until_one_meets_it(make_tiny):
+    model, tokenizer = make_tiny("tiny-llama")
+    loose = _search(model, tokenizer, "30%", measure_speed=False, evaluations=1)
+    assert sum(c.metrics is not None for c in loose.candidates) == 1
+    ranked = [c for c in loose.candidates if c.predicted_divergence is not None]
+    evaluated = []
+    progress = lambda description, done, total: evaluated.append(done) if description == "candidates" else None
+    # a limit no plan meets (perplexity 1% of the original's): every ranked plan is evaluated, then refused
+    with pytest.raises(BudgetError, match=r"no plan within budget keeps perplexity within"):
+        _search(model, tokenizer, "30%", measure_speed=False, evaluations=1, max_quality_loss=-0.99, progress=progress)
+    assert evaluated == list(range(1, len(ranked) + 1))
 
 
 def _candidate(recipe: str, ppl: float, decode: float, fits: bool = True) -> Candidate:
@@ -152,3 +182,30 @@ def test_report_lists_every_candidate_and_marks_the_choice(make_tiny):
     files = write_reports(result)
     assert files["report.html"].startswith("<!doctype html>") and "data:image/png;base64," in files["report.html"]
     assert "data:image/png;base64," in files["report.md"]
+
+
+def test_a_workload_budget_fits_the_tracked_peak_of_that_workload(make_tiny):
+    from memfit.profile import profile
+
+    model, tokenizer = make_tiny("tiny-llama")
+    work = memfit.Workload(mode=memfit.Mode.GENERATE, batch_size=2, seq_len=192, new_tokens=64)
+    peaks = {r: memfit.estimate(model, r, work).peak_bytes for r in ("none", "int8", "int4-g32")}
+    weights = {r: memfit.estimate(model, r).weight_bytes for r in peaks}
+    # a budget int8's weights fit but its generation (weights + KV cache + activations) does not
+    budget = (peaks["int8"] + peaks["int4-g32"]) // 2
+    assert weights["int8"] < budget < peaks["int8"]
+    result = _search(model, tokenizer, budget, workload=work, measure_speed=False)
+    by_recipe = {c.plan.recipe: c for c in result.candidates}
+    assert by_recipe["int8"].predicted_weight_bytes <= budget and not by_recipe["int8"].fits
+    assert result.best.predicted_peak_bytes <= budget
+    tracked = profile(result.model, work, result.best.plan.run)
+    assert tracked.peak_bytes == result.best.predicted_peak_bytes <= budget
+    assert "for generate at batch 2, 192 tokens + 64 new" in render_markdown(result)
+
+
+def test_a_workload_budget_below_every_plan_names_the_smallest_peak(make_tiny):
+    model, tokenizer = make_tiny("tiny-llama")
+    work = memfit.Workload(mode=memfit.Mode.GENERATE, batch_size=8, seq_len=1024, new_tokens=128)
+    with pytest.raises(BudgetError, match=r"smallest reachable plan for generate at batch 8, seq 1024: '.*' "
+                                          r"peaks at .*; raise the budget to at least .*or shorten the workload"):
+        _search(model, tokenizer, "100%", workload=work, measure_speed=False)

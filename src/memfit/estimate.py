@@ -61,7 +61,7 @@ def estimate(
         apply(skeleton, plan, Context())
     if workload is None:
         return weight_report(skeleton)
-    mode = FakeTensorMode()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # module-level constants (bit tables) stay real
     to_fake(skeleton, mode, torch.device(workload.device))
     settings = plan.run
     if workload.mode is Mode.TRAIN and workload.ranks > 1 and settings.parallelism is not None:

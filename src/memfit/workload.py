@@ -80,6 +80,8 @@ class Context:
         progress: progress callback; the CLI draws a bar on stderr.
         notes: what strategies report doing beyond their settings (for example a group size
             shrunk to fit a layer); shown to the user and saved with the model.
+        memo: measurements that applications to copies of one model with the same calibration
+            share (mixed-bits' per-block scores): the planner passes one to every candidate.
     """
 
     calibration: Sequence[Any] | None = None
@@ -88,6 +90,7 @@ class Context:
     progress: ProgressFn | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     resolved: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    memo: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
     def resolve(self, strategy: Any, resolved: Any) -> None:
         """Record that ``strategy`` settled choices it makes on data (mixed-bits' widths) as

@@ -86,17 +86,18 @@ def add_parser(subparsers) -> None:
         options.add_model(parser)
         modes = ("infer", "generate", "train", "distill") if name == "estimate" else ("infer", "generate", "train")
         parser.add_argument("--mode", choices=modes, default="infer", help="the workload (default infer)")
-        parser.add_argument("--batch", type=_positive, default=1, metavar="B", help="sequences per step (default 1)")
-        parser.add_argument("--seq", type=_positive, default=512, metavar="S",
+        parser.add_argument("--batch", type=options.positive_int, default=1, metavar="B",
+                            help="sequences per step (default 1)")
+        parser.add_argument("--seq", type=options.positive_int, default=512, metavar="S",
                             help="tokens per sequence, the prompt for generate (default 512)")
-        parser.add_argument("--new-tokens", type=_positive, default=128, metavar="N",
+        parser.add_argument("--new-tokens", type=options.positive_int, default=128, metavar="N",
                             help="tokens generated after the prompt (generate only; default 128)")
         parser.add_argument("--recipe", default="none", metavar="R",
                             help="strategies to apply first, e.g. int8 or bf16,checkpointing (default none)")
         parser.add_argument("--optimizer", choices=("adamw", "adamw-8bit", "adafactor", "sgd"), default=None,
                             help="optimizer for train (default adamw; same as adding the token to --recipe)")
         if name == "estimate":
-            parser.add_argument("--nproc", type=_positive, default=1, metavar="N",
+            parser.add_argument("--nproc", type=options.positive_int, default=1, metavar="N",
                                 help="train only: processes the batch is split over (with ddp or fsdp in "
                                      "the recipe); the report is one rank's")
             parser.add_argument("--budget", metavar="SIZE",
@@ -108,7 +109,7 @@ def add_parser(subparsers) -> None:
                 "reads instead of the teacher)")
             distill.add_argument("--student", default="none", metavar="SPEC",
                                  help="a recipe applied to the teacher (drop-layers-6), or a model (default none)")
-            distill.add_argument("--top-k", type=_positive, metavar="K",
+            distill.add_argument("--top-k", type=options.positive_int, metavar="K",
                                  help="the teacher comes from a cache of its top K log-probabilities")
             speed = parser.add_argument_group(
                 "models larger than memory (--mode generate)",
@@ -128,16 +129,6 @@ def add_parser(subparsers) -> None:
                             help="write the tables and a timeline plot by category (.html page or .png plot)")
         options.add_json(parser)
         parser.set_defaults(run=run)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
 
 
 def _plan_and_workload(args: argparse.Namespace):

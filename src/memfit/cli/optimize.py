@@ -6,20 +6,30 @@ import argparse
 from pathlib import Path
 
 from memfit.cli import console, options
+from memfit.planner.search import EVALUATIONS
 
 EPILOG = """\
-The budget is for the model's weights: bytes (60MB, 1.5GiB) or a share of the original (25%).
-Every candidate plan's bytes are predicted without computing; those that fit are applied to a
-copy, evaluated (perplexity, bytes, tokens/s), and the lowest perplexity wins (ties: faster decode).
+The budget is bytes (60MB, 1.5GiB) or a share of the original weights (25%). It covers the
+model's weights, or with --mode the whole workload's peak (weights, KV cache, activations: a
+generation of --batch prompts of --seq tokens and --new-tokens more). Every candidate plan's
+bytes are predicted without computing. The quality of those that fit is predicted from scores
+measured once (the KL divergence from the original's outputs on 512 calibration tokens when
+each attention or MLP block alone is rounded in each format, summed over the plan's blocks; other
+strategies measured whole); the best --evaluate predicted are applied to a copy and evaluated
+(perplexity, bytes, tokens/s), and the lowest perplexity wins (ties: faster decode). Mixed formats
+(mixed-bits-B) choose every block's format exactly for the budget from the same scores.
 
 examples:
   memfit optimize --model demo --budget 30% --out memfit-out
   memfit optimize --model demo --budget 80MB --max-ppl-increase 40 --out small --json
+  memfit optimize --model demo --budget 250MB --mode generate --batch 1 --seq 2048 --out long
 
 JSON (last stdout line): {"budget_bytes", "plan", "out", "metrics": {...},
-"candidates": [{"plan", "predicted_weight_bytes", "fits", "metrics" (null if not evaluated),
-"skipped" (why a plan that fits was not evaluated: pruning or low-rank factors are tried only
-where the same plan without them does not fit)}]}"""
+"candidates": [{"plan", "predicted_weight_bytes", "predicted_peak_bytes" (with --mode, else null),
+"predicted_divergence" (nats per token; null for plans that do not fit or were skipped), "fits",
+"metrics" (null if not evaluated), "skipped" (why a plan that fits was not evaluated: not among the
+best predicted, or pruning and low-rank factors, tried only where the same plan without them does
+not fit)}]}"""
 
 
 def add_parser(subparsers) -> None:
@@ -31,6 +41,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--budget", required=True, metavar="B", help="weight budget: 60MB, 1.5GiB or 25%%")
     parser.add_argument("--max-ppl-increase", type=float, metavar="PCT",
                         help="reject plans whose perplexity rises more than PCT percent")
+    parser.add_argument("--evaluate", type=options.positive_int, default=EVALUATIONS, metavar="K",
+                        help=f"evaluate the K best predicted plans for real (default {EVALUATIONS}; more while none "
+                             "meets --max-ppl-increase)")
+    workload = parser.add_argument_group("whole-workload budgets", "the budget covers this workload's peak")
+    workload.add_argument("--mode", choices=("infer", "generate"),
+                          help="infer: one forward of --batch x --seq tokens; generate: a prompt of --seq tokens "
+                               "into a KV cache, then --new-tokens steps")
+    workload.add_argument("--batch", type=options.positive_int, default=1, metavar="B",
+                          help="sequences per step (default 1)")
+    workload.add_argument("--seq", type=options.positive_int, default=512, metavar="S",
+                          help="tokens per sequence, the prompt for generate (default 512)")
+    workload.add_argument("--new-tokens", type=options.positive_int, default=128, metavar="N",
+                          help="tokens generated after the prompt (generate; default 128)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (model + report)")
     parser.add_argument("--report", type=Path, metavar="FILE",
                         help="also write the report here (FILE.html and FILE.md); it is always in DIR")
@@ -42,8 +65,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from memfit.io import check_output_dir, load, save
-    from memfit.planner.report import candidate_rows, write_reports
+    from memfit.planner.report import candidate_rows, header, write_reports
     from memfit.planner.search import optimize
+    from memfit.workload import Mode, Workload
 
     check_output_dir(args.out)
     text = options.eval_text_of(args)
@@ -52,8 +76,12 @@ def run(args: argparse.Namespace) -> int:
     with console.progress_bar() as progress:
         custom = args.calibration_text is not None or args.calibration_windows != options.CALIBRATION_WINDOWS
         calibration = options.calibration_of(args, tokenizer) if custom else None  # else made if needed
-        result = optimize(model, tokenizer, args.budget, max_quality_loss=limit, text=text,
-                          num_tokens=args.tokens, calibration=calibration, progress=progress)
+        workload = None if args.mode is None else Workload(
+            mode=Mode(args.mode), batch_size=args.batch, seq_len=args.seq,
+            new_tokens=args.new_tokens if args.mode == "generate" else 0)
+        result = optimize(model, tokenizer, args.budget, max_quality_loss=limit, text=text, workload=workload,
+                          num_tokens=args.tokens, calibration=calibration, evaluations=args.evaluate,
+                          progress=progress)
     reports = write_reports(result)
     save(result.model, tokenizer, args.out, extra_files=reports, notes=result.best.notes)
     if args.report is not None:
@@ -70,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
             "candidates": [c.to_dict() for c in result.candidates],
         })
     else:
-        header = ("plan", "predicted", "measured", "fits", "perplexity", "change", "decode tok/s")
-        console.table(f"memfit optimize: {args.model}, budget {args.budget}", header, candidate_rows(result))
+        console.table(f"memfit optimize: {args.model}, budget {args.budget}", header(result), candidate_rows(result))
         console.stdout.print(f"chosen: {best.plan.recipe} -> {args.out} (report: {args.out / 'report.html'})")
     return 0

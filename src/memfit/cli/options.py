@@ -69,3 +69,14 @@ def token_help(width: int = 96, column: int = 24) -> str:
             lines.append(f"  {names:<{column - 2}}{body[0]}")
             lines += [" " * column + part for part in body[1:]]
     return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type``: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value

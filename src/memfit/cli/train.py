@@ -52,13 +52,15 @@ def add_training(parser: argparse.ArgumentParser, recipe_help: str) -> None:
     """The options of a training run (`memfit train`, `memfit distill`)."""
     parser.add_argument("--data", default="builtin", metavar="FILE",
                         help="UTF-8 text to train on, or 'builtin' (the built-in calibration half; default)")
-    parser.add_argument("--steps", type=_positive, default=100, metavar="N", help="optimizer steps (default 100)")
-    parser.add_argument("--batch", type=_positive, default=8, metavar="B",
+    parser.add_argument("--steps", type=options.positive_int, default=100, metavar="N",
+                        help="optimizer steps (default 100)")
+    parser.add_argument("--batch", type=options.positive_int, default=8, metavar="B",
                         help="sequences per step, over all processes and micro-batches (default 8)")
-    parser.add_argument("--seq", type=_positive, default=256, metavar="S", help="tokens per sequence (default 256)")
+    parser.add_argument("--seq", type=options.positive_int, default=256, metavar="S",
+                        help="tokens per sequence (default 256)")
     parser.add_argument("--recipe", default="none", metavar="R", help=recipe_help)
     parser.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 1e-4; 1e-3 with LoRA)")
-    parser.add_argument("--nproc", type=_positive, default=1, metavar="N",
+    parser.add_argument("--nproc", type=options.positive_int, default=1, metavar="N",
                         help="processes on this machine, started through torchrun (default 1)")
     parser.add_argument("--seed", type=int, default=0, metavar="K", help="seed of data order and adapters (default 0)")
     parser.add_argument("--out", type=Path, metavar="DIR",
@@ -68,13 +70,6 @@ def add_training(parser: argparse.ArgumentParser, recipe_help: str) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     options.add_json(parser)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

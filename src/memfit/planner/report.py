@@ -13,22 +13,32 @@ import io
 from memfit.planner.search import Candidate, OptimizeResult
 from memfit.units import format_bytes
 
-_HEADER = ("plan", "predicted weights", "measured weights", "fits", "perplexity", "change", "decode tok/s")
+HEADER = ("plan", "predicted weights", "measured weights", "fits", "predicted KL", "perplexity", "change",
+          "decode tok/s")
+PEAK = "predicted peak"  # after "predicted weights", with a workload budget
+
+
+def header(result: OptimizeResult) -> tuple[str, ...]:
+    """The columns of `candidate_rows`."""
+    return HEADER[:2] + (PEAK,) + HEADER[2:] if result.workload else HEADER
 
 
 def candidate_rows(result: OptimizeResult) -> list[tuple[str, ...]]:
-    """One row of strings per candidate, in `_HEADER` order; the chosen plan is marked with ``*``."""
+    """One row of strings per candidate, in `header` order; the chosen plan is marked with ``*``."""
     rows = []
     base = result.baseline.perplexity
     for c in result.candidates:
         m = c.metrics
         mark = " *" if c is result.best else ""
+        peak = (format_bytes(c.predicted_peak_bytes) if c.predicted_peak_bytes is not None else "-",)
         rows.append(
             (
                 c.plan.recipe + mark,
                 format_bytes(c.predicted_weight_bytes),
+                *(peak if result.workload else ()),
                 format_bytes(m.weight_bytes) if m else "-",
                 "yes" if c.fits else "no",
+                f"{c.predicted_divergence:.2e}" if c.predicted_divergence is not None else "-",
                 f"{m.perplexity:.3f}" if m else ("skipped" if c.skipped else "-"),
                 f"{100 * (m.perplexity / base - 1):+.2f}%" if m else "-",
                 f"{m.decode_tokens_per_s:.1f}" if m and m.decode_tokens_per_s else "-",
@@ -39,20 +49,30 @@ def candidate_rows(result: OptimizeResult) -> list[tuple[str, ...]]:
 
 def _summary(result: OptimizeResult) -> list[str]:
     best = result.best
+    work = result.workload
+    covers = ("of weights" if work is None else
+              f"for {work.mode.value} at batch {work.batch_size}, {work.seq_len} tokens"
+              + (f" + {work.new_tokens} new" if work.new_tokens else "") + " (weights, KV cache, activations)")
     lines = [
-        f"Budget: {format_bytes(result.budget_bytes)} of weights. "
+        f"Budget: {format_bytes(result.budget_bytes)} {covers}. "
         f"Original: {format_bytes(result.baseline.weight_bytes)}, perplexity {result.baseline.perplexity:.3f}.",
         f"Chosen: `{best.plan.recipe}`, {format_bytes(best.metrics.weight_bytes)} measured, "
         f"perplexity {best.metrics.perplexity:.3f} "
         f"({100 * (best.metrics.perplexity / result.baseline.perplexity - 1):+.2f}%).",
         f"Evaluated on {best.metrics.eval_tokens} tokens. Candidates over budget were predicted, not evaluated.",
     ]
-    skipped = [c for c in result.candidates if c.skipped]
-    if skipped:
+    structural = [c for c in result.candidates if c.skipped and " fits without " in c.skipped]
+    if structural:
         lines.append(
-            f"{len(skipped)} plans with pruning or low-rank factors were skipped: the same plan without them fits, "
-            "and they only add loss."
+            f"{len(structural)} plans with pruning or low-rank factors were skipped: the same plan without them "
+            "fits, and they only add loss."
         )
+    ranked = [c for c in result.candidates if c.predicted_divergence is not None]
+    evaluated = [c for c in ranked if c.metrics is not None]
+    lines.append(
+        f"{len(evaluated)} of the {len(ranked)} plans that fit were evaluated: the best by predicted KL divergence "
+        "from the original (per-block scores measured once on 512 calibration tokens, summed)."
+    )
     if result.max_quality_loss is not None:
         lines.append(f"Quality limit: perplexity at most +{100 * result.max_quality_loss:g}%.")
     notes = sorted({n for c in result.candidates for n in c.notes})
@@ -109,8 +129,8 @@ def _label_clusters(candidates: list[Candidate]) -> list[tuple[tuple[float, floa
 def render_markdown(result: OptimizeResult, png: bytes | None = None) -> str:
     """The report as Markdown (the plot embedded as a data URI when ``png`` is given)."""
     lines = ["# memfit optimize report", "", *_summary(result), ""]
-    lines.append("| " + " | ".join(_HEADER) + " |")
-    lines.append("|" + "---|" * len(_HEADER))
+    lines.append("| " + " | ".join(header(result)) + " |")
+    lines.append("|" + "---|" * len(header(result)))
     lines += ["| " + " | ".join(row) + " |" for row in candidate_rows(result)]
     if png is not None:
         lines += ["", f"![perplexity against memory](data:image/png;base64,{base64.b64encode(png).decode()})"]
@@ -119,7 +139,7 @@ def render_markdown(result: OptimizeResult, png: bytes | None = None) -> str:
 
 def render_html(result: OptimizeResult, png: bytes) -> str:
     """The report as one self-contained HTML page."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in _HEADER)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header(result))
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in candidate_rows(result)
     )

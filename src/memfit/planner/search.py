@@ -1,10 +1,12 @@
 """`optimize()`: find the plan that fits a memory budget with the least loss of quality.
 
-Planner v0. It enumerates `candidate_plans`, predicts each one's weight bytes with `estimate`
-(meta tensors, nothing computed), sets aside those over budget, applies and `evaluate`s the rest
-on a copy of the model, and returns the lowest measured perplexity within budget (and within the
-quality limit, if one is given), ties broken by decode speed. Predictions are checked against the
-measured bytes of every evaluated candidate.
+It enumerates `candidate_plans` and predicts each one's memory with `estimate` (meta and fake
+tensors, nothing computed): the weights, or with a workload the whole run's peak (weights, KV
+cache, activations). It sets aside those over budget, predicts the quality of the rest from scores
+measured once (`memfit.planner.scores.PlanScorer`: per-block divergences, summed), applies and
+`evaluate`s the few best predicted on a copy of the model, and returns the lowest measured
+perplexity within budget (and within the quality limit, if one is given), ties broken by decode
+speed. Predictions are checked against the measured bytes of every evaluated candidate.
 
 Structural compression (pruning, low-rank factors: `Phase.STRUCTURE`) always costs quality on top
 of what the rest of its plan costs, so a plan with it is evaluated only where the same plan without
@@ -26,12 +28,16 @@ from memfit.estimate import estimate
 from memfit.evaluate import DEFAULT_TOKENS, Metrics, evaluate
 from memfit.memory.report import weight_bytes
 from memfit.plan import Plan, apply
+from memfit.planner.scores import PlanScorer
 from memfit.planner.space import budget_plans, candidate_plans
 from memfit.strategies.base import Phase
 from memfit.units import format_bytes, parse_budget
 from memfit.workload import Context, ProgressFn, Workload
 
 log = logging.getLogger(__name__)
+
+EVALUATIONS = 3
+"""Plans evaluated for real by default: the best predicted (more while none meets a quality limit)."""
 
 
 @dataclasses.dataclass
@@ -40,12 +46,16 @@ class Candidate:
 
     Args:
         plan: the plan.
-        predicted_weight_bytes: bytes `estimate` predicted.
-        fits: predicted (and, once evaluated, measured) weight bytes within the budget.
+        predicted_weight_bytes: weight bytes `estimate` predicted.
+        fits: predicted (and, once evaluated, measured) bytes within the budget.
         metrics: measured by `evaluate`; None if the plan was not evaluated (it did not fit, or
             ``skipped`` says why).
         notes: what the strategies reported doing.
         skipped: why a plan that fits was not evaluated, else None.
+        predicted_peak_bytes: with a workload budget, the workload's predicted peak (checked on
+            the applied model once evaluated); else None.
+        predicted_divergence: the predicted KL divergence from the model (nats per token) of a
+            plan that fits; None for one that does not.
     """
 
     plan: Plan
@@ -54,11 +64,15 @@ class Candidate:
     metrics: Metrics | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     skipped: str | None = None
+    predicted_peak_bytes: int | None = None
+    predicted_divergence: float | None = None
 
     def to_dict(self) -> dict:
         return {
             "plan": self.plan.recipe,
             "predicted_weight_bytes": self.predicted_weight_bytes,
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "predicted_divergence": self.predicted_divergence,
             "fits": self.fits,
             "metrics": self.metrics.to_dict() if self.metrics else None,
             "skipped": self.skipped,
@@ -76,6 +90,7 @@ class OptimizeResult:
         candidates: every candidate, in search order.
         model: the model with the best plan applied (a copy; the input model is unchanged).
         max_quality_loss: the quality limit used (fraction of perplexity), if any.
+        workload: what the budget covers besides the weights (None: the weights only).
     """
 
     budget_bytes: int
@@ -84,6 +99,7 @@ class OptimizeResult:
     candidates: list[Candidate]
     model: nn.Module
     max_quality_loss: float | None = None
+    workload: Workload | None = None
 
 
 def optimize(
@@ -98,9 +114,10 @@ def optimize(
     num_tokens: int = DEFAULT_TOKENS,
     measure_speed: bool = True,
     calibration: torch.Tensor | None = None,
+    evaluations: int = EVALUATIONS,
     progress: ProgressFn | None = None,
 ) -> OptimizeResult:
-    """Search for the plan with the lowest perplexity whose weights fit ``budget``.
+    """Search for the plan with the lowest perplexity that fits ``budget``.
 
     Args:
         model: the model to fit (left unchanged; candidates are applied to copies).
@@ -108,13 +125,17 @@ def optimize(
         budget: bytes, or a string such as ``"60MB"``, ``"1.5GiB"`` or ``"25%"`` (of the model's
             current weight bytes).
         max_quality_loss: the largest perplexity increase accepted, as a fraction (0.05 = +5%).
-        workload: what the model will run (the candidate space depends on the device).
+        workload: what the model will run (generate, batch 1, 2,048 tokens): the budget then
+            covers the workload's whole predicted peak (weights, KV cache, activations), not only
+            the weights. None: the weights only.
         plans: candidates to consider instead of `candidate_plans(workload)`.
         text: evaluation text (the built-in evaluation part if None).
         num_tokens: evaluation tokens per candidate.
         measure_speed: also time prefill and decode of each candidate (ties go to faster decode).
-        calibration: token windows for calibrated plans (GPTQ); by default 32 windows of 512
-            tokens of the built-in calibration text, made only if a fitting plan needs them.
+        calibration: token windows for calibrated plans (GPTQ) and for predicting quality; by
+            default 32 windows of 512 tokens of the built-in calibration text.
+        evaluations: plans evaluated for real, the best predicted first; with a quality limit,
+            more until one meets it.
         progress: ``progress(description, done, total)`` callback.
 
     Returns:
@@ -128,52 +149,107 @@ def optimize(
         >>> result = memfit.optimize(model, tokenizer, "30%")
         >>> result.best.plan.recipe, result.best.metrics.perplexity
     """
+    if evaluations < 1:
+        raise ValueError(f"evaluations must be at least 1, got {evaluations}")
     original_bytes = weight_bytes(model)
     budget_bytes = parse_budget(budget, original_bytes) if isinstance(budget, str) else int(budget)
     if plans is None:
-        plans = candidate_plans(workload) + budget_plans(model, budget_bytes, workload)
-    candidates = []
-    for plan in plans:
-        predicted = original_bytes if not plan.strategies else estimate(model, plan).weight_bytes
-        candidates.append(Candidate(plan, predicted, predicted <= budget_bytes))
+        # a workload's other bytes (KV cache, activations) leave the weights the rest of the budget
+        overhead = estimate(model, Plan(), workload).peak_bytes - original_bytes if workload else 0
+        plans = candidate_plans(workload) + budget_plans(model, budget_bytes - overhead, workload)
+    candidates = [_predicted(model, plan, original_bytes, budget_bytes, workload) for plan in plans]
     fitting = [c for c in candidates if c.fits]
     if not fitting:
-        smallest = min(candidates, key=lambda c: c.predicted_weight_bytes)
-        raise BudgetError(
+        raise _over_budget(model, candidates, budget_bytes, original_bytes, workload)
+
+    _skip_needless_structure(fitting)
+    fitting = [c for c in fitting if c.skipped is None]
+    if calibration is None:
+        from memfit.data import calibration_windows
+
+        calibration = calibration_windows(tokenizer)
+    memo: dict = {}
+    scorer = PlanScorer(model, calibration, memo, progress)
+    for c in fitting:
+        c.predicted_divergence = scorer(c.plan)
+    ranked = sorted(fitting, key=lambda c: (c.predicted_divergence, c.predicted_weight_bytes))
+    evaluate_kw = dict(text=text, num_tokens=num_tokens, measure_speed=measure_speed)
+    baseline = evaluate(model, tokenizer, **evaluate_kw, progress=_stage(progress, "baseline"))
+    limit = None if max_quality_loss is None else baseline.perplexity * (1 + max_quality_loss)
+    done = 0
+    for rank, candidate in enumerate(ranked):
+        met = limit is None or any(c.metrics and c.fits and c.metrics.perplexity <= limit for c in ranked)
+        if done >= evaluations and met:
+            candidate.skipped = (f"predicted divergence {candidate.predicted_divergence:.4g} ranks {rank + 1} of "
+                                 f"{len(ranked)}: the best {done} predicted were evaluated")
+            continue
+        _evaluate_candidate(model, tokenizer, candidate, baseline, budget_bytes, workload, calibration, memo,
+                            evaluate_kw, progress)
+        done += 1
+        if progress:
+            progress("candidates", done, min(len(ranked), max(done, evaluations)))
+
+    best = _choose(candidates, baseline, max_quality_loss)
+    optimized, _ = _applied_copy(model, best.plan, None, calibration, memo)
+    return OptimizeResult(budget_bytes, baseline, best, candidates, optimized, max_quality_loss, workload)
+
+
+def _predicted(model: nn.Module, plan: Plan, original_bytes: int, budget_bytes: int,
+               workload: Workload | None) -> Candidate:
+    """A candidate with its predicted weight bytes (and, for a workload, peak) and whether they fit."""
+    predicted = original_bytes if not plan.strategies else estimate(model, plan).weight_bytes
+    candidate = Candidate(plan, predicted, predicted <= budget_bytes)
+    if workload is not None and candidate.fits:  # a peak holds the weights: only those that fit are run
+        candidate.predicted_peak_bytes = estimate(model, plan, workload).peak_bytes
+        candidate.fits = candidate.predicted_peak_bytes <= budget_bytes
+    return candidate
+
+
+def _over_budget(model: nn.Module, candidates: list[Candidate], budget_bytes: int, original_bytes: int,
+                 workload: Workload | None) -> BudgetError:
+    """The error naming the smallest plan: by weight bytes, or by the workload's peak (predicted
+    now for the plans whose weights alone were over budget)."""
+    if workload is not None:
+        for c in candidates:
+            if c.predicted_peak_bytes is None:
+                c.predicted_peak_bytes = estimate(model, c.plan, workload).peak_bytes
+    smallest = min(candidates, key=lambda c: c.predicted_peak_bytes or c.predicted_weight_bytes)
+    if workload is None:
+        return BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the smallest reachable plan: "
             f"{smallest.plan.recipe!r} holds {format_bytes(smallest.predicted_weight_bytes)}",
             f"raise the budget to at least {format_bytes(smallest.predicted_weight_bytes)} "
             f"({100 * smallest.predicted_weight_bytes / original_bytes:.1f}% of the original)",
         )
+    return BudgetError(
+        f"budget {format_bytes(budget_bytes)} is below the smallest reachable plan for {workload.mode.value} at "
+        f"batch {workload.batch_size}, seq {workload.seq_len}: {smallest.plan.recipe!r} peaks at "
+        f"{format_bytes(smallest.predicted_peak_bytes)}",
+        f"raise the budget to at least {format_bytes(smallest.predicted_peak_bytes)}, or shorten the workload",
+    )
 
-    _skip_needless_structure(fitting)
-    fitting = [c for c in fitting if c.skipped is None]
-    if calibration is None and any(c.plan.needs_calibration for c in fitting):
-        from memfit.data import calibration_windows
 
-        calibration = calibration_windows(tokenizer)
-    evaluate_kw = dict(text=text, num_tokens=num_tokens, measure_speed=measure_speed)
-    baseline = evaluate(model, tokenizer, **evaluate_kw, progress=_stage(progress, "baseline"))
-    for i, candidate in enumerate(fitting):
-        if not candidate.plan.strategies:
-            candidate.metrics = baseline
-            continue
-        work, ctx = _applied_copy(model, candidate.plan, progress, calibration)
-        candidate.notes = ctx.notes
-        candidate.metrics = evaluate(work, tokenizer, **evaluate_kw, progress=_stage(progress, candidate.plan.recipe))
-        del work
-        if candidate.metrics.weight_bytes != candidate.predicted_weight_bytes:
-            log.warning(
-                "%s: predicted %d weight bytes, measured %d",
-                candidate.plan.recipe, candidate.predicted_weight_bytes, candidate.metrics.weight_bytes,
-            )
-        candidate.fits = candidate.metrics.weight_bytes <= budget_bytes
-        if progress:
-            progress("candidates", i + 1, len(fitting))
-
-    best = _choose(candidates, baseline, max_quality_loss)
-    optimized, _ = _applied_copy(model, best.plan, None, calibration)
-    return OptimizeResult(budget_bytes, baseline, best, candidates, optimized, max_quality_loss)
+def _evaluate_candidate(model, tokenizer, candidate: Candidate, baseline: Metrics, budget_bytes: int,
+                        workload: Workload | None, calibration, memo: dict, evaluate_kw: dict,
+                        progress: ProgressFn | None) -> None:
+    """Apply ``candidate``'s plan to a copy, evaluate it and check its bytes against the prediction."""
+    if not candidate.plan.strategies:
+        candidate.metrics = baseline
+        return
+    work, ctx = _applied_copy(model, candidate.plan, progress, calibration, memo)
+    candidate.notes = ctx.notes
+    # choices made on data (mixed formats' per-block options) are recorded in the applied plan
+    candidate.plan = dataclasses.replace(candidate.plan, strategies=work.memfit_plan.strategies)
+    candidate.metrics = evaluate(work, tokenizer, **evaluate_kw, progress=_stage(progress, candidate.plan.recipe))
+    if candidate.metrics.weight_bytes != candidate.predicted_weight_bytes:
+        log.warning(
+            "%s: predicted %d weight bytes, measured %d",
+            candidate.plan.recipe, candidate.predicted_weight_bytes, candidate.metrics.weight_bytes,
+        )
+    candidate.fits = candidate.metrics.weight_bytes <= budget_bytes
+    if workload is not None:  # the applied model's own prediction: choices made on data are settled now
+        candidate.predicted_peak_bytes = estimate(work, Plan(settings=candidate.plan.settings), workload).peak_bytes
+        candidate.fits = candidate.fits and candidate.predicted_peak_bytes <= budget_bytes
 
 
 def _skip_needless_structure(fitting: list[Candidate]) -> None:
@@ -202,10 +278,10 @@ def _choose(candidates: list[Candidate], baseline: Metrics, max_quality_loss: fl
 
 
 def _applied_copy(
-    model: nn.Module, plan: Plan, progress: ProgressFn | None, calibration: torch.Tensor | None
+    model: nn.Module, plan: Plan, progress: ProgressFn | None, calibration: torch.Tensor | None, memo: dict
 ) -> tuple[nn.Module, Context]:
     work = copy.deepcopy(model)
-    ctx = Context(progress=progress, calibration=calibration)
+    ctx = Context(progress=progress, calibration=calibration, memo=memo)
     apply(work, plan, ctx)
     return work, ctx
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from memfit.errors import RecipeError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from memfit.workload import Context, Workload
@@ -41,6 +43,27 @@ class Recovery(enum.Enum):
 
 
 RECOVERY_BY_PHASE = {Phase.STRUCTURE: Recovery.WEIGHTS, Phase.QUANTIZE: Recovery.ADAPTERS}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOption:
+    """One way to hold a single block's Linears (a decoder layer's attention projections, or its
+    MLP), declared by a strategy (`Strategy.block_options`) for plans that choose per block:
+    mixed bit-widths and the planner's fast path.
+
+    Args:
+        token: the choice as a recipe records it (``"int4-g64"``, ``"int8"``, ``"float"``).
+        fake: the weight [N, K] as this option rounds it, in fp32, to score a block's error;
+            None if the option keeps the weight as it is.
+        nbytes: the bytes one ``nn.Linear``'s weight holds in this option.
+        make: the Linear in this option, given the Linear and a calibration Hessian (GPTQ codes)
+            or None (round to nearest).
+    """
+
+    token: str
+    fake: Callable[[torch.Tensor], torch.Tensor] | None
+    nbytes: Callable[[nn.Linear], int]
+    make: Callable[[nn.Linear, torch.Tensor | None], nn.Module]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,6 +154,19 @@ class Strategy:
         (`Context.resolve`: mixed-bits' widths, low-rank energy mode's ranks); a prediction made
         before that is approximate, one from the recorded plan exact."""
         return False
+
+    @property
+    def uniform_block(self) -> str | None:
+        """The `BlockOption` token this strategy holds every decoder block in (``"int8"``,
+        ``"int4-g64"``), whatever its method, so the planner predicts its divergence from per-block
+        scores; None if it holds blocks otherwise."""
+        return None
+
+    @classmethod
+    def block_options(cls) -> list[BlockOption]:
+        """The ways this strategy can hold one block of Linears by itself (`BlockOption`), for
+        plans that choose per block; by default none."""
+        return []
 
     @classmethod
     def budget_options(cls, model: nn.Module, budget_bytes: int, workload: Workload) -> list[Strategy]:

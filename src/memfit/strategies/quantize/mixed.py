@@ -1,11 +1,11 @@
-"""Mixed bit-widths: each part of the model gets int4, int8 or stays in float, by measured sensitivity.
+"""Mixed formats: every block of the model gets its own int4 group size, int8 or float, by measured sensitivity.
 
 A byte budget buys the most quality when the bytes go where rounding hurts most. `MixedBits`
-measures, on calibration text, how much the model's outputs move when each unit (one decoder
-layer's attention projections, or its MLP) alone is rounded to 4 bits
-(`memfit.strategies.quantize.sensitivity`), then spends the budget greedily: starting from all-int4, it
-widens the unit with the largest drop in divergence per extra byte, to int8 or to float, until
-the next widening would not fit.
+scores, on calibration text, how much the model's outputs move when each block (one decoder
+layer's attention projections, or its MLP) alone is held in each option the registered strategies
+declare (`Strategy.block_options`: int4 in groups of 32, 64 and 128, int8; and float)
+(`memfit.strategies.quantize.sensitivity`), then chooses every block's option at once, exactly,
+for the least total divergence within the budget (`allocate`: a multiple-choice knapsack).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 import re
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,12 +23,11 @@ from memfit.errors import RecipeError
 from memfit.memory.report import weight_bytes
 from memfit.models.arch import decoder_parts
 from memfit.models.meta import meta_copy
-from memfit.strategies.base import Phase, Strategy
+from memfit.strategies.base import BlockOption, Phase, Strategy
 from memfit.strategies.quantize.calibrated import Method, calibrated_layers_, has_values
-from memfit.strategies.quantize.grids import fake_quantize_int4, fake_quantize_int8, int4_group_size
-from memfit.strategies.quantize.rtn import INT4_GROUP_SIZES, Int8WeightOnly, int4_linear_from, int8_linear_from
+from memfit.strategies.quantize.rtn import INT4_GROUP_SIZES, Int8WeightOnly
 from memfit.strategies.quantize.walk import quantize_model_
-from memfit.strategies.registry import register
+from memfit.strategies.registry import register, strategy_classes
 from memfit.strategies.targets import Targets
 from memfit.workload import Context
 
@@ -35,11 +35,22 @@ if TYPE_CHECKING:
     from memfit.workload import Workload
 
 FLOAT = 16
-"""The width of a unit left in float (in the model's dtype; with ``bf16`` in the recipe, bf16)."""
+"""Legacy width of a unit left in float (recipes that record ``widths``: 4, 8 or 16)."""
 WIDTHS = (4, 8, FLOAT)
 SENSITIVITY_TOKENS = 512  # calibration tokens the sensitivity runs score
+RESOLUTION = 1 << 16  # `allocate`'s byte steps: a 65,536th of the budget above the cheapest choice
+
+FLOAT_OPTION = BlockOption(
+    "float", None, lambda linear: linear.weight.numel() * linear.weight.element_size(), lambda linear, hessian: linear
+)
 
 _TOKEN = re.compile(r"mixed-bits(?:-(\d+(?:\.\d+)?))?(-rtn)?")
+
+
+def block_options() -> dict[str, BlockOption]:
+    """Every registered strategy's `BlockOption`, by token, and ``float``."""
+    options = {option.token: option for cls in strategy_classes() for option in cls.block_options()}
+    return {**options, FLOAT_OPTION.token: FLOAT_OPTION}
 
 
 def units_of(model: nn.Module, targets: Targets) -> list[tuple[int, list[tuple[str, nn.Linear]]]]:
@@ -57,57 +68,72 @@ def units_of(model: nn.Module, targets: Targets) -> list[tuple[int, list[tuple[s
     return units
 
 
-def linear_bytes(linear: nn.Linear, width: int, group_size: int) -> int:
-    """Bytes ``linear``'s weight holds at ``width`` (int4: codes, bf16 scales and uint8 zero
-    points per group; int8: codes and a bf16 scale per row; float: as it is)."""
-    n, k = linear.out_features, linear.in_features
-    if width == 4:
-        return n * k // 2 + 3 * n * math.ceil(k / int4_group_size(k, group_size))
-    if width == 8:
-        return n * k + 2 * n
-    return n * k * linear.weight.element_size()
+def allocate(costs: list[dict[str, int]], scores: list[dict[str, float]], cap: int) -> list[str]:
+    """The option of every unit with the least total score whose total cost fits ``cap``.
 
-
-def allocate(costs: list[dict[int, int]], gains: list[dict[int, float]], cap: int) -> list[int]:
-    """Greedy widths: start every unit at 4 bits and repeatedly take the widening with the most
-    divergence removed per extra byte that still fits under ``cap`` total bytes.
+    An exact multiple-choice knapsack by dynamic programming over bytes. Each option's cost
+    above its unit's cheapest is rounded up to whole steps of ``ceil(slack / RESOLUTION)`` bytes
+    (``slack``: the cap above the all-cheapest total), so the choice always fits; it is optimal
+    among the choices whose rounded costs fit, which gives up at most one step per unit (under
+    0.1% of the slack for 60 units). Ties go to the cheaper option.
 
     Args:
-        costs: per unit, bytes at each width.
-        gains: per unit, divergence removed by each width relative to 4 bits (0 for 4).
+        costs: per unit, bytes of each option.
+        scores: per unit, the score (divergence) of each option; lower is better.
         cap: total bytes the units may hold.
+
+    Returns:
+        Per unit, the chosen option's key; every unit's cheapest if even those exceed ``cap``.
     """
-    widths = [4] * len(costs)
-    used = sum(c[4] for c in costs)
-    while True:
-        best = None
-        for i, width in enumerate(widths):
-            for wider in (w for w in WIDTHS if w > width):
-                extra = costs[i][wider] - costs[i][width]
-                gain = gains[i][wider] - gains[i][width]
-                if used + extra <= cap and gain > 0 and (best is None or gain / extra > best[0]):
-                    best = (gain / extra, i, wider, extra)
-        if best is None:
-            return widths
-        _, i, wider, extra = best
-        widths[i] = wider
-        used += extra
+    cheapest = [min(c, key=lambda key: (c[key], scores[i][key])) for i, c in enumerate(costs)]
+    slack = cap - sum(c[key] for c, key in zip(costs, cheapest, strict=True))
+    if slack <= 0 or not costs:
+        return cheapest
+    step = -(-slack // RESOLUTION)
+    size = slack // step + 1
+    best = np.zeros(size)  # best[b]: least score of the units so far within b steps
+    picks = []
+    for i, unit in enumerate(costs):
+        keys = sorted(unit, key=lambda key: (unit[key], scores[i][key]))
+        new = np.full(size, np.inf)
+        pick = np.zeros(size, dtype=np.int16)
+        for j, key in enumerate(keys):
+            extra = -(-(unit[key] - unit[cheapest[i]]) // step)
+            if extra >= size:
+                continue
+            total = np.full(size, np.inf)
+            total[extra:] = best[: size - extra] + scores[i][key]
+            better = total < new
+            new[better], pick[better] = total[better], j
+        best = new
+        picks.append((keys, pick))
+    chosen, b = [], size - 1
+    for i in reversed(range(len(costs))):
+        keys, pick = picks[i]
+        key = keys[pick[b]]
+        chosen.append(key)
+        b -= -(-(costs[i][key] - costs[i][cheapest[i]]) // step)
+    return chosen[::-1]
 
 
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MixedBits(Strategy):
-    """Per-unit bit-widths (int4, int8 or float) chosen by measured sensitivity to fit a size.
+    """Per-block formats (int4 in groups of 32, 64 or 128, int8, or float) chosen by measured
+    sensitivity to fit a size.
 
     Args:
         bits: average bits per weight the decoder layers' Linears may hold, scales included
-            (between int4's 4.2-4.4 and int8's 8.0; above, some units stay in float). Token
+            (from int4's 4.2-4.4; above int8's 8.0, some blocks stay in float). Token
             ``mixed-bits`` is 5 bits; ``mixed-bits-6.5`` sets it. The planner sets it from the budget.
-        group_size: groups of the int4 units.
+        group_size: the int4 groups of ``widths`` (recipes written before ``choices``).
         method: how the int4 and int8 codes are chosen (GPTQ by default; RTN, token suffix
             ``-rtn``, skips the Hessians).
-        widths: the chosen width of each unit (see `units_of`), filled in when the strategy is
-            applied with calibration text, and recorded in the saved recipe; empty until then.
+        choices: the chosen option of each unit (see `units_of`; tokens of `block_options`, such as
+            ``"int4-g64"``), filled in when the strategy is applied with calibration text and
+            recorded in the saved recipe; empty until then.
+        widths: the same as 4, 8 or 16 bits (int4 at ``group_size``, int8, float), as recipes
+            written before ``choices`` record them; read into ``choices``.
         targets: which modules to quantize (default: every Linear, the embedding and the head; the
             embedding and head are int8, as in the int4 recipes).
     """
@@ -115,8 +141,8 @@ class MixedBits(Strategy):
     name = "mixed-bits"
     forms = "mixed-bits[-B][-rtn]"
     summary = (
-        "int4, int8 or float per attention/MLP block by measured sensitivity, B bits per weight on average "
-        "(default 5); GPTQ codes, or round to nearest with -rtn"
+        "int4 (groups of 32, 64 or 128), int8 or float per attention/MLP block by measured sensitivity, B bits "
+        "per weight on average (default 5); GPTQ codes, or round to nearest with -rtn"
     )
     phase = Phase.QUANTIZE
     conflicts = ("int8", "int4", "w8a8", "fp8")
@@ -125,17 +151,25 @@ class MixedBits(Strategy):
     bits: float = 5.0
     group_size: int = 128
     method: Method = Method.GPTQ
+    choices: tuple[str, ...] = ()
     widths: tuple[int, ...] = ()
     targets: Targets = Targets()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(self.widths))
-        if not 4 <= self.bits <= 16:
-            raise ValueError(f"bits must be between 4 and 16, got {self.bits}")
+        if not 4 <= self.bits <= 32:
+            raise ValueError(f"bits must be between 4 and 32, got {self.bits}")
         if self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
         if any(w not in WIDTHS for w in self.widths):
             raise ValueError(f"widths must be among {WIDTHS}, got {sorted(set(self.widths))}")
+        choices = tuple(self.choices) or tuple(
+            {4: f"int4-g{self.group_size}", 8: "int8", FLOAT: "float"}[w] for w in self.widths
+        )
+        unknown = sorted(set(choices) - set(block_options()))
+        if unknown:
+            raise ValueError(f"choices must be among {sorted(block_options())}, got {unknown}")
+        object.__setattr__(self, "choices", choices)
+        object.__setattr__(self, "widths", ())
 
     @property
     def token(self) -> str:
@@ -144,11 +178,11 @@ class MixedBits(Strategy):
 
     @property
     def needs_calibration(self) -> bool:
-        return not self.widths or self.method is Method.GPTQ
+        return not self.choices or self.method is Method.GPTQ
 
     @property
     def resolves(self) -> bool:
-        return not self.widths
+        return not self.choices
 
     @classmethod
     def from_token(cls, token: str) -> MixedBits | None:
@@ -156,9 +190,9 @@ class MixedBits(Strategy):
         if match is None:
             return None
         bits = float(match.group(1)) if match.group(1) else 5.0
-        if not 4 <= bits <= 16:
+        if not 4 <= bits <= 32:
             raise RecipeError(f"recipe token {token!r} asks for {bits:g} bits per weight",
-                              "use between 4 and 16, as in mixed-bits-6")
+                              "use between 4 and 32, as in mixed-bits-6")
         return cls(bits=bits, method=Method.RTN if match.group(2) else Method.GPTQ)
 
     @classmethod
@@ -171,49 +205,49 @@ class MixedBits(Strategy):
 
     @classmethod
     def budget_options(cls, model: nn.Module, budget_bytes: int, workload: Workload) -> list[Strategy]:
-        """The mixed plan that fills ``budget_bytes``, if the budget lies between int4 and int8."""
-        units = units_of(model, Targets())
-        linears = [m for _, unit in units for _, m in unit]
+        """The mixed plan that fills ``budget_bytes``, if the budget lies between every block in
+        its smallest option and every block in float."""
+        linears = [m for _, unit in units_of(model, Targets()) for _, m in unit]
         params = sum(m.weight.numel() for m in linears)
         if not params:
             return []
-        rest = _int8_weight_bytes(model) - sum(linear_bytes(m, 8, 128) for m in linears)
+        options = block_options()
+        rest = _int8_weight_bytes(model) - sum(options["int8"].nbytes(m) for m in linears)
         bits = math.floor((budget_bytes - rest) * 8 / params * 100) / 100
-        int4_bits = sum(linear_bytes(m, 4, 128) for m in linears) * 8 / params
-        return [cls(bits=bits)] if int4_bits < bits < 8 else []
+        sizes = [sum(o.nbytes(m) for m in linears) * 8 / params for o in options.values()]
+        return [cls(bits=bits)] if min(sizes) < bits < min(max(sizes), 32) else []
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         units = units_of(model, self.targets)
-        widths = self.widths
-        if not widths:
-            widths = self._choose(model, units, ctx)
-            ctx.resolve(self, dataclasses.replace(self, widths=widths))
-        if len(widths) != len(units):
+        choices = self.choices
+        if not choices:
+            choices = self.choose(model, units, ctx)
+            ctx.resolve(self, dataclasses.replace(self, choices=choices))
+        if len(choices) != len(units):
             raise RecipeError(
-                f"{self.token}: the recipe has widths for {len(widths)} units, the model has {len(units)}",
-                "apply mixed-bits without widths to this model (they are chosen on calibration text)",
+                f"{self.token}: the recipe has choices for {len(choices)} units, the model has {len(units)}",
+                "apply mixed-bits without choices to this model (they are made on calibration text)",
             )
-        width_of = {fqn: width for (_, unit), width in zip(units, widths, strict=True) for fqn, _ in unit}
+        options = block_options()
+        option_of = {fqn: options[choice] for (_, unit), choice in zip(units, choices, strict=True) for fqn, _ in unit}
 
         def quantize(fqn: str, linear: nn.Linear, hessian: torch.Tensor | None = None) -> nn.Module:
-            width = width_of.get(fqn, 4)
-            if width == 4:
-                return int4_linear_from(linear, self.group_size, hessian)
-            return int8_linear_from(linear, hessian) if width == 8 else linear
+            return option_of.get(fqn, options["int4-g128"]).make(linear, hessian)
 
-        targets = dataclasses.replace(
-            self.targets, exclude=self.targets.exclude + tuple(f for f, w in width_of.items() if w == FLOAT)
-        )
+        kept = tuple(fqn for fqn, option in option_of.items() if option is FLOAT_OPTION)
+        targets = dataclasses.replace(self.targets, exclude=self.targets.exclude + kept)
         if self.method is Method.GPTQ and (has_values(model) or ctx.source is not None):
             calibrated_layers_(model, ctx, targets, self.token, rtn_quantize=quantize, gptq_quantize=quantize)
         quantize_model_(model, ctx, targets, quantize, self.token)
-        counts = {w: widths.count(w) for w in WIDTHS if widths.count(w)}
-        ctx.note(f"{self.token}: units at " + ", ".join(f"{'float' if w == FLOAT else f'int{w}'} x {n}"
-                                                        for w, n in counts.items()))
+        counts = {token: choices.count(token) for token in options if choices.count(token)}
+        ctx.note(f"{self.token}: blocks at " + ", ".join(f"{token} x {n}" for token, n in counts.items()))
         return model
 
-    def _choose(self, model: nn.Module, units, ctx: Context) -> tuple[int, ...]:
-        costs = [{w: sum(linear_bytes(m, w, self.group_size) for _, m in unit) for w in WIDTHS} for _, unit in units]
+    def choose(self, model: nn.Module, units, ctx: Context) -> tuple[str, ...]:
+        """The option of every unit (`units_of`) within `bits`: measured scores (kept in
+        ``ctx.memo``) and the exact allocation; on tensors without values, a guess by bytes."""
+        options = block_options()
+        costs = [{t: sum(o.nbytes(m) for _, m in unit) for t, o in options.items()} for _, unit in units]
         params = sum(m.weight.numel() for _, unit in units for _, m in unit)
         cap = int(self.bits * params / 8)
         if has_values(model) or ctx.source is not None:
@@ -225,28 +259,36 @@ class MixedBits(Strategy):
             if ctx.source is not None:  # every layer is scored in place: read the whole checkpoint
                 ctx.source.materialize(model)
                 ctx.note(f"{self.token}: the sensitivity runs read the whole checkpoint (not streamed)")
-            gains = self._measure(model, units, ctx)
+            scores = block_scores(model, units, options, ctx, self.token)
         else:
-            gains = None
-        if gains is None:  # a prediction has no values: assume divergence proportional to size
-            gains = [{4: 0.0, 8: c[4] * 0.9, FLOAT: float(c[4])} for c in costs]
-        return tuple(allocate(costs, gains, cap))
+            scores = None
+        if scores is None:  # a prediction has no values: assume divergence falls as bytes grow
+            scores = [{t: c["float"] / c[t] - 1.0 for t in c} for c in costs]
+        return tuple(allocate(costs, scores, cap))
 
-    def _measure(self, model: nn.Module, units, ctx: Context) -> list[dict[int, float]] | None:
-        """Each unit's divergence removed by int8 and by float; None on fake tensors."""
-        from memfit.strategies.quantize.sensitivity import unit_sensitivities
 
-        batches = _sensitivity_batches(ctx.calibration)
-        progress = lambda done, total: ctx.report(f"{self.token}: sensitivity", done, total)
-        int4 = unit_sensitivities(model, batches, [(i, [m for _, m in u]) for i, u in units],
-                                  lambda w: fake_quantize_int4(w, self.group_size), progress)
-        # int8's divergence is measured once for all units together and shared in proportion
-        everything = [(0, [m for _, unit in units for _, m in unit])]
-        int8_total = unit_sensitivities(model, batches, everything, fake_quantize_int8)[0]
-        if int8_total is None:
-            return None
-        share = sum(int4) or 1.0
-        return [{4: 0.0, 8: kl - int8_total * kl / share, FLOAT: kl} for kl in int4]
+def block_scores(
+    model: nn.Module, units, options: dict[str, BlockOption], ctx: Context, label: str
+) -> list[dict[str, float]] | None:
+    """Per unit, the KL divergence (nats per token, on `SENSITIVITY_TOKENS` calibration tokens)
+    of the model's outputs when that unit alone is held in each option (0 for float); None on
+    fake tensors. Kept in ``ctx.memo`` by unit and option, so applications that share a Context
+    (the planner's candidates, on copies of one model) measure each once."""
+    from memfit.strategies.quantize.sensitivity import sensitivity_table
+
+    key = lambda index, token: ("block-score", units[index][1][0][0], token)
+    fakes = {t: o for t, o in options.items() if o.fake is not None}
+    missing = [t for t in fakes if any(key(i, t) not in ctx.memo for i in range(len(units)))]
+    if missing:
+        batches = sensitivity_batches(ctx.calibration_for(label))
+        progress = lambda done, total: ctx.report(f"{label}: sensitivity", done, total)
+        table = sensitivity_table(model, batches, [(i, [m for _, m in u]) for i, u in units],
+                                  [fakes[t].fake for t in missing], progress)
+        for i, row in enumerate(table):
+            ctx.memo.update({key(i, t): kl for t, kl in zip(missing, row, strict=True)})
+    if any(ctx.memo[key(i, t)] is None for i in range(len(units)) for t in fakes):
+        return None
+    return [{t: ctx.memo[key(i, t)] if t in fakes else 0.0 for t in options} for i in range(len(units))]
 
 
 def _int8_weight_bytes(model: nn.Module) -> int:
@@ -257,7 +299,7 @@ def _int8_weight_bytes(model: nn.Module) -> int:
     return weight_bytes(copy)
 
 
-def _sensitivity_batches(calibration) -> list[torch.Tensor]:
+def sensitivity_batches(calibration) -> list[torch.Tensor]:
     """The first `SENSITIVITY_TOKENS` calibration tokens, as batches [1, T]."""
     batches, left = [], SENSITIVITY_TOKENS
     for window in calibration:

@@ -9,6 +9,7 @@ embedding and head are quantized once and share their packed tensors.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import TYPE_CHECKING
 
@@ -16,13 +17,14 @@ import torch
 from torch import nn
 
 from memfit.errors import RecipeError
-from memfit.strategies.base import Phase, Strategy
+from memfit.strategies.base import BlockOption, Phase, Strategy
 from memfit.strategies.quantize import kernels
 from memfit.strategies.quantize.awq import awq_scale_layer
 from memfit.strategies.quantize.calibrated import Method, calibrated_layers_, has_values
 from memfit.strategies.quantize.gptq import gptq_round
 from memfit.strategies.quantize.grids import (
     fake_quantize_int4,
+    fake_quantize_int8,
     int4_group_size,
     quantize_int4_groups,
     quantize_int8_rows,
@@ -62,6 +64,20 @@ def int4_linear_from(
     layout = kernels.int4_layout_for(linear.out_features, linear.in_features, group_size)
     bias = None if linear.bias is None else linear.bias.detach()
     return Int4Linear(layout.pack(q), scale, zero_point, group_size, layout, bias)
+
+
+def int8_bytes(linear: nn.Linear) -> int:
+    """Bytes `int8_linear_from` makes of ``linear``'s weight: a code per weight, a bf16 scale per row."""
+    return linear.out_features * linear.in_features + 2 * linear.out_features
+
+
+def int4_bytes(linear: nn.Linear, group_size: int) -> int:
+    """Bytes `int4_linear_from` makes of ``linear``'s weight: two codes a byte, a bf16 scale and a
+    uint8 zero point per group (int8's for an odd input width)."""
+    n, k = linear.out_features, linear.in_features
+    if k % 2:
+        return int8_bytes(linear)
+    return n * k // 2 + 3 * n * math.ceil(k / int4_group_size(k, group_size))
 
 
 _METHOD_SUFFIX = {Method.RTN: "", Method.GPTQ: "-gptq"}
@@ -108,6 +124,14 @@ class Int8WeightOnly(Strategy):
     @classmethod
     def space(cls, workload: Workload) -> list[Strategy]:
         return [cls()]  # round to nearest already costs int8 little (+0.2% on the demo)
+
+    @classmethod
+    def block_options(cls) -> list[BlockOption]:
+        return [BlockOption("int8", fake_quantize_int8, int8_bytes, int8_linear_from)]
+
+    @property
+    def uniform_block(self) -> str | None:
+        return "int8" if self.targets == Targets() else None
 
     @classmethod
     def from_token(cls, token: str) -> Int8WeightOnly | None:
@@ -190,6 +214,16 @@ class Int4WeightOnly(Strategy):
         return [cls(group_size=32), cls(group_size=64), cls(group_size=128, method=Method.GPTQ)]
 
     @classmethod
+    def block_options(cls) -> list[BlockOption]:
+        """4-bit groups of 32, 64 and 128, the sizes the planner tries whole (each option costs
+        the per-block scoring one more run per block)."""
+        return [_int4_option(g) for g in INT4_GROUP_SIZES if g <= 128]
+
+    @property
+    def uniform_block(self) -> str | None:
+        return f"int4-g{self.group_size}" if self.targets == Targets() and self.group_size <= 128 else None
+
+    @classmethod
     def from_token(cls, token: str) -> Int4WeightOnly | None:
         match = _INT4_TOKEN.fullmatch(token)
         if match is None:
@@ -231,3 +265,12 @@ class Int4WeightOnly(Strategy):
                 gptq_quantize=gptq if self.method is Method.GPTQ else None,
             )
         return quantize_model_(model, ctx, self.targets, quantize, self.token)
+
+
+def _int4_option(group_size: int) -> BlockOption:
+    return BlockOption(
+        f"int4-g{group_size}",
+        lambda weight: fake_quantize_int4(weight, group_size),
+        lambda linear: int4_bytes(linear, group_size),
+        lambda linear, hessian: int4_linear_from(linear, group_size, hessian),
+    )

@@ -37,6 +37,18 @@ def unit_sensitivities(
     """Mean KL divergence (nats per token) from the model's outputs when only each unit's weights
     are replaced by ``fake_quantize(weight)``; one float per unit, in order (None on fake tensors:
     a prediction runs the same passes but has no divergence to read)."""
+    return [row[0] for row in sensitivity_table(model, batches, units, [fake_quantize], progress)]
+
+
+def sensitivity_table(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    units: list[Unit],
+    fakes: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[float | None]]:
+    """`unit_sensitivities` for several roundings at once, sharing one reference pass: per unit,
+    the divergence under each of ``fakes``, in order."""
     parts = decoder_parts(model)
     norm, head = _tail(model)
     with torch.no_grad():
@@ -47,12 +59,15 @@ def unit_sensitivities(
         members = [{id(m) for m in layer.modules()} for layer in parts.layers]
         out = []
         for done, (index, linears) in enumerate(units):
-            hidden = inputs[index]
-            for j in range(index, len(parts.layers)):
-                # a unit may span layers (the whole model at once): round one layer's share at a time
-                with _rounded([m for m in linears if id(m) in members[j]], fake_quantize):
-                    hidden = run_layer(parts.layers[j], hidden)
-            out.append(_kl(reference, [h for h, _ in hidden], norm, head))
+            row = []
+            for fake_quantize in fakes:
+                hidden = inputs[index]
+                for j in range(index, len(parts.layers)):
+                    # a unit may span layers (the whole model at once): round one layer's share at a time
+                    with _rounded([m for m in linears if id(m) in members[j]], fake_quantize):
+                        hidden = run_layer(parts.layers[j], hidden)
+                row.append(_kl(reference, [h for h, _ in hidden], norm, head))
+            out.append(row)
             if progress:
                 progress(done + 1, len(units))
     return out

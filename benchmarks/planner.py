@@ -1,0 +1,77 @@
+"""The planner against an exhaustive evaluation of the same space, on the demo model.
+
+For each weight budget (a share of the fp32 weights), `memfit.optimize` searches as `memfit
+optimize` does (predicted bytes, predicted quality from per-block scores, the best 3 evaluated);
+then every plan of the same space that fits the budget (`candidate_plans` and the mixed plan sized
+to the budget, the structural plans the search skips included) is applied and evaluated on the
+same tokens, each once over all budgets. The table gives the search's choice and the exhaustive
+best, their perplexities, and how much of the space the search evaluated.
+
+    .venv/bin/python benchmarks/planner.py                      # 15%, 20%, 30%, 50%
+    .venv/bin/python benchmarks/planner.py --budgets 30% --tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import memfit
+from memfit.data import calibration_windows
+from memfit.evaluate import evaluate
+from memfit.planner.search import optimize
+from memfit.planner.space import budget_plans, candidate_plans
+from memfit.units import parse_budget
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--budgets", default="15%,20%,30%,50%")
+    parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens per plan")
+    args = parser.parse_args()
+
+    model, tokenizer = memfit.load(args.model)
+    calibration = calibration_windows(tokenizer)
+    original = memfit.weight_bytes(model)
+    measured: dict[str, tuple[float, int]] = {}  # recipe -> (perplexity, weight bytes)
+
+    def measure(plan: memfit.Plan) -> tuple[float, int]:
+        if plan.recipe not in measured:
+            work = copy.deepcopy(model)
+            memfit.apply(work, plan, memfit.Context(calibration=calibration))
+            metrics = evaluate(work, tokenizer, num_tokens=args.tokens, measure_speed=False)
+            measured[plan.recipe] = (metrics.perplexity, metrics.weight_bytes)
+            print(f"  exhaustive: {plan.recipe}: {metrics.perplexity:.3f}", flush=True)
+        return measured[plan.recipe]
+
+    rows = []
+    for budget in args.budgets.split(","):
+        budget_bytes = parse_budget(budget, original)
+        start = time.perf_counter()
+        result = optimize(model, tokenizer, budget_bytes, calibration=calibration, num_tokens=args.tokens,
+                          measure_speed=False)
+        seconds = time.perf_counter() - start
+        chosen = result.best
+        evaluated = sum(c.metrics is not None and bool(c.plan.strategies) for c in result.candidates)
+        # the same space, every plan that fits evaluated (the mixed plan as the search resolved it)
+        space = candidate_plans() + budget_plans(model, budget_bytes)
+        fitting = [p for p in space if p.strategies and memfit.estimate(model, p).weight_bytes <= budget_bytes]
+        scores = {p.recipe: measure(p) for p in fitting}
+        best = min(scores, key=lambda r: scores[r][0])
+        gap = chosen.metrics.perplexity / scores[best][0] - 1
+        rows.append(f"| {budget} | {len(fitting)} | {evaluated} ({evaluated / len(fitting):.0%}) | "
+                    f"{chosen.plan.recipe} | {chosen.metrics.perplexity:.3f} | {best} | {scores[best][0]:.3f} | "
+                    f"{gap:+.2%} | {chosen.metrics.weight_bytes <= budget_bytes} | {seconds:.0f} s |")
+        print(rows[-1], flush=True)
+
+    print(f"\n{args.model}: fp32 weights {original:,} bytes; {args.tokens:,} evaluation tokens per plan\n")
+    print("| budget | plans that fit | evaluated by the search | search's choice | perplexity | exhaustive best "
+          "| perplexity | search vs best | within budget | search time |")
+    print("|---|---:|---:|---|---:|---|---:|---:|---|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
