@@ -54,7 +54,10 @@ def test_optimize_json_contract_and_report(capsys, tmp_path):
     data = _last_json(capsys)
     assert set(data) == {"budget_bytes", "plan", "out", "metrics", "candidates"}
     assert data["metrics"]["weight_bytes"] <= data["budget_bytes"]
-    assert {"plan", "predicted_weight_bytes", "fits", "metrics", "skipped"} == set(data["candidates"][0])
+    assert {"plan", "predicted_weight_bytes", "predicted_peak_bytes", "predicted_divergence", "fits", "metrics",
+            "skipped"} == set(data["candidates"][0])
+    evaluated = [c for c in data["candidates"] if c["metrics"] is not None]
+    assert len(evaluated) == 3 and all(c["predicted_divergence"] is not None for c in evaluated)
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     assert report.is_file() and report.with_suffix(".md").is_file()
 

@@ -136,12 +136,14 @@ def test_mixed_bits_without_calibration_text_says_how_to_get_it(make_tiny):
         memfit.apply(model, "mixed-bits")
 
 
-def test_planner_offers_a_mixed_plan_sized_to_a_budget_between_int4_and_int8(make_tiny):
+def test_planner_offers_a_mixed_plan_sized_to_a_budget_between_int4_and_float(make_tiny):
     model, _ = make_tiny("tiny-llama")
     int4, int8 = memfit.estimate(model, "int4-g32").weight_bytes, memfit.estimate(model, "int8").weight_bytes
     budget = (int4 + int8) // 2
     (option,) = MixedBits.budget_options(model, budget, memfit.Workload())
     assert 4 < option.bits < 8
     assert memfit.estimate(model, memfit.Plan((option,))).weight_bytes <= budget
-    assert MixedBits.budget_options(model, int8 * 2, memfit.Workload()) == []
+    (wide,) = MixedBits.budget_options(model, int8 * 2, memfit.Workload())  # past int8: some blocks in float
+    assert 8 < wide.bits < 32 and memfit.estimate(model, memfit.Plan((wide,))).weight_bytes <= int8 * 2
+    assert MixedBits.budget_options(model, memfit.weight_bytes(model), memfit.Workload()) == []  # all float fits
     assert MixedBits.budget_options(model, int4 // 2, memfit.Workload()) == []

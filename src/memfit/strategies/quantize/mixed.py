@@ -276,7 +276,10 @@ def block_scores(
     (the planner's candidates, on copies of one model) measure each once."""
     from memfit.strategies.quantize.sensitivity import sensitivity_table
 
-    key = lambda index, token: ("block-score", units[index][1][0][0], token)
+    # a unit is known by its Linears' names and shapes and the unit count: a pruned or
+    # layer-dropped copy of the model scores its own units
+    names = [tuple((fqn, *m.weight.shape) for fqn, m in unit) for _, unit in units]
+    key = lambda index, token: ("block-score", len(units), names[index], token)
     fakes = {t: o for t, o in options.items() if o.fake is not None}
     missing = [t for t in fakes if any(key(i, t) not in ctx.memo for i in range(len(units)))]
     if missing:
