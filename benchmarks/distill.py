@@ -13,8 +13,13 @@ before training (`memfit compress` of the recipe), and each trained student (`me
 closed" is (before - after) / (before - teacher). The tracked peak and tokens/s are the training
 runs' own figures (teacher weights included for kd).
 
+``--other-text FILE`` scores every model also on a text unlike the training data (for example
+English licence texts: ``cat /usr/share/common-licenses/{GPL-3,Apache-2.0,GFDL-1.3} > FILE``), where
+what a student learns of the training text itself does not count.
+
     .venv/bin/python benchmarks/distill.py                       # drop-layers-6, prune-mlp-25, int4 + LoRA
     .venv/bin/python benchmarks/distill.py --students drop-layers-6 --steps 48
+    .venv/bin/python benchmarks/distill.py --steps 8 --other-text licences.txt
     .venv/bin/python benchmarks/distill.py --part memory --teacher-int8 DIR
 
 ``--part memory``: a distillation step's predicted peak (`memfit.train.distill.estimate_distill`,
@@ -44,8 +49,8 @@ def memfit(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def perplexity(model: str, tokens: int) -> float:
-    return memfit("eval", "--model", model, "--tokens", str(tokens))["perplexity"]
+def perplexity(model: str, tokens: int, text: str | None = None) -> float:
+    return memfit("eval", "--model", model, "--tokens", str(tokens), *(("--text", text) if text else ()))["perplexity"]
 
 
 def memory(args: argparse.Namespace) -> None:
@@ -92,6 +97,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of full-weight students")
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--other-text", metavar="FILE",
+                        help="also score every model on this text, unlike the training data (columns 'other')")
+    parser.add_argument("--other-tokens", type=int, default=8192)
     parser.add_argument("--part", choices=("quality", "memory"), default="quality")
     parser.add_argument("--teacher-int8", metavar="DIR", help="--part memory: an int8 teacher's directory")
     args = parser.parse_args()
@@ -104,13 +112,18 @@ def main() -> None:
     print(f"{args.model}: teacher perplexity {teacher:.3f} on {args.eval_tokens:,} evaluation tokens; each run "
           f"{args.steps} steps x {args.batch} x {args.seq} = {tokens:,} training tokens of the calibration half\n",
           flush=True)
-    print("| student | training | lr | perplexity before | after | gap closed | tracked peak GB | tokens/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    other = args.other_text and perplexity(args.model, args.other_tokens, args.other_text)
+    if other:
+        print(f"teacher perplexity {other:.3f} on {args.other_tokens:,} tokens of {args.other_text} (other)\n")
+    print("| student | training | lr | perplexity before | after | gap closed | tracked peak GB | tokens/s |"
+          + (" other before | other after | other gap closed |" if other else ""))
+    print("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if other else ""))
     with tempfile.TemporaryDirectory() as tmp:
         for index, student in enumerate(args.students.split(";")):
             weights = ",".join(t for t in student.split(",") if not t.startswith("lora"))
             before = memfit("compress", "--model", args.model, "--recipe", weights, "--out", f"{tmp}/s{index}",
                             "--tokens", str(args.eval_tokens))["metrics"]["perplexity"]
+            other_before = other and perplexity(f"{tmp}/s{index}", args.other_tokens, args.other_text)
             lr = LORA_LR if "lora" in student else args.lr
             common = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--lr", str(lr)]
             for method in args.methods.split(","):
@@ -126,8 +139,13 @@ def main() -> None:
                     sys.exit(f"unknown method {method!r}")
                 after = perplexity(str(Path(out) / "model"), args.eval_tokens)
                 closed = (before - after) / (before - teacher)
-                print(f"| {student} | {method} | {lr:g} | {before:.3f} | {after:.3f} | {closed:.1%} | "
-                      f"{run['peak_bytes'] / 1e9:.2f} | {run['tokens_per_s']:.0f} |", flush=True)
+                row = (f"| {student} | {method} | {lr:g} | {before:.3f} | {after:.3f} | {closed:.1%} | "
+                       f"{run['peak_bytes'] / 1e9:.2f} | {run['tokens_per_s']:.0f} |")
+                if other:
+                    other_after = perplexity(str(Path(out) / "model"), args.other_tokens, args.other_text)
+                    row += (f" {other_before:.3f} | {other_after:.3f} | "
+                            f"{(other_before - other_after) / (other_before - other):.1%} |")
+                print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -143,3 +143,20 @@ def test_a_sharded_run_killed_while_writing_resumes_to_the_same_loss(tmp_path):
     losses = json.loads(resumed.stdout.strip().splitlines()[-1])["losses"]
     assert len(losses) == 6
     assert abs(losses[-1] - expected[-1]) <= 1e-5 * abs(expected[-1])
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["teacher", "teacher-cache"])
+def test_distillation_on_two_ranks_gives_the_single_process_losses(capfd, tmp_path, cached):
+    common = dict(steps=4, batch=BATCH, seq=SEQ, device="cpu")
+    cache = {"teacher_cache": str(tmp_path / "single-cache"), "top_k": 16} if cached else {}
+    reference = memfit.distill("tiny-llama", "drop-layers-1", **common, **cache).losses
+    flags = ["--teacher-cache", str(tmp_path / "cache"), "--top-k", "16"] if cached else []
+    assert main(["distill", "--teacher", "tiny-llama", "--student", "drop-layers-1", "--steps", "4", "--batch",
+                 str(BATCH), "--seq", str(SEQ), "--recipe", "ddp", "--nproc", "2", "--device", "cpu", *flags,
+                 "--json"]) == 0
+    data = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    losses = torch.tensor(data["losses"], dtype=torch.float64)
+    assert len(losses) == 4 and len(data["peak_bytes"]) == 2
+    assert ((losses - torch.tensor(reference, dtype=torch.float64)).abs() / losses).max() < 1e-4
+    if cached:  # built once, by the launching process, before the ranks started
+        assert data["teacher_cache_bytes_per_token"] == 16 * 4

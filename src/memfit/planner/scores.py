@@ -20,6 +20,7 @@ prediction only to rank which plans it evaluates for real.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -60,6 +61,16 @@ class PlanScorer:
     def __call__(self, plan: Plan) -> float:
         """The plan's predicted divergence (nats per token; 0 for the empty plan)."""
         return sum(self.strategy(s) for s in plan.strategies)
+
+    def resolve(self, plan: Plan) -> Plan:
+        """``plan`` with the choices its mixed formats would make on this model filled in, from the
+        measured scores (the same exact allocation as applying them): its bytes then predict exactly."""
+        strategies = tuple(
+            dataclasses.replace(s, choices=s.choose(self.model, self.units, self.ctx))
+            if isinstance(s, MixedBits) and not s.choices else s
+            for s in plan.strategies
+        )
+        return dataclasses.replace(plan, strategies=strategies)
 
     def strategy(self, strategy: Strategy) -> float:
         """One strategy's divergence, applied alone."""

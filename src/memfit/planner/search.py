@@ -172,6 +172,13 @@ def optimize(
     scorer = PlanScorer(model, calibration, memo, progress)
     for c in fitting:
         c.predicted_divergence = scorer(c.plan)
+        resolved = scorer.resolve(c.plan)  # choices made on data, made now from the scores: exact bytes
+        if resolved != c.plan:
+            c.plan = resolved
+            c.predicted_weight_bytes = estimate(model, c.plan).weight_bytes
+            refit = _predicted(model, c.plan, original_bytes, budget_bytes, workload)
+            c.fits, c.predicted_peak_bytes = refit.fits, refit.predicted_peak_bytes
+    fitting = [c for c in fitting if c.fits]
     ranked = sorted(fitting, key=lambda c: (c.predicted_divergence, c.predicted_weight_bytes))
     evaluate_kw = dict(text=text, num_tokens=num_tokens, measure_speed=measure_speed)
     baseline = evaluate(model, tokenizer, **evaluate_kw, progress=_stage(progress, "baseline"))
