@@ -209,3 +209,28 @@ def test_a_workload_budget_below_every_plan_names_the_smallest_peak(make_tiny):
     with pytest.raises(BudgetError, match=r"smallest reachable plan for generate at batch 8, seq 1024: '.*' "
                                           r"peaks at .*; raise the budget to at least .*or shorten the workload"):
         _search(model, tokenizer, "100%", workload=work, measure_speed=False)
+
+
+def test_without_a_budget_the_smallest_plan_within_the_limit_is_chosen(make_tiny):
+    model, tokenizer = make_tiny("tiny-llama")
+    loose = _search(model, tokenizer, None, max_quality_loss=10.0, measure_speed=False)  # +1000%: anything
+    sizes = [c.predicted_weight_bytes for c in loose.candidates if c.predicted_divergence is not None]
+    assert loose.budget_bytes is None and len(sizes) == len(loose.candidates)  # no budget: every plan is scored
+    assert loose.best.predicted_weight_bytes == min(sizes)
+    assert [c for c in loose.candidates if c.metrics is not None] == [loose.best]  # the first evaluated is within
+    assert "No budget: the smallest plan within +1000% perplexity." in render_markdown(loose)
+    # a limit no plan meets: each plan evaluated is predicted to lose less than every one before it
+    order = []
+    progress = lambda description, done, total: order.append(done) if description == "candidates" else None
+    with pytest.raises(BudgetError, match=r"keeps perplexity within -99%"):
+        _search(model, tokenizer, None, max_quality_loss=-0.99, measure_speed=False, progress=progress)
+    assert 1 <= len(order) < len(sizes)
+
+
+def test_optimize_without_budget_or_limit_is_refused(capsys, tmp_path):
+    from memfit.cli.main import main
+
+    assert main(["optimize", "--model", "tiny-llama", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs --budget, --max-ppl-increase, or both" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -86,12 +86,7 @@ def add_parser(subparsers) -> None:
         options.add_model(parser)
         modes = ("infer", "generate", "train", "distill") if name == "estimate" else ("infer", "generate", "train")
         parser.add_argument("--mode", choices=modes, default="infer", help="the workload (default infer)")
-        parser.add_argument("--batch", type=options.positive_int, default=1, metavar="B",
-                            help="sequences per step (default 1)")
-        parser.add_argument("--seq", type=options.positive_int, default=512, metavar="S",
-                            help="tokens per sequence, the prompt for generate (default 512)")
-        parser.add_argument("--new-tokens", type=options.positive_int, default=128, metavar="N",
-                            help="tokens generated after the prompt (generate only; default 128)")
+        options.add_workload_sizes(parser)
         parser.add_argument("--recipe", default="none", metavar="R",
                             help="strategies to apply first, e.g. int8 or bf16,checkpointing (default none)")
         parser.add_argument("--optimizer", choices=("adamw", "adamw-8bit", "adafactor", "sgd"), default=None,

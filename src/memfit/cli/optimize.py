@@ -9,6 +9,10 @@ from memfit.cli import console, options
 from memfit.planner.search import EVALUATIONS
 
 EPILOG = """\
+Without --budget, --max-ppl-increase PCT asks for the smallest plan within PCT percent: plans are
+evaluated from the smallest predicted bytes up, skipping those predicted to lose at least as much
+as one already over the limit, and the first within it wins.
+
 The budget is bytes (60MB, 1.5GiB) or a share of the original weights (25%). It covers the
 model's weights, or with --mode the whole workload's peak (weights, KV cache, activations: a
 generation of --batch prompts of --seq tokens and --new-tokens more). Every candidate plan's
@@ -22,9 +26,10 @@ strategies measured whole); the best --evaluate predicted are applied to a copy 
 examples:
   memfit optimize --model demo --budget 30% --out memfit-out
   memfit optimize --model demo --budget 80MB --max-ppl-increase 40 --out small --json
+  memfit optimize --model demo --max-ppl-increase 5 --out smallest
   memfit optimize --model demo --budget 250MB --mode generate --batch 1 --seq 2048 --out long
 
-JSON (last stdout line): {"budget_bytes", "plan", "out", "metrics": {...},
+JSON (last stdout line): {"budget_bytes" (null without --budget), "plan", "out", "metrics": {...},
 "candidates": [{"plan", "predicted_weight_bytes", "predicted_peak_bytes" (with --mode, else null),
 "predicted_divergence" (nats per token; null for plans that do not fit or were skipped), "fits",
 "metrics" (null if not evaluated), "skipped" (why a plan that fits was not evaluated: not among the
@@ -38,7 +43,9 @@ def add_parser(subparsers) -> None:
         description=__doc__.split("``: ")[1], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     options.add_model(parser)
-    parser.add_argument("--budget", required=True, metavar="B", help="weight budget: 60MB, 1.5GiB or 25%%")
+    parser.add_argument("--budget", metavar="B",
+                        help="the budget: 60MB, 1.5GiB or 25%% (of the weights); without it, --max-ppl-increase "
+                             "asks for the smallest plan within that loss")
     parser.add_argument("--max-ppl-increase", type=float, metavar="PCT",
                         help="reject plans whose perplexity rises more than PCT percent")
     parser.add_argument("--evaluate", type=options.positive_int, default=EVALUATIONS, metavar="K",
@@ -48,12 +55,7 @@ def add_parser(subparsers) -> None:
     workload.add_argument("--mode", choices=("infer", "generate"),
                           help="infer: one forward of --batch x --seq tokens; generate: a prompt of --seq tokens "
                                "into a KV cache, then --new-tokens steps")
-    workload.add_argument("--batch", type=options.positive_int, default=1, metavar="B",
-                          help="sequences per step (default 1)")
-    workload.add_argument("--seq", type=options.positive_int, default=512, metavar="S",
-                          help="tokens per sequence, the prompt for generate (default 512)")
-    workload.add_argument("--new-tokens", type=options.positive_int, default=128, metavar="N",
-                          help="tokens generated after the prompt (generate; default 128)")
+    options.add_workload_sizes(workload)
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (model + report)")
     parser.add_argument("--report", type=Path, metavar="FILE",
                         help="also write the report here (FILE.html and FILE.md); it is always in DIR")
@@ -69,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
     from memfit.planner.search import optimize
     from memfit.workload import Mode, Workload
 
+    if args.budget is None and args.max_ppl_increase is None:
+        from memfit.errors import BudgetError
+
+        raise BudgetError("memfit optimize needs --budget, --max-ppl-increase, or both",
+                          "pass --budget 30% (the best plan that fits) or --max-ppl-increase 5 (the smallest plan "
+                          "within +5% perplexity)")
     check_output_dir(args.out)
     text = options.eval_text_of(args)
     model, tokenizer = load(args.model)
@@ -98,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             "candidates": [c.to_dict() for c in result.candidates],
         })
     else:
-        console.table(f"memfit optimize: {args.model}, budget {args.budget}", header(result), candidate_rows(result))
+        goal = f"budget {args.budget}" if args.budget else f"smallest within +{args.max_ppl_increase:g}%"
+        console.table(f"memfit optimize: {args.model}, {goal}", header(result), candidate_rows(result))
         console.stdout.print(f"chosen: {best.plan.recipe} -> {args.out} (report: {args.out / 'report.html'})")
     return 0

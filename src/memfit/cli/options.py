@@ -80,3 +80,12 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not positive")
     return value
+
+
+def add_workload_sizes(container) -> None:
+    """``--batch``, ``--seq`` and ``--new-tokens`` of a workload, on a parser or argument group."""
+    container.add_argument("--batch", type=positive_int, default=1, metavar="B", help="sequences per step (default 1)")
+    container.add_argument("--seq", type=positive_int, default=512, metavar="S",
+                           help="tokens per sequence, the prompt for generate (default 512)")
+    container.add_argument("--new-tokens", type=positive_int, default=128, metavar="N",
+                           help="tokens generated after the prompt (generate only; default 128)")

@@ -53,8 +53,10 @@ def _summary(result: OptimizeResult) -> list[str]:
     covers = ("of weights" if work is None else
               f"for {work.mode.value} at batch {work.batch_size}, {work.seq_len} tokens"
               + (f" + {work.new_tokens} new" if work.new_tokens else "") + " (weights, KV cache, activations)")
+    budget = (f"Budget: {format_bytes(result.budget_bytes)} {covers}." if result.budget_bytes is not None else
+              f"No budget: the smallest plan within +{100 * result.max_quality_loss:g}% perplexity.")
     lines = [
-        f"Budget: {format_bytes(result.budget_bytes)} {covers}. "
+        f"{budget} "
         f"Original: {format_bytes(result.baseline.weight_bytes)}, perplexity {result.baseline.perplexity:.3f}.",
         f"Chosen: `{best.plan.recipe}`, {format_bytes(best.metrics.weight_bytes)} measured, "
         f"perplexity {best.metrics.perplexity:.3f} "
@@ -69,10 +71,16 @@ def _summary(result: OptimizeResult) -> list[str]:
         )
     ranked = [c for c in result.candidates if c.predicted_divergence is not None]
     evaluated = [c for c in ranked if c.metrics is not None]
-    lines.append(
-        f"{len(evaluated)} of the {len(ranked)} plans that fit were evaluated: the best by predicted KL divergence "
-        "from the original (per-block scores measured once on 512 calibration tokens, summed)."
-    )
+    if result.budget_bytes is None:
+        lines.append(
+            f"{len(evaluated)} of the {len(ranked)} plans were evaluated, from the smallest up; a plan predicted to "
+            "lose at least as much as one already over the limit was skipped."
+        )
+    else:
+        lines.append(
+            f"{len(evaluated)} of the {len(ranked)} plans that fit were evaluated: the best by predicted KL "
+            "divergence from the original (per-block scores measured once on 512 calibration tokens, summed)."
+        )
     if result.max_quality_loss is not None:
         lines.append(f"Quality limit: perplexity at most +{100 * result.max_quality_loss:g}%.")
     notes = sorted({n for c in result.candidates for n in c.notes})
@@ -98,7 +106,8 @@ def plot_png(result: OptimizeResult) -> bytes:
     best = result.best.metrics
     ax.scatter([best.weight_bytes / 1e6], [best.perplexity], marker="*", s=260, color="tab:red", zorder=4,
                label=f"chosen: {result.best.plan.recipe}")
-    ax.axvline(result.budget_bytes / 1e6, color="tab:red", linestyle="--", label="budget")
+    if result.budget_bytes is not None:
+        ax.axvline(result.budget_bytes / 1e6, color="tab:red", linestyle="--", label="budget")
     ax.set_xlabel("weight memory (MB, measured)")
     ax.set_ylabel("perplexity")
     ax.set_title("memfit optimize: candidates")

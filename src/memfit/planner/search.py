@@ -84,7 +84,7 @@ class OptimizeResult:
     """What `optimize` found.
 
     Args:
-        budget_bytes: the budget in bytes.
+        budget_bytes: the budget in bytes (None: the smallest plan within ``max_quality_loss``).
         baseline: metrics of the model as given.
         best: the chosen candidate.
         candidates: every candidate, in search order.
@@ -93,7 +93,7 @@ class OptimizeResult:
         workload: what the budget covers besides the weights (None: the weights only).
     """
 
-    budget_bytes: int
+    budget_bytes: int | None
     baseline: Metrics
     best: Candidate
     candidates: list[Candidate]
@@ -105,7 +105,7 @@ class OptimizeResult:
 def optimize(
     model: nn.Module,
     tokenizer,
-    budget: int | str,
+    budget: int | str | None,
     *,
     max_quality_loss: float | None = None,
     workload: Workload | None = None,
@@ -123,8 +123,10 @@ def optimize(
         model: the model to fit (left unchanged; candidates are applied to copies).
         tokenizer: its tokenizer.
         budget: bytes, or a string such as ``"60MB"``, ``"1.5GiB"`` or ``"25%"`` (of the model's
-            current weight bytes).
+            current weight bytes); or None with ``max_quality_loss``: the smallest plan within it.
         max_quality_loss: the largest perplexity increase accepted, as a fraction (0.05 = +5%).
+            Without a budget, plans are evaluated from the smallest up (skipping those predicted to
+            lose at least as much as one already over the limit) and the first within it is chosen.
         workload: what the model will run (generate, batch 1, 2,048 tokens): the budget then
             covers the workload's whole predicted peak (weights, KV cache, activations), not only
             the weights. None: the weights only.
@@ -151,18 +153,23 @@ def optimize(
     """
     if evaluations < 1:
         raise ValueError(f"evaluations must be at least 1, got {evaluations}")
+    if budget is None and max_quality_loss is None:
+        raise ValueError("optimize needs a budget, a quality limit (max_quality_loss), or both")
     original_bytes = weight_bytes(model)
-    budget_bytes = parse_budget(budget, original_bytes) if isinstance(budget, str) else int(budget)
+    budget_bytes = None if budget is None else (
+        parse_budget(budget, original_bytes) if isinstance(budget, str) else int(budget))
     if plans is None:
-        # a workload's other bytes (KV cache, activations) leave the weights the rest of the budget
-        overhead = estimate(model, Plan(), workload).peak_bytes - original_bytes if workload else 0
-        plans = candidate_plans(workload) + budget_plans(model, budget_bytes - overhead, workload)
+        plans = candidate_plans(workload)
+        if budget_bytes is not None:  # a workload's other bytes (KV cache, activations) leave the weights the rest
+            overhead = estimate(model, Plan(), workload).peak_bytes - original_bytes if workload else 0
+            plans += budget_plans(model, budget_bytes - overhead, workload)
     candidates = [_predicted(model, plan, original_bytes, budget_bytes, workload) for plan in plans]
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise _over_budget(model, candidates, budget_bytes, original_bytes, workload)
 
-    _skip_needless_structure(fitting)
+    if budget_bytes is not None:  # without a budget, structure is what makes plans small
+        _skip_needless_structure(fitting)
     fitting = [c for c in fitting if c.skipped is None]
     if calibration is None:
         from memfit.data import calibration_windows
@@ -183,6 +190,12 @@ def optimize(
     evaluate_kw = dict(text=text, num_tokens=num_tokens, measure_speed=measure_speed)
     baseline = evaluate(model, tokenizer, **evaluate_kw, progress=_stage(progress, "baseline"))
     limit = None if max_quality_loss is None else baseline.perplexity * (1 + max_quality_loss)
+    run = lambda c: _evaluate_candidate(model, tokenizer, c, baseline, budget_bytes, workload, calibration, memo,
+                                        evaluate_kw, progress)
+    if budget_bytes is None:
+        best = _smallest_within(fitting, limit, max_quality_loss, baseline, run, progress)
+        optimized, _ = _applied_copy(model, best.plan, None, calibration, memo)
+        return OptimizeResult(None, baseline, best, candidates, optimized, max_quality_loss, workload)
     done = 0
     for rank, candidate in enumerate(ranked):
         met = limit is None or any(c.metrics and c.fits and c.metrics.perplexity <= limit for c in ranked)
@@ -190,8 +203,7 @@ def optimize(
             candidate.skipped = (f"predicted divergence {candidate.predicted_divergence:.4g} ranks {rank + 1} of "
                                  f"{len(ranked)}: the best {done} predicted were evaluated")
             continue
-        _evaluate_candidate(model, tokenizer, candidate, baseline, budget_bytes, workload, calibration, memo,
-                            evaluate_kw, progress)
+        run(candidate)
         done += 1
         if progress:
             progress("candidates", done, min(len(ranked), max(done, evaluations)))
@@ -201,14 +213,43 @@ def optimize(
     return OptimizeResult(budget_bytes, baseline, best, candidates, optimized, max_quality_loss, workload)
 
 
-def _predicted(model: nn.Module, plan: Plan, original_bytes: int, budget_bytes: int,
+def _smallest_within(fitting: list[Candidate], limit: float, max_quality_loss: float, baseline: Metrics, run,
+                     progress: ProgressFn | None) -> Candidate:
+    """The smallest plan whose measured perplexity is within ``limit``: plans are evaluated from the
+    smallest predicted bytes up, and one predicted to lose at least as much as a plan already over
+    the limit is skipped."""
+    size = lambda c: c.predicted_peak_bytes if c.predicted_peak_bytes is not None else c.predicted_weight_bytes
+    over: Candidate | None = None  # the evaluated plan over the limit with the least predicted divergence
+    done = 0
+    for candidate in sorted(fitting, key=lambda c: (size(c), c.predicted_divergence)):
+        if over is not None and candidate.predicted_divergence >= over.predicted_divergence:
+            candidate.skipped = (f"predicted divergence {candidate.predicted_divergence:.4g}, at least that of "
+                                 f"{over.plan.recipe!r}, which was over the limit")
+            continue
+        run(candidate)
+        done += 1
+        if progress:
+            progress("candidates", done, done + 1)
+        if candidate.metrics.perplexity <= limit:
+            for c in fitting:
+                if c.metrics is None and c.skipped is None:
+                    c.skipped = f"{candidate.plan.recipe!r}, no larger, is within the limit"
+            return candidate
+        if over is None or candidate.predicted_divergence < over.predicted_divergence:
+            over = candidate
+    return _choose(fitting, baseline, max_quality_loss)  # none within: the error names the nearest
+
+
+def _predicted(model: nn.Module, plan: Plan, original_bytes: int, budget_bytes: int | None,
                workload: Workload | None) -> Candidate:
-    """A candidate with its predicted weight bytes (and, for a workload, peak) and whether they fit."""
+    """A candidate with its predicted weight bytes (and, for a workload, peak) and whether they fit
+    (every plan fits when there is no budget)."""
+    within = lambda size: budget_bytes is None or size <= budget_bytes
     predicted = original_bytes if not plan.strategies else estimate(model, plan).weight_bytes
-    candidate = Candidate(plan, predicted, predicted <= budget_bytes)
+    candidate = Candidate(plan, predicted, within(predicted))
     if workload is not None and candidate.fits:  # a peak holds the weights: only those that fit are run
         candidate.predicted_peak_bytes = estimate(model, plan, workload).peak_bytes
-        candidate.fits = candidate.predicted_peak_bytes <= budget_bytes
+        candidate.fits = within(candidate.predicted_peak_bytes)
     return candidate
 
 
@@ -236,7 +277,7 @@ def _over_budget(model: nn.Module, candidates: list[Candidate], budget_bytes: in
     )
 
 
-def _evaluate_candidate(model, tokenizer, candidate: Candidate, baseline: Metrics, budget_bytes: int,
+def _evaluate_candidate(model, tokenizer, candidate: Candidate, baseline: Metrics, budget_bytes: int | None,
                         workload: Workload | None, calibration, memo: dict, evaluate_kw: dict,
                         progress: ProgressFn | None) -> None:
     """Apply ``candidate``'s plan to a copy, evaluate it and check its bytes against the prediction."""
@@ -253,10 +294,11 @@ def _evaluate_candidate(model, tokenizer, candidate: Candidate, baseline: Metric
             "%s: predicted %d weight bytes, measured %d",
             candidate.plan.recipe, candidate.predicted_weight_bytes, candidate.metrics.weight_bytes,
         )
-    candidate.fits = candidate.metrics.weight_bytes <= budget_bytes
+    within = lambda size: budget_bytes is None or size <= budget_bytes
+    candidate.fits = within(candidate.metrics.weight_bytes)
     if workload is not None:  # the applied model's own prediction: choices made on data are settled now
         candidate.predicted_peak_bytes = estimate(work, Plan(settings=candidate.plan.settings), workload).peak_bytes
-        candidate.fits = candidate.fits and candidate.predicted_peak_bytes <= budget_bytes
+        candidate.fits = candidate.fits and within(candidate.predicted_peak_bytes)
 
 
 def _skip_needless_structure(fitting: list[Candidate]) -> None:
@@ -277,7 +319,7 @@ def _choose(candidates: list[Candidate], baseline: Metrics, max_quality_loss: fl
         nearest = min(evaluated, key=lambda c: c.metrics.perplexity)
         increase = 100 * (nearest.metrics.perplexity / baseline.perplexity - 1)
         raise BudgetError(
-            f"no plan within budget keeps perplexity within +{100 * max_quality_loss:g}%: the best, "
+            f"no plan within budget keeps perplexity within {100 * max_quality_loss:+g}%: the best, "
             f"{nearest.plan.recipe!r}, costs +{increase:.1f}%",
             "raise the budget or the allowed perplexity increase",
         )
