@@ -17,11 +17,14 @@ import argparse
 import copy
 import time
 
+import torch
+
 import memfit
 from memfit.data import calibration_windows
 from memfit.evaluate import evaluate
 from memfit.planner.search import optimize
 from memfit.planner.space import budget_plans, candidate_plans
+from memfit.strategies.base import Phase
 from memfit.units import parse_budget
 
 
@@ -36,11 +39,19 @@ def main() -> None:
     calibration = calibration_windows(tokenizer)
     original = memfit.weight_bytes(model)
     measured: dict[str, tuple[float, int]] = {}  # recipe -> (perplexity, weight bytes)
+    structured: dict[tuple, torch.nn.Module] = {}  # structure strategies -> the model with them applied, kept
 
     def measure(plan: memfit.Plan) -> tuple[float, int]:
         if plan.recipe not in measured:
-            work = copy.deepcopy(model)
-            memfit.apply(work, plan, memfit.Context(calibration=calibration))
+            # a plan applies phase by phase: its structure changes (calibrated low-rank factors, SparseGPT:
+            # minutes) are applied once and copied for every format that follows them
+            head = tuple(s for s in plan.strategies if s.phase is Phase.STRUCTURE)
+            if head not in structured:
+                structured[head] = memfit.apply(copy.deepcopy(model), memfit.Plan(head),
+                                                memfit.Context(calibration=calibration))
+            work = copy.deepcopy(structured[head])
+            rest = memfit.Plan(tuple(s for s in plan.strategies if s not in head))
+            memfit.apply(work, rest, memfit.Context(calibration=calibration))
             metrics = evaluate(work, tokenizer, num_tokens=args.tokens, measure_speed=False)
             measured[plan.recipe] = (metrics.perplexity, metrics.weight_bytes)
             print(f"  exhaustive: {plan.recipe}: {metrics.perplexity:.3f}", flush=True)

@@ -19,7 +19,8 @@ generation of --batch prompts of --seq tokens and --new-tokens more). Every cand
 bytes are predicted without computing. The quality of those that fit is predicted from scores
 measured once (the KL divergence from the original's outputs on 512 calibration tokens when
 each attention or MLP block alone is rounded in each format, summed over the plan's blocks; other
-strategies measured whole); the best --evaluate predicted are applied to a copy and evaluated
+strategies measured whole); the best --evaluate predicted, and the best with a GPTQ or AWQ format
+(scored by rounding to nearest: predicted too high), are applied to a copy and evaluated
 (perplexity, bytes, tokens/s), and the lowest perplexity wins (ties: faster decode). Mixed formats
 (mixed-bits-B) choose every block's format exactly for the budget from the same scores.
 

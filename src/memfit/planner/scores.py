@@ -72,6 +72,12 @@ class PlanScorer:
         )
         return dataclasses.replace(plan, strategies=strategies)
 
+    def upper_bound(self, plan: Plan) -> bool:
+        """True if a format of ``plan`` is scored by rounding to nearest but applied by a calibrated
+        method (GPTQ, AWQ): its divergence is predicted too high."""
+        return any(s.needs_calibration and (s.uniform_block in self.options or isinstance(s, MixedBits))
+                   for s in plan.strategies)
+
     def strategy(self, strategy: Strategy) -> float:
         """One strategy's divergence, applied alone."""
         token = strategy.uniform_block

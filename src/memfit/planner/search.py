@@ -137,7 +137,8 @@ def optimize(
         calibration: token windows for calibrated plans (GPTQ) and for predicting quality; by
             default 32 windows of 512 tokens of the built-in calibration text.
         evaluations: plans evaluated for real, the best predicted first; with a quality limit,
-            more until one meets it.
+            more until one meets it. The best predicted plan with a calibrated format (GPTQ, AWQ:
+            predicted from rounding to nearest, too high) is evaluated too.
         progress: ``progress(description, done, total)`` callback.
 
     Returns:
@@ -196,10 +197,12 @@ def optimize(
         best = _smallest_within(fitting, limit, max_quality_loss, baseline, run, progress)
         optimized, _ = _applied_copy(model, best.plan, None, calibration, memo)
         return OptimizeResult(None, baseline, best, candidates, optimized, max_quality_loss, workload)
+    # calibrated formats are predicted from rounding to nearest, too high: the best of them is evaluated too
+    calibrated = next((c for c in ranked if scorer.upper_bound(c.plan)), None)
     done = 0
     for rank, candidate in enumerate(ranked):
         met = limit is None or any(c.metrics and c.fits and c.metrics.perplexity <= limit for c in ranked)
-        if done >= evaluations and met:
+        if done >= evaluations and met and candidate is not calibrated:
             candidate.skipped = (f"predicted divergence {candidate.predicted_divergence:.4g} ranks {rank + 1} of "
                                  f"{len(ranked)}: the best {done} predicted were evaluated")
             continue
