@@ -9,6 +9,7 @@ best, their perplexities, and how much of the space the search evaluated.
 
     .venv/bin/python benchmarks/planner.py                      # 15%, 20%, 30%, 50%
     .venv/bin/python benchmarks/planner.py --budgets 30% --tokens 4096
+    .venv/bin/python benchmarks/planner.py --budgets 15% --tokens 8192 --search-only
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--budgets", default="15%,20%,30%,50%")
     parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens per plan")
+    parser.add_argument("--search-only", action="store_true",
+                        help="run only the searches (their choices, what they evaluated, their time)")
     args = parser.parse_args()
 
     model, tokenizer = memfit.load(args.model)
@@ -66,6 +69,10 @@ def main() -> None:
         seconds = time.perf_counter() - start
         chosen = result.best
         evaluated = sum(c.metrics is not None and bool(c.plan.strategies) for c in result.candidates)
+        if args.search_only:
+            print(f"| {budget} | {evaluated} | {chosen.plan.recipe} | {chosen.metrics.perplexity:.3f} | "
+                  f"{chosen.metrics.weight_bytes <= budget_bytes} | {seconds:.0f} s |", flush=True)
+            continue
         # the same space, every plan that fits evaluated (the mixed plan as the search resolved it)
         space = candidate_plans() + budget_plans(model, budget_bytes)
         fitting = [p for p in space if p.strategies and memfit.estimate(model, p).weight_bytes <= budget_bytes]
@@ -77,6 +84,8 @@ def main() -> None:
                     f"{gap:+.2%} | {chosen.metrics.weight_bytes <= budget_bytes} | {seconds:.0f} s |")
         print(rows[-1], flush=True)
 
+    if args.search_only:
+        return
     print(f"\n{args.model}: fp32 weights {original:,} bytes; {args.tokens:,} evaluation tokens per plan\n")
     print("| budget | plans that fit | evaluated by the search | search's choice | perplexity | exhaustive best "
           "| perplexity | search vs best | within budget | search time |")
