@@ -111,13 +111,14 @@ def test_widths_of_recipes_written_before_choices_still_load(make_tiny):
 
 def test_sensitivity_finds_the_unit_that_was_made_fragile(make_tiny):
     from memfit.strategies.quantize.grids import fake_quantize_int4
-    from memfit.strategies.quantize.sensitivity import unit_sensitivities
+    from memfit.strategies.quantize.sensitivity import sensitivity_table
 
     model, _ = make_tiny("tiny-llama")
     with torch.no_grad():  # one MLP with a few huge weights: 4-bit groups lose the small ones
         model.model.layers[1].mlp.down_proj.weight[:, :2] *= 200
     units = [(i, [m for _, m in unit]) for i, unit in units_of(model, memfit.Targets())]
-    kl = unit_sensitivities(model, [w[None] for w in _calibration()], units, lambda w: fake_quantize_int4(w, 32))
+    table = sensitivity_table(model, [w[None] for w in _calibration()], units, [lambda w: fake_quantize_int4(w, 32)])
+    kl = [row[0] for row in table]
     assert all(k > 0 for k in kl)
     assert max(range(len(kl)), key=kl.__getitem__) == 3  # layer 1's MLP
 

@@ -32,7 +32,8 @@ examples:
 
 JSON (last stdout line): {"budget_bytes" (null without --budget), "plan", "out", "metrics": {...},
 "candidates": [{"plan", "predicted_weight_bytes", "predicted_peak_bytes" (with --mode, else null),
-"predicted_divergence" (nats per token; null for plans that do not fit or were skipped), "fits",
+"predicted_divergence" (nats per token; null for plans that do not fit and for pruned or factored
+plans skipped as needless), "fits",
 "metrics" (null if not evaluated), "skipped" (why a plan that fits was not evaluated: not among the
 best predicted, or pruning and low-rank factors, tried only where the same plan without them does
 not fit)}]}"""

@@ -182,10 +182,9 @@ def optimize(
         c.predicted_divergence = scorer(c.plan)
         resolved = scorer.resolve(c.plan)  # choices made on data, made now from the scores: exact bytes
         if resolved != c.plan:
-            c.plan = resolved
-            c.predicted_weight_bytes = estimate(model, c.plan).weight_bytes
-            refit = _predicted(model, c.plan, original_bytes, budget_bytes, workload)
-            c.fits, c.predicted_peak_bytes = refit.fits, refit.predicted_peak_bytes
+            refit = _predicted(model, resolved, original_bytes, budget_bytes, workload)
+            c.plan, c.predicted_weight_bytes, c.predicted_peak_bytes, c.fits = (
+                resolved, refit.predicted_weight_bytes, refit.predicted_peak_bytes, refit.fits)
     fitting = [c for c in fitting if c.fits]
     ranked = sorted(fitting, key=lambda c: (c.predicted_divergence, c.predicted_weight_bytes))
     evaluate_kw = dict(text=text, num_tokens=num_tokens, measure_speed=measure_speed)
@@ -247,13 +246,16 @@ def _predicted(model: nn.Module, plan: Plan, original_bytes: int, budget_bytes: 
                workload: Workload | None) -> Candidate:
     """A candidate with its predicted weight bytes (and, for a workload, peak) and whether they fit
     (every plan fits when there is no budget)."""
-    within = lambda size: budget_bytes is None or size <= budget_bytes
     predicted = original_bytes if not plan.strategies else estimate(model, plan).weight_bytes
-    candidate = Candidate(plan, predicted, within(predicted))
+    candidate = Candidate(plan, predicted, _within(predicted, budget_bytes))
     if workload is not None and candidate.fits:  # a peak holds the weights: only those that fit are run
         candidate.predicted_peak_bytes = estimate(model, plan, workload).peak_bytes
-        candidate.fits = within(candidate.predicted_peak_bytes)
+        candidate.fits = _within(candidate.predicted_peak_bytes, budget_bytes)
     return candidate
+
+
+def _within(size: int, budget_bytes: int | None) -> bool:
+    return budget_bytes is None or size <= budget_bytes
 
 
 def _over_budget(model: nn.Module, candidates: list[Candidate], budget_bytes: int, original_bytes: int,
@@ -297,11 +299,10 @@ def _evaluate_candidate(model, tokenizer, candidate: Candidate, baseline: Metric
             "%s: predicted %d weight bytes, measured %d",
             candidate.plan.recipe, candidate.predicted_weight_bytes, candidate.metrics.weight_bytes,
         )
-    within = lambda size: budget_bytes is None or size <= budget_bytes
-    candidate.fits = within(candidate.metrics.weight_bytes)
+    candidate.fits = _within(candidate.metrics.weight_bytes, budget_bytes)
     if workload is not None:  # the applied model's own prediction: choices made on data are settled now
         candidate.predicted_peak_bytes = estimate(work, Plan(settings=candidate.plan.settings), workload).peak_bytes
-        candidate.fits = candidate.fits and within(candidate.predicted_peak_bytes)
+        candidate.fits = candidate.fits and _within(candidate.predicted_peak_bytes, budget_bytes)
 
 
 def _skip_needless_structure(fitting: list[Candidate]) -> None:

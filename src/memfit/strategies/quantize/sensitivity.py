@@ -27,19 +27,6 @@ Unit = tuple[int, list[nn.Linear]]
 """The first decoder layer a unit touches, and its Linears (rounded together; they may span layers)."""
 
 
-def unit_sensitivities(
-    model: nn.Module,
-    batches: Sequence[torch.Tensor],
-    units: list[Unit],
-    fake_quantize: Callable[[torch.Tensor], torch.Tensor],
-    progress: Callable[[int, int], None] | None = None,
-) -> list[float | None]:
-    """Mean KL divergence (nats per token) from the model's outputs when only each unit's weights
-    are replaced by ``fake_quantize(weight)``; one float per unit, in order (None on fake tensors:
-    a prediction runs the same passes but has no divergence to read)."""
-    return [row[0] for row in sensitivity_table(model, batches, units, [fake_quantize], progress)]
-
-
 def sensitivity_table(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
@@ -47,8 +34,10 @@ def sensitivity_table(
     fakes: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     progress: Callable[[int, int], None] | None = None,
 ) -> list[list[float | None]]:
-    """`unit_sensitivities` for several roundings at once, sharing one reference pass: per unit,
-    the divergence under each of ``fakes``, in order."""
+    """Mean KL divergence (nats per token) from the model's outputs when only each unit's weights
+    are replaced by each of ``fakes`` (``fake(weight)``), sharing one reference pass: per unit, one
+    float per fake, in order (None on fake tensors: a prediction runs the same passes but has no
+    divergence to read)."""
     parts = decoder_parts(model)
     norm, head = _tail(model)
     with torch.no_grad():
