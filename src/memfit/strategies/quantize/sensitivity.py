@@ -44,7 +44,7 @@ def sensitivity_table(
         inputs = [capture_first_layer_inputs(model, batches)]
         for layer in parts.layers:
             inputs.append(run_layer(layer, inputs[-1]))
-        reference = [_log_probs(norm, head, h) for h, _ in inputs[-1]]
+        reference = _Reference(norm, head, [h for h, _ in inputs[-1]])
         members = [{id(m) for m in layer.modules()} for layer in parts.layers]
         out = []
         for done, (index, linears) in enumerate(units):
@@ -55,7 +55,7 @@ def sensitivity_table(
                     # a unit may span layers (the whole model at once): round one layer's share at a time
                     with _rounded([m for m in linears if id(m) in members[j]], fake_quantize):
                         hidden = run_layer(parts.layers[j], hidden)
-                row.append(_kl(reference, [h for h, _ in hidden], norm, head))
+                row.append(reference.kl([h for h, _ in hidden]))
             out.append(row)
             if progress:
                 progress(done + 1, len(units))
@@ -86,9 +86,66 @@ def _tail(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return norm, head
 
 
-def _log_probs(norm: nn.Module, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities [tokens, vocab] of ``hidden`` [B, T, D], in chunks of rows."""
-    return torch.cat([_chunk_log_probs(norm, head, chunk) for chunk in _rows(hidden).split(CHUNK_ROWS)])
+class _Reference:
+    """The model's next-token distributions p on the calibration tokens, kept in the form that
+    makes KL(p || q) of another run cheap.
+
+    With q = softmax(z), z = head(r) and r the normed hidden state of a row,
+    KL(p || q) = sum p log p - sum p z + logsumexp(z), and for a Linear head
+    sum p z = r . (p W) + p . b. So each reference row keeps p W and p . b (p in float64, summing
+    to 1) and sum p log p, computed by the same formula from its own logits (so a run equal to the
+    reference scores exactly 0), and a run's rows need their logits only for the log-normalizer:
+    no vocabulary-wide log-softmax, exp or product per run. A head that is not an ``nn.Linear``
+    keeps p's log-probabilities whole.
+    """
+
+    def __init__(self, norm: nn.Module, head: nn.Module, hidden: list[torch.Tensor]) -> None:
+        self.norm, self.head = norm, head
+        self.linear = isinstance(head, nn.Linear)
+        self.rows = []  # per batch, per chunk: (sum p log p, p W, p . b) or log p
+        for h in hidden:
+            chunks = []
+            for rows in _rows(h).split(CHUNK_ROWS):
+                if not self.linear:
+                    chunks.append(_chunk_log_probs(norm, head, rows))
+                    continue
+                r = norm(rows)
+                z = head(r).float()
+                p = torch.softmax(z.double(), dim=-1)
+                p_weight = p @ head.weight.double()
+                p_bias = None if head.bias is None else p @ head.bias.double()
+                chunks.append((self._cross(r, p_weight, p_bias) - self._log_norm(z), p_weight, p_bias))
+            self.rows.append(chunks)
+        self.count = sum(_rows(h).shape[0] for h in hidden)
+
+    def kl(self, hidden: list[torch.Tensor]) -> float | None:
+        """Mean KL(reference || run) per token of a run whose last hidden states are ``hidden``."""
+        total = None
+        for chunks, h in zip(self.rows, hidden, strict=True):
+            for ref, rows in zip(chunks, _rows(h).split(CHUNK_ROWS), strict=True):
+                if self.linear:
+                    neg_entropy, p_weight, p_bias = ref
+                    r = self.norm(rows)
+                    kl = (neg_entropy - self._cross(r, p_weight, p_bias) + self._log_norm(self.head(r).float())).sum()
+                else:
+                    kl = F.kl_div(_chunk_log_probs(self.norm, self.head, rows), ref, reduction="sum", log_target=True)
+                total = kl if total is None else total + kl
+        return None if is_fake(total) else total.item() / self.count
+
+
+    @staticmethod
+    def _cross(r: torch.Tensor, p_weight: torch.Tensor, p_bias: torch.Tensor | None) -> torch.Tensor:
+        """sum_v p_v z_v of each row, from its normed hidden state ``r``."""
+        cross = (r.double() * p_weight).sum(-1)
+        return cross if p_bias is None else cross + p_bias
+
+    @staticmethod
+    def _log_norm(logits: torch.Tensor) -> torch.Tensor:
+        """logsumexp of each row, read off log-softmax at the row's largest logit (where it is
+        near 0, so little is lost): on CPU, torch's log-softmax is vectorized and its logsumexp
+        several times slower."""
+        top, index = logits.max(dim=-1, keepdim=True)
+        return (top - F.log_softmax(logits, dim=-1).gather(-1, index)).squeeze(-1).double()
 
 
 def _chunk_log_probs(norm: nn.Module, head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -97,16 +154,3 @@ def _chunk_log_probs(norm: nn.Module, head: nn.Module, rows: torch.Tensor) -> to
 
 def _rows(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
-
-
-def _kl(reference: list[torch.Tensor], hidden: list[torch.Tensor], norm: nn.Module, head: nn.Module) -> float | None:
-    """Mean KL(reference || model) per token, the model's log-probabilities computed from
-    ``hidden`` a chunk of rows at a time (a vocabulary-wide float tensor per row is the large part)."""
-    total, count = None, 0
-    for ref, h in zip(reference, hidden, strict=True):
-        for log_p, rows in zip(ref.split(CHUNK_ROWS), _rows(h).split(CHUNK_ROWS), strict=True):
-            log_q = _chunk_log_probs(norm, head, rows)
-            kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
-            total = kl if total is None else total + kl
-        count += ref.shape[0]
-    return None if is_fake(total) else total.item() / count
