@@ -48,10 +48,10 @@ def demo():
 
 
 # Order: the demo-model tests (`slow`, minutes each) first, then the files whose tests start processes
-# (torchrun ranks, killed and resumed runs, the CLI entry point) or run the estimator on an 80-layer
+# (torchrun ranks, killed and resumed runs, planner workers, the CLI entry point) or run the estimator on an 80-layer
 # model, then the rest: the short tests fill the end of both pytest-xdist workers instead of one
 # worker finishing a long test while the other waits.
-_LONG_FIRST = ("test_train_distributed.py", "test_train.py", "test_estimate.py", "test_cli.py")
+_LONG_FIRST = ("test_train_distributed.py", "test_train.py", "test_trials.py", "test_estimate.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(items):

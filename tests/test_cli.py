@@ -52,8 +52,8 @@ def test_optimize_json_contract_and_report(capsys, tmp_path):
             "--report", str(report)]
     assert main([*args, *TOKENS, "--json"]) == 0
     data = _last_json(capsys)
-    assert set(data) == {"budget_bytes", "plan", "out", "metrics", "candidates"}
-    assert data["metrics"]["weight_bytes"] <= data["budget_bytes"]
+    assert set(data) == {"budget_bytes", "plan", "out", "metrics", "candidates", "study"}
+    assert data["metrics"]["weight_bytes"] <= data["budget_bytes"] and data["study"] is None  # no workers
     assert {"plan", "predicted_weight_bytes", "predicted_peak_bytes", "predicted_divergence", "fits", "metrics",
             "skipped"} == set(data["candidates"][0])
     evaluated = [c for c in data["candidates"] if c["metrics"] is not None]

@@ -20,14 +20,14 @@ Models (--model): a Hugging Face directory or hub id, a .gguf file, a directory 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memfit.cli import compress, distill, eval, generate, memory, optimize, train, validate
+    from memfit.cli import compress, distill, eval, generate, memory, optimize, train, validate, worker
 
     parser = argparse.ArgumentParser(
         prog="memfit", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what memfit does (to stderr)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (eval, compress, optimize, generate, train, distill, memory, validate):
+    for module in (eval, compress, optimize, worker, generate, train, distill, memory, validate):
         module.add_parser(subparsers)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from memfit.cli import console, options
@@ -29,8 +30,17 @@ examples:
   memfit optimize --model demo --budget 80MB --max-ppl-increase 40 --out small --json
   memfit optimize --model demo --max-ppl-increase 5 --out smallest
   memfit optimize --model demo --budget 250MB --mode generate --batch 1 --seq 2048 --out long
+  memfit optimize --model demo --budget 20% --workers 2 --out small
+
+With --workers N the plans chosen for evaluation are queued as trials of an Optuna study (in
+--storage: a journal file, or a database URL for workers on other machines: memfit worker) and N
+local worker processes evaluate them; prediction and choice stay in this process. A study whose
+search was killed resumes when the same command runs again: completed plans are not evaluated
+twice, and a trial whose worker died is queued again. Tokens/s measured by workers that share a
+machine are measured side by side.
 
 JSON (last stdout line): {"budget_bytes" (null without --budget), "plan", "out", "metrics": {...},
+"study" ({"storage", "name"} with workers, else null),
 "candidates": [{"plan", "predicted_weight_bytes", "predicted_peak_bytes" (with --mode, else null),
 "predicted_divergence" (nats per token; null for plans that do not fit and for pruned or factored
 plans skipped as needless), "fits",
@@ -53,6 +63,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--evaluate", type=options.positive_int, default=EVALUATIONS, metavar="K",
                         help=f"evaluate the K best predicted plans for real (default {EVALUATIONS}; more while none "
                              "meets --max-ppl-increase)")
+    shared = parser.add_argument_group(
+        "workers", "evaluate the chosen plans in worker processes that share one Optuna study (resumable: run the "
+                   "same command again after a kill)")
+    shared.add_argument("--workers", type=options.positive_int, metavar="N",
+                        help="local worker processes (with --storage or --study alone: 1)")
+    options.add_storage(shared)
+    shared.add_argument("--study", metavar="NAME",
+                        help="the study's name (default: from the model and the evaluation settings, so the same "
+                             "search resumes and one at another budget reuses the plans both evaluate)")
     workload = parser.add_argument_group("whole-workload budgets", "the budget covers this workload's peak")
     workload.add_argument("--mode", choices=("infer", "generate"),
                           help="infer: one forward of --batch x --seq tokens; generate: a prompt of --seq tokens "
@@ -71,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from memfit.io import check_output_dir, load, save
     from memfit.planner.report import candidate_rows, header, write_reports
     from memfit.planner.search import optimize
+    from memfit.planner.workers import Workers
     from memfit.workload import Mode, Workload
 
     if args.budget is None and args.max_ppl_increase is None:
@@ -89,9 +109,13 @@ def run(args: argparse.Namespace) -> int:
         workload = None if args.mode is None else Workload(
             mode=Mode(args.mode), batch_size=args.batch, seq_len=args.seq,
             new_tokens=args.new_tokens if args.mode == "generate" else 0)
+        workers = None
+        if args.workers or args.storage or args.study:
+            logging.getLogger("memfit.planner.workers").setLevel(logging.INFO)  # where the study is
+            workers = Workers(args.model, args.workers or 1, args.storage, args.study)
         result = optimize(model, tokenizer, args.budget, max_quality_loss=limit, text=text, workload=workload,
                           num_tokens=args.tokens, calibration=calibration, evaluations=args.evaluate,
-                          progress=progress)
+                          progress=progress, workers=workers)
     reports = write_reports(result)
     save(result.model, tokenizer, args.out, extra_files=reports, notes=result.best.notes)
     if args.report is not None:
@@ -106,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             "out": str(args.out),
             "metrics": best.metrics.to_dict(),
             "candidates": [c.to_dict() for c in result.candidates],
+            "study": result.study,
         })
     else:
         goal = f"budget {args.budget}" if args.budget else f"smallest within +{args.max_ppl_increase:g}%"

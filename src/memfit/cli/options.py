@@ -25,6 +25,13 @@ def add_kv_cache(parser: argparse.ArgumentParser, what: str) -> None:
                         help=f"quantize the KV cache (kv-int8: 0.52x, kv-int4: 0.30x an fp16 cache's bytes); {what}")
 
 
+def add_storage(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", metavar="S",
+                        help="the studies' storage: a journal file path, or a database URL such as sqlite:///memfit.db "
+                             "that workers on other machines reach (default: studies.journal in memfit's cache, "
+                             "$MEMFIT_CACHE or ~/.cache/memfit)")
+
+
 def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 

@@ -16,7 +16,6 @@ of evaluations (each a calibrated run) near what it is without those options.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 
@@ -27,12 +26,13 @@ from memfit.errors import BudgetError
 from memfit.estimate import estimate
 from memfit.evaluate import DEFAULT_TOKENS, Metrics, evaluate
 from memfit.memory.report import weight_bytes
-from memfit.plan import Plan, apply
+from memfit.plan import Plan
 from memfit.planner.scores import PlanScorer
 from memfit.planner.space import budget_plans, candidate_plans
+from memfit.planner.workers import Workers, applied_copy, evaluate_plan, open_study, run_workers, stage, study_config
 from memfit.strategies.base import Phase
 from memfit.units import format_bytes, parse_budget
-from memfit.workload import Context, ProgressFn, Workload
+from memfit.workload import ProgressFn, Workload
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class OptimizeResult:
         model: the model with the best plan applied (a copy; the input model is unchanged).
         max_quality_loss: the quality limit used (fraction of perplexity), if any.
         workload: what the budget covers besides the weights (None: the weights only).
+        study: with workers, ``{"storage", "name"}`` of the study that holds the evaluations.
     """
 
     budget_bytes: int | None
@@ -100,6 +101,7 @@ class OptimizeResult:
     model: nn.Module
     max_quality_loss: float | None = None
     workload: Workload | None = None
+    study: dict | None = None
 
 
 def optimize(
@@ -116,6 +118,7 @@ def optimize(
     calibration: torch.Tensor | None = None,
     evaluations: int = EVALUATIONS,
     progress: ProgressFn | None = None,
+    workers: Workers | None = None,
 ) -> OptimizeResult:
     """Search for the plan with the lowest perplexity that fits ``budget``.
 
@@ -140,6 +143,9 @@ def optimize(
             more until one meets it. The best predicted plan with a calibrated format (GPTQ, AWQ:
             predicted from rounding to nearest, too high) is evaluated too.
         progress: ``progress(description, done, total)`` callback.
+        workers: evaluate the chosen plans in worker processes sharing one Optuna study (`Workers`)
+            instead of here, one after another. The search itself (predictions, choices) is the
+            same; a killed search resumes from its study.
 
     Returns:
         `OptimizeResult` with the best candidate, all candidates and the optimized model.
@@ -176,6 +182,9 @@ def optimize(
         from memfit.data import calibration_windows
 
         calibration = calibration_windows(tokenizer)
+    evaluate_kw = dict(text=text, num_tokens=num_tokens, measure_speed=measure_speed)
+    shared = None if workers is None else open_study(
+        workers, study_config(workers, text, evaluate_kw, calibration, workload))
     memo: dict = {}
     scorer = PlanScorer(model, calibration, memo, progress)
     for c in fitting:
@@ -187,51 +196,77 @@ def optimize(
                 resolved, refit.predicted_weight_bytes, refit.predicted_peak_bytes, refit.fits)
     fitting = [c for c in fitting if c.fits]
     ranked = sorted(fitting, key=lambda c: (c.predicted_divergence, c.predicted_weight_bytes))
-    evaluate_kw = dict(text=text, num_tokens=num_tokens, measure_speed=measure_speed)
-    baseline = evaluate(model, tokenizer, **evaluate_kw, progress=_stage(progress, "baseline"))
+    baseline = evaluate(model, tokenizer, **evaluate_kw, progress=stage(progress, "baseline"))
     limit = None if max_quality_loss is None else baseline.perplexity * (1 + max_quality_loss)
-    run = lambda c: _evaluate_candidate(model, tokenizer, c, baseline, budget_bytes, workload, calibration, memo,
-                                        evaluate_kw, progress)
+
+    evaluated: list[Candidate] = []  # in this process, for the progress bar
+    planned = 1 if budget_bytes is None else evaluations
+
+    def run(batch: list[Candidate]) -> None:
+        """Evaluate ``batch``: here, one plan after another, or in the workers at once."""
+        for c in batch:
+            if not c.plan.strategies:
+                c.metrics = baseline
+        batch = [c for c in batch if c.plan.strategies]
+        if shared is not None:
+            results = run_workers(shared, workers, [c.plan for c in batch], progress)
+        else:
+            results = []
+            for c in batch:
+                results.append(evaluate_plan(model, tokenizer, c.plan, workload, calibration, memo, evaluate_kw,
+                                             progress))
+                evaluated.append(c)
+                if progress:
+                    progress("candidates", len(evaluated), max(len(evaluated), planned))
+        for c, result in zip(batch, results, strict=True):
+            _record(c, result, budget_bytes, workload)
+
     if budget_bytes is None:
-        best = _smallest_within(fitting, limit, max_quality_loss, baseline, run, progress)
-        optimized, _ = _applied_copy(model, best.plan, None, calibration, memo)
-        return OptimizeResult(None, baseline, best, candidates, optimized, max_quality_loss, workload)
+        best = _smallest_within(fitting, limit, max_quality_loss, baseline, lambda c: run([c]))
+        optimized, _ = applied_copy(model, best.plan, None, calibration, memo)
+        return OptimizeResult(None, baseline, best, candidates, optimized, max_quality_loss, workload,
+                              _where(shared))
     # calibrated formats are predicted from rounding to nearest, too high: the best of them is evaluated too
     calibrated = next((c for c in ranked if scorer.upper_bound(c.plan)), None)
-    done = 0
-    for rank, candidate in enumerate(ranked):
-        met = limit is None or any(c.metrics and c.fits and c.metrics.perplexity <= limit for c in ranked)
-        if done >= evaluations and met and candidate is not calibrated:
-            candidate.skipped = (f"predicted divergence {candidate.predicted_divergence:.4g} ranks {rank + 1} of "
-                                 f"{len(ranked)}: the best {done} predicted were evaluated")
-            continue
-        run(candidate)
-        done += 1
-        if progress:
-            progress("candidates", done, min(len(ranked), max(done, evaluations)))
+    chosen = ranked[:evaluations]
+    if calibrated is not None and not any(c is calibrated for c in chosen):
+        chosen.append(calibrated)
+    run(chosen)
+    rest = [c for c in ranked if c.metrics is None]
+    width = 1 if workers is None else workers.count  # past the first, more until one meets the limit
+    while rest and limit is not None and not any(c.metrics and c.fits and c.metrics.perplexity <= limit
+                                                 for c in ranked):
+        run(rest[:width])
+        rest = rest[width:]
+    done = sum(c.metrics is not None for c in ranked)
+    for rank, c in enumerate(ranked):
+        if c.metrics is None:
+            c.skipped = (f"predicted divergence {c.predicted_divergence:.4g} ranks {rank + 1} of "
+                         f"{len(ranked)}: the best {done} predicted were evaluated")
 
     best = _choose(candidates, baseline, max_quality_loss)
-    optimized, _ = _applied_copy(model, best.plan, None, calibration, memo)
-    return OptimizeResult(budget_bytes, baseline, best, candidates, optimized, max_quality_loss, workload)
+    optimized, _ = applied_copy(model, best.plan, None, calibration, memo)
+    return OptimizeResult(budget_bytes, baseline, best, candidates, optimized, max_quality_loss, workload,
+                          _where(shared))
 
 
-def _smallest_within(fitting: list[Candidate], limit: float, max_quality_loss: float, baseline: Metrics, run,
-                     progress: ProgressFn | None) -> Candidate:
+def _where(shared) -> dict | None:
+    return None if shared is None else {"storage": shared.spec, "name": shared.name}
+
+
+def _smallest_within(fitting: list[Candidate], limit: float, max_quality_loss: float, baseline: Metrics,
+                     run) -> Candidate:
     """The smallest plan whose measured perplexity is within ``limit``: plans are evaluated from the
     smallest predicted bytes up, and one predicted to lose at least as much as a plan already over
     the limit is skipped."""
     size = lambda c: c.predicted_peak_bytes if c.predicted_peak_bytes is not None else c.predicted_weight_bytes
     over: Candidate | None = None  # the evaluated plan over the limit with the least predicted divergence
-    done = 0
     for candidate in sorted(fitting, key=lambda c: (size(c), c.predicted_divergence)):
         if over is not None and candidate.predicted_divergence >= over.predicted_divergence:
             candidate.skipped = (f"predicted divergence {candidate.predicted_divergence:.4g}, at least that of "
                                  f"{over.plan.recipe!r}, which was over the limit")
             continue
         run(candidate)
-        done += 1
-        if progress:
-            progress("candidates", done, done + 1)
         if candidate.metrics.perplexity <= limit:
             for c in fitting:
                 if c.metrics is None and c.skipped is None:
@@ -282,18 +317,12 @@ def _over_budget(model: nn.Module, candidates: list[Candidate], budget_bytes: in
     )
 
 
-def _evaluate_candidate(model, tokenizer, candidate: Candidate, baseline: Metrics, budget_bytes: int | None,
-                        workload: Workload | None, calibration, memo: dict, evaluate_kw: dict,
-                        progress: ProgressFn | None) -> None:
-    """Apply ``candidate``'s plan to a copy, evaluate it and check its bytes against the prediction."""
-    if not candidate.plan.strategies:
-        candidate.metrics = baseline
-        return
-    work, ctx = _applied_copy(model, candidate.plan, progress, calibration, memo)
-    candidate.notes = ctx.notes
+def _record(candidate: Candidate, result: dict, budget_bytes: int | None, workload: Workload | None) -> None:
+    """Fill in ``candidate`` from its evaluation (`evaluate_plan`) and check its bytes against the prediction."""
     # choices made on data (mixed formats' per-block options) are recorded in the applied plan
-    candidate.plan = dataclasses.replace(candidate.plan, strategies=work.memfit_plan.strategies)
-    candidate.metrics = evaluate(work, tokenizer, **evaluate_kw, progress=_stage(progress, candidate.plan.recipe))
+    candidate.plan = dataclasses.replace(candidate.plan, strategies=Plan.from_dict(result["plan"]).strategies)
+    candidate.metrics = Metrics(**result["metrics"])
+    candidate.notes = result["notes"]
     if candidate.metrics.weight_bytes != candidate.predicted_weight_bytes:
         log.warning(
             "%s: predicted %d weight bytes, measured %d",
@@ -301,7 +330,7 @@ def _evaluate_candidate(model, tokenizer, candidate: Candidate, baseline: Metric
         )
     candidate.fits = _within(candidate.metrics.weight_bytes, budget_bytes)
     if workload is not None:  # the applied model's own prediction: choices made on data are settled now
-        candidate.predicted_peak_bytes = estimate(work, Plan(settings=candidate.plan.settings), workload).peak_bytes
+        candidate.predicted_peak_bytes = result["predicted_peak_bytes"]
         candidate.fits = candidate.fits and _within(candidate.predicted_peak_bytes, budget_bytes)
 
 
@@ -328,18 +357,3 @@ def _choose(candidates: list[Candidate], baseline: Metrics, max_quality_loss: fl
             "raise the budget or the allowed perplexity increase",
         )
     return min(eligible, key=lambda c: (c.metrics.perplexity, -(c.metrics.decode_tokens_per_s or 0.0)))
-
-
-def _applied_copy(
-    model: nn.Module, plan: Plan, progress: ProgressFn | None, calibration: torch.Tensor | None, memo: dict
-) -> tuple[nn.Module, Context]:
-    work = copy.deepcopy(model)
-    ctx = Context(progress=progress, calibration=calibration, memo=memo)
-    apply(work, plan, ctx)
-    return work, ctx
-
-
-def _stage(progress: ProgressFn | None, label: str) -> ProgressFn | None:
-    if progress is None:
-        return None
-    return lambda description, done, total: progress(f"{label}: {description}", done, total)
