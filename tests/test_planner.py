@@ -5,7 +5,7 @@ from memfit.data import calibration_windows
 from memfit.errors import BudgetError
 from memfit.evaluate import Metrics
 from memfit.planner.report import render_markdown, write_reports
-from memfit.planner.search import Candidate, _choose
+from memfit.planner.search import Candidate, Objective, _choose, _rank_key
 from memfit.planner.space import candidate_plans
 from memfit.strategies.base import Phase
 from memfit.units import format_bytes
@@ -166,6 +166,48 @@ def test_choice_is_lowest_perplexity_then_fastest_decode():
                   _candidate("none", 10.0, 1.0, fits=False)]
     assert _choose(candidates, baseline, None).plan.recipe == "int8,bf16"
     assert _choose(candidates, baseline, 0.06).plan.recipe == "int8,bf16"
+
+
+def test_objectives_choose_the_fastest_or_the_most_tokens_per_perplexity_within_the_limit():
+    baseline = Metrics(10.0, 1024, 400, 0, 1.0, 1.0)
+    candidates = [_candidate("int8", 10.5, 5.0), _candidate("int8,bf16", 10.6, 9.0), _candidate("int4-g32", 12, 20),
+                  _candidate("int4-g64", 13, 24)]
+    assert _choose(candidates, baseline, None, Objective.SPEED).plan.recipe == "int4-g64"
+    assert _choose(candidates, baseline, 0.25, Objective.SPEED).plan.recipe == "int4-g32"  # 13 is +30%
+    assert _choose(candidates, baseline, 0.06, Objective.SPEED).plan.recipe == "int8,bf16"
+    # perplexity per token/s: 2.1, 1.18, 0.6, 0.54
+    assert _choose(candidates, baseline, None, Objective.BALANCED).plan.recipe == "int4-g64"
+    assert _choose(candidates, baseline, 0.25, Objective.BALANCED).plan.recipe == "int4-g32"
+
+
+def test_the_speed_objective_evaluates_the_smallest_plans_predicted_within_the_limit_first():
+    plans = [("int8", 300, 0.001), ("int4-g32", 200, 0.2), ("int4-g64", 150, 0.3), ("prune-mlp-25,int4-g64", 100, 0.6)]
+    candidates = [Candidate(memfit.Plan.parse(r), size, True, predicted_divergence=kl) for r, size, kl in plans]
+    order = lambda objective, limit: [c.plan.recipe for c in sorted(candidates, key=_rank_key(objective, limit))]
+    assert order(Objective.SPEED, None) == ["prune-mlp-25,int4-g64", "int4-g64", "int4-g32", "int8"]
+    # exp(0.3) - 1 = +35% is over a +30% limit, exp(0.2) - 1 = +22% within it
+    assert order(Objective.SPEED, 0.30) == ["int4-g32", "int8", "prune-mlp-25,int4-g64", "int4-g64"]
+    assert order(Objective.QUALITY, None) == ["int8", "int4-g32", "int4-g64", "prune-mlp-25,int4-g64"]
+    # bytes x exp(divergence): 300.3, 244.3, 202.5, 182.2
+    assert order(Objective.BALANCED, None) == ["prune-mlp-25,int4-g64", "int4-g64", "int4-g32", "int8"]
+
+
+def test_a_speed_search_returns_the_fastest_plan_it_evaluated(make_tiny, capsys):
+    model, tokenizer = make_tiny("tiny-llama")
+    result = _search(model, tokenizer, "30%", objective="speed")
+    evaluated = [c for c in result.candidates if c.metrics is not None and c.fits]
+    assert result.objective is Objective.SPEED and len(evaluated) >= 3
+    assert result.best.metrics.decode_tokens_per_s == max(c.metrics.decode_tokens_per_s for c in evaluated)
+    smallest = min(c.predicted_weight_bytes for c in result.candidates if c.predicted_divergence is not None)
+    assert any(c.predicted_weight_bytes == smallest for c in evaluated)
+    assert "Objective: the fastest decode." in render_markdown(result)
+    with pytest.raises(ValueError, match="objective 'speed' needs a budget"):
+        _search(model, tokenizer, None, max_quality_loss=0.1, objective="speed")
+    from memfit.cli.main import main
+
+    assert main(["optimize", "--model", "tiny-llama", "--max-ppl-increase", "5", "--objective", "balanced",
+                 "--out", "unused"]) == 2
+    assert capsys.readouterr().err.count("--objective balanced needs --budget") == 1
 
 
 def test_quality_limit_that_nothing_meets_is_explained():

@@ -22,7 +22,10 @@ measured once (the KL divergence from the original's outputs on 512 calibration 
 each attention or MLP block alone is rounded in each format, summed over the plan's blocks; other
 strategies measured whole); the best --evaluate predicted, and the best with a GPTQ or AWQ format
 (scored by rounding to nearest: predicted too high), are applied to a copy and evaluated
-(perplexity, bytes, tokens/s), and the lowest perplexity wins (ties: faster decode). Mixed formats
+(perplexity, bytes, tokens/s), and the lowest perplexity wins (ties: faster decode). With
+--objective speed, plans are evaluated from the smallest predicted weights up (decode reads every
+weight byte once per token; those predicted within --max-ppl-increase first) and the fastest
+decode wins; with balanced, the most tokens/s per unit of perplexity. Mixed formats
 (mixed-bits-B) choose every block's format exactly for the budget from the same scores.
 
 examples:
@@ -31,6 +34,7 @@ examples:
   memfit optimize --model demo --max-ppl-increase 5 --out smallest
   memfit optimize --model demo --budget 250MB --mode generate --batch 1 --seq 2048 --out long
   memfit optimize --model demo --budget 20% --workers 2 --out small
+  memfit optimize --model demo --budget 40% --objective speed --max-ppl-increase 3 --out fast
 
 With --workers N the plans chosen for evaluation are queued as trials of an Optuna study (in
 --storage: a journal file, or a database URL for workers on other machines: memfit worker) and N
@@ -60,6 +64,9 @@ def add_parser(subparsers) -> None:
                              "asks for the smallest plan within that loss")
     parser.add_argument("--max-ppl-increase", type=float, metavar="PCT",
                         help="reject plans whose perplexity rises more than PCT percent")
+    parser.add_argument("--objective", choices=("quality", "speed", "balanced"), default="quality",
+                        help="what the chosen plan is best at within the budget and --max-ppl-increase: the lowest "
+                             "perplexity (default), the fastest decode, or the most tokens/s per unit of perplexity")
     parser.add_argument("--evaluate", type=options.positive_int, default=EVALUATIONS, metavar="K",
                         help=f"evaluate the K best predicted plans for real (default {EVALUATIONS}; more while none "
                              "meets --max-ppl-increase)")
@@ -99,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
         raise BudgetError("memfit optimize needs --budget, --max-ppl-increase, or both",
                           "pass --budget 30% (the best plan that fits) or --max-ppl-increase 5 (the smallest plan "
                           "within +5% perplexity)")
+    if args.objective != "quality" and args.budget is None:
+        from memfit.errors import BudgetError
+
+        raise BudgetError(f"--objective {args.objective} needs --budget",
+                          "pass --budget (without it, the smallest plan within --max-ppl-increase is chosen)")
     check_output_dir(args.out)
     text = options.eval_text_of(args)
     model, tokenizer = load(args.model)
@@ -115,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             workers = Workers(args.model, args.workers or 1, args.storage, args.study)
         result = optimize(model, tokenizer, args.budget, max_quality_loss=limit, text=text, workload=workload,
                           num_tokens=args.tokens, calibration=calibration, evaluations=args.evaluate,
-                          progress=progress, workers=workers)
+                          progress=progress, workers=workers, objective=args.objective)
     reports = write_reports(result)
     save(result.model, tokenizer, args.out, extra_files=reports, notes=result.best.notes)
     if args.report is not None:

@@ -77,10 +77,16 @@ def _summary(result: OptimizeResult) -> list[str]:
             "lose at least as much as one already over the limit was skipped."
         )
     else:
-        lines.append(
-            f"{len(evaluated)} of the {len(ranked)} plans that fit were evaluated: the best by predicted KL "
-            "divergence from the original (per-block scores measured once on 512 calibration tokens, summed)."
-        )
+        order = {
+            "quality": "the best by predicted KL divergence from the original (per-block scores measured once on 512 "
+                       "calibration tokens, summed)",
+            "speed": "the smallest by predicted weight bytes (those predicted within the quality limit first)",
+            "balanced": "the best by predicted weight bytes x exp(predicted KL divergence)",
+        }[result.objective.value]
+        lines.append(f"{len(evaluated)} of the {len(ranked)} plans that fit were evaluated: {order}.")
+        if result.objective.value != "quality":
+            lines.append("Objective: " + ("the fastest decode." if result.objective.value == "speed" else
+                                          "the most decode tokens/s per unit of perplexity."))
     if result.max_quality_loss is not None:
         lines.append(f"Quality limit: perplexity at most +{100 * result.max_quality_loss:g}%.")
     notes = sorted({n for c in result.candidates for n in c.notes})

@@ -6,7 +6,8 @@ cache, activations). It sets aside those over budget, predicts the quality of th
 measured once (`memfit.planner.scores.PlanScorer`: per-block divergences, summed), applies and
 `evaluate`s the few best predicted on a copy of the model, and returns the lowest measured
 perplexity within budget (and within the quality limit, if one is given), ties broken by decode
-speed. Predictions are checked against the measured bytes of every evaluated candidate.
+speed; or, by `Objective`, the fastest decode or the most tokens/s per unit of perplexity.
+Predictions are checked against the measured bytes of every evaluated candidate.
 
 Structural compression (pruning, low-rank factors: `Phase.STRUCTURE`) always costs quality on top
 of what the rest of its plan costs, so a plan with it is evaluated only where the same plan without
@@ -17,7 +18,9 @@ of evaluations (each a calibrated run) near what it is without those options.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
+import math
 
 import torch
 from torch import nn
@@ -38,6 +41,21 @@ log = logging.getLogger(__name__)
 
 EVALUATIONS = 3
 """Plans evaluated for real by default: the best predicted (more while none meets a quality limit)."""
+
+
+class Objective(enum.Enum):
+    """What the chosen plan is best at, among those within the budget and the quality limit.
+
+    - ``quality``: the lowest perplexity (ties: the faster decode).
+    - ``speed``: the fastest decode. Plans are ranked for evaluation by predicted weight bytes
+      (decode reads every weight once per token), those predicted within the quality limit first.
+    - ``balanced``: the most decode tokens/s per unit of perplexity (the least perplexity x seconds
+      per token), ranked by predicted weight bytes x exp(predicted divergence).
+    """
+
+    QUALITY = "quality"
+    SPEED = "speed"
+    BALANCED = "balanced"
 
 
 @dataclasses.dataclass
@@ -91,6 +109,7 @@ class OptimizeResult:
         model: the model with the best plan applied (a copy; the input model is unchanged).
         max_quality_loss: the quality limit used (fraction of perplexity), if any.
         workload: what the budget covers besides the weights (None: the weights only).
+        objective: what the chosen plan is best at.
         study: with workers, ``{"storage", "name"}`` of the study that holds the evaluations.
     """
 
@@ -102,6 +121,7 @@ class OptimizeResult:
     max_quality_loss: float | None = None
     workload: Workload | None = None
     study: dict | None = None
+    objective: Objective = Objective.QUALITY
 
 
 def optimize(
@@ -119,6 +139,7 @@ def optimize(
     evaluations: int = EVALUATIONS,
     progress: ProgressFn | None = None,
     workers: Workers | None = None,
+    objective: Objective | str = Objective.QUALITY,
 ) -> OptimizeResult:
     """Search for the plan with the lowest perplexity that fits ``budget``.
 
@@ -146,6 +167,9 @@ def optimize(
         workers: evaluate the chosen plans in worker processes sharing one Optuna study (`Workers`)
             instead of here, one after another. The search itself (predictions, choices) is the
             same; a killed search resumes from its study.
+        objective: ``"quality"`` (default), ``"speed"`` or ``"balanced"`` (`Objective`): what the
+            chosen plan is best at, within the budget and ``max_quality_loss``. Needs a budget and
+            ``measure_speed`` unless it is quality.
 
     Returns:
         `OptimizeResult` with the best candidate, all candidates and the optimized model.
@@ -162,6 +186,10 @@ def optimize(
         raise ValueError(f"evaluations must be at least 1, got {evaluations}")
     if budget is None and max_quality_loss is None:
         raise ValueError("optimize needs a budget, a quality limit (max_quality_loss), or both")
+    objective = Objective(objective)
+    if objective is not Objective.QUALITY and (budget is None or not measure_speed):
+        raise ValueError(f"objective {objective.value!r} needs a budget and measure_speed (without a budget, the "
+                         "smallest plan within the quality limit is chosen)")
     original_bytes = weight_bytes(model)
     budget_bytes = None if budget is None else (
         parse_budget(budget, original_bytes) if isinstance(budget, str) else int(budget))
@@ -195,7 +223,7 @@ def optimize(
             c.plan, c.predicted_weight_bytes, c.predicted_peak_bytes, c.fits = (
                 resolved, refit.predicted_weight_bytes, refit.predicted_peak_bytes, refit.fits)
     fitting = [c for c in fitting if c.fits]
-    ranked = sorted(fitting, key=lambda c: (c.predicted_divergence, c.predicted_weight_bytes))
+    ranked = sorted(fitting, key=_rank_key(objective, max_quality_loss))
     baseline = evaluate(model, tokenizer, **evaluate_kw, progress=stage(progress, "baseline"))
     limit = None if max_quality_loss is None else baseline.perplexity * (1 + max_quality_loss)
 
@@ -225,7 +253,7 @@ def optimize(
         best = _smallest_within(fitting, limit, max_quality_loss, baseline, lambda c: run([c]))
         optimized, _ = applied_copy(model, best.plan, None, calibration, memo)
         return OptimizeResult(None, baseline, best, candidates, optimized, max_quality_loss, workload,
-                              _where(shared))
+                              _where(shared), objective)
     # calibrated formats are predicted from rounding to nearest, too high: the best of them is evaluated too
     calibrated = next((c for c in ranked if scorer.upper_bound(c.plan)), None)
     chosen = ranked[:evaluations]
@@ -244,10 +272,10 @@ def optimize(
             c.skipped = (f"predicted divergence {c.predicted_divergence:.4g} ranks {rank + 1} of "
                          f"{len(ranked)}: the best {done} predicted were evaluated")
 
-    best = _choose(candidates, baseline, max_quality_loss)
+    best = _choose(candidates, baseline, max_quality_loss, objective)
     optimized, _ = applied_copy(model, best.plan, None, calibration, memo)
     return OptimizeResult(budget_bytes, baseline, best, candidates, optimized, max_quality_loss, workload,
-                          _where(shared))
+                          _where(shared), objective)
 
 
 def _where(shared) -> dict | None:
@@ -344,7 +372,18 @@ def _skip_needless_structure(fitting: list[Candidate]) -> None:
             c.skipped = f"{without!r} fits without {', '.join(s.token for s in c.plan.strategies if s not in rest)}"
 
 
-def _choose(candidates: list[Candidate], baseline: Metrics, max_quality_loss: float | None) -> Candidate:
+def _rank_key(objective: Objective, max_quality_loss: float | None):
+    """The order plans are evaluated in (the best predicted first) for ``objective``."""
+    if objective is Objective.QUALITY:
+        return lambda c: (c.predicted_divergence, c.predicted_weight_bytes)
+    if objective is Objective.SPEED:  # perplexity grows about as exp(divergence): those predicted within first
+        limit = math.inf if max_quality_loss is None else math.log1p(max_quality_loss)
+        return lambda c: (c.predicted_divergence > limit, c.predicted_weight_bytes, c.predicted_divergence)
+    return lambda c: (c.predicted_weight_bytes * math.exp(c.predicted_divergence), c.predicted_divergence)
+
+
+def _choose(candidates: list[Candidate], baseline: Metrics, max_quality_loss: float | None,
+            objective: Objective = Objective.QUALITY) -> Candidate:
     evaluated = [c for c in candidates if c.fits and c.metrics is not None]
     limit = None if max_quality_loss is None else baseline.perplexity * (1 + max_quality_loss)
     eligible = [c for c in evaluated if limit is None or c.metrics.perplexity <= limit]
@@ -356,4 +395,9 @@ def _choose(candidates: list[Candidate], baseline: Metrics, max_quality_loss: fl
             f"{nearest.plan.recipe!r}, costs +{increase:.1f}%",
             "raise the budget or the allowed perplexity increase",
         )
-    return min(eligible, key=lambda c: (c.metrics.perplexity, -(c.metrics.decode_tokens_per_s or 0.0)))
+    speed = lambda c: c.metrics.decode_tokens_per_s or 0.0
+    if objective is Objective.SPEED:
+        return min(eligible, key=lambda c: (-speed(c), c.metrics.perplexity))
+    if objective is Objective.BALANCED:
+        return min(eligible, key=lambda c: (c.metrics.perplexity / max(speed(c), 1e-9), c.metrics.perplexity))
+    return min(eligible, key=lambda c: (c.metrics.perplexity, -speed(c)))
