@@ -120,6 +120,11 @@ def test_an_unwritable_storage_is_one_line_exit_2(tmp_path, capsys):
     assert "cannot write the study journal" in err and "writable file path" in err
     code = main(["worker", "--storage", str(tmp_path / "j.journal"), "--study", "nope"])
     err = capsys.readouterr().err
+    assert code == 2 and "no study journal at" in err and err.count("\n") == 1
+    assert not (tmp_path / "j.journal").exists()  # nothing left behind
+    SharedTrials(str(tmp_path / "j.journal"), "other", create=True)
+    code = main(["worker", "--storage", str(tmp_path / "j.journal"), "--study", "nope"])
+    err = capsys.readouterr().err
     assert code == 2 and "no study 'nope'" in err and err.count("\n") == 1
 
 

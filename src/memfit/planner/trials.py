@@ -52,11 +52,13 @@ def default_storage() -> str:
     return str(cache_dir() / "studies.journal")
 
 
-def open_storage(spec: str):
-    """An Optuna storage: a database URL (``sqlite:///x.db``, ``postgresql://...``) or a journal file path.
+def open_storage(spec: str, *, create: bool = True):
+    """An Optuna storage: a database URL (``sqlite:///x.db``, ``postgresql://...``) or a journal file
+    path (created if ``create``).
 
     Raises:
         OutputError: the journal file cannot be created or written, or the database cannot be reached.
+        StudyError: without ``create``, the journal file does not exist.
     """
     import optuna
 
@@ -67,6 +69,9 @@ def open_storage(spec: str):
             raise OutputError(f"cannot open the study database {spec!r}: {_first_line(exc)}",
                               "pass a reachable database URL, or a journal file path, to --storage") from None
     path = Path(spec).expanduser()
+    if not create and not path.is_file():
+        raise StudyError(f"no study journal at {str(path)!r}",
+                         "pass the --storage the search uses (memfit optimize --workers N prints it)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab"):
@@ -93,7 +98,7 @@ class SharedTrials:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.spec, self.name = storage, name
-        self.storage = open_storage(storage)
+        self.storage = open_storage(storage, create=create)
         if create:
             self.study = optuna.create_study(storage=self.storage, study_name=name, load_if_exists=True)
         else:

@@ -182,7 +182,11 @@ def work(shared: SharedTrials, progress: ProgressFn | None = None) -> int:
     evaluate_kw = dict(text=config["text"], num_tokens=config["num_tokens"], measure_speed=config["measure_speed"])
     memo: dict = {}
     done = 0
-    while (trial := shared.pop()) is not None:
+    while True:
+        shared.reclaim()  # a dead worker's trial is queued again before this one looks
+        trial = shared.pop()
+        if trial is None:
+            break
         plan = Plan.from_dict(json.loads(trial.user_attrs[PLAN]))
         with shared.heartbeat(trial):
             try:
