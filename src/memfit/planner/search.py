@@ -229,6 +229,7 @@ def optimize(
 
     evaluated: list[Candidate] = []  # in this process, for the progress bar
     planned = 1 if budget_bytes is None else evaluations
+    kept: list = []  # [candidate, its applied copy] of the plan chosen so far: the winner is not applied twice
 
     def run(batch: list[Candidate]) -> None:
         """Evaluate ``batch``: here, one plan after another, or in the workers at once."""
@@ -237,22 +238,28 @@ def optimize(
                 c.metrics = baseline
         batch = [c for c in batch if c.plan.strategies]
         if shared is not None:
-            results = run_workers(shared, workers, [c.plan for c in batch], progress)
-        else:
-            results = []
-            for c in batch:
-                results.append(evaluate_plan(model, tokenizer, c.plan, workload, calibration, memo, evaluate_kw,
-                                             progress))
-                evaluated.append(c)
-                if progress:
-                    progress("candidates", len(evaluated), max(len(evaluated), planned))
-        for c, result in zip(batch, results, strict=True):
+            for c, result in zip(batch, run_workers(shared, workers, [c.plan for c in batch], progress), strict=True):
+                _record(c, result, budget_bytes, workload)
+            return
+        for c in batch:
+            result, work = evaluate_plan(model, tokenizer, c.plan, workload, calibration, memo, evaluate_kw, progress)
             _record(c, result, budget_bytes, workload)
+            if _leader(candidates, baseline, max_quality_loss, objective) is c:
+                kept[:] = [c, work]
+            del work
+            evaluated.append(c)
+            if progress:
+                progress("candidates", len(evaluated), max(len(evaluated), planned))
+
+    def winner(best: Candidate) -> nn.Module:
+        """The chosen plan applied: the copy it was evaluated on, or a new one (from workers)."""
+        if kept and kept[0] is best:
+            return kept.pop()
+        return applied_copy(model, best.plan, None, calibration, memo)[0]
 
     if budget_bytes is None:
         best = _smallest_within(fitting, limit, max_quality_loss, baseline, lambda c: run([c]))
-        optimized, _ = applied_copy(model, best.plan, None, calibration, memo)
-        return OptimizeResult(None, baseline, best, candidates, optimized, max_quality_loss, workload,
+        return OptimizeResult(None, baseline, best, candidates, winner(best), max_quality_loss, workload,
                               _where(shared), objective)
     # calibrated formats are predicted from rounding to nearest, too high: the best of them is evaluated too
     calibrated = next((c for c in ranked if scorer.upper_bound(c.plan)), None)
@@ -273,8 +280,7 @@ def optimize(
                          f"{len(ranked)}: the best {done} predicted were evaluated")
 
     best = _choose(candidates, baseline, max_quality_loss, objective)
-    optimized, _ = applied_copy(model, best.plan, None, calibration, memo)
-    return OptimizeResult(budget_bytes, baseline, best, candidates, optimized, max_quality_loss, workload,
+    return OptimizeResult(budget_bytes, baseline, best, candidates, winner(best), max_quality_loss, workload,
                           _where(shared), objective)
 
 
@@ -382,12 +388,32 @@ def _rank_key(objective: Objective, max_quality_loss: float | None):
     return lambda c: (c.predicted_weight_bytes * math.exp(c.predicted_divergence), c.predicted_divergence)
 
 
+def _leader(candidates: list[Candidate], baseline: Metrics, max_quality_loss: float | None,
+            objective: Objective = Objective.QUALITY) -> Candidate | None:
+    """The evaluated candidate `_choose` would return now, or None if none is eligible yet."""
+    limit = None if max_quality_loss is None else baseline.perplexity * (1 + max_quality_loss)
+    eligible = [c for c in candidates if c.fits and c.metrics is not None
+                and (limit is None or c.metrics.perplexity <= limit)]
+    if not eligible:
+        return None
+    speed = lambda c: c.metrics.decode_tokens_per_s or 0.0
+    if objective is Objective.SPEED:
+        return min(eligible, key=lambda c: (-speed(c), c.metrics.perplexity))
+    if objective is Objective.BALANCED:
+        return min(eligible, key=lambda c: (c.metrics.perplexity / max(speed(c), 1e-9), c.metrics.perplexity))
+    return min(eligible, key=lambda c: (c.metrics.perplexity, -speed(c)))
+
+
 def _choose(candidates: list[Candidate], baseline: Metrics, max_quality_loss: float | None,
             objective: Objective = Objective.QUALITY) -> Candidate:
-    evaluated = [c for c in candidates if c.fits and c.metrics is not None]
-    limit = None if max_quality_loss is None else baseline.perplexity * (1 + max_quality_loss)
-    eligible = [c for c in evaluated if limit is None or c.metrics.perplexity <= limit]
-    if not eligible:
+    """The best evaluated candidate by ``objective`` within budget and ``max_quality_loss``.
+
+    Raises:
+        BudgetError: none of those evaluated is within the quality limit (names the nearest).
+    """
+    leader = _leader(candidates, baseline, max_quality_loss, objective)
+    if leader is None:
+        evaluated = [c for c in candidates if c.fits and c.metrics is not None]
         nearest = min(evaluated, key=lambda c: c.metrics.perplexity)
         increase = 100 * (nearest.metrics.perplexity / baseline.perplexity - 1)
         raise BudgetError(
@@ -395,9 +421,4 @@ def _choose(candidates: list[Candidate], baseline: Metrics, max_quality_loss: fl
             f"{nearest.plan.recipe!r}, costs +{increase:.1f}%",
             "raise the budget or the allowed perplexity increase",
         )
-    speed = lambda c: c.metrics.decode_tokens_per_s or 0.0
-    if objective is Objective.SPEED:
-        return min(eligible, key=lambda c: (-speed(c), c.metrics.perplexity))
-    if objective is Objective.BALANCED:
-        return min(eligible, key=lambda c: (c.metrics.perplexity / max(speed(c), 1e-9), c.metrics.perplexity))
-    return min(eligible, key=lambda c: (c.metrics.perplexity, -speed(c)))
+    return leader

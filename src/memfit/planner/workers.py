@@ -67,21 +67,21 @@ class Workers:
 
 
 def evaluate_plan(model: nn.Module, tokenizer, plan: Plan, workload: Workload | None, calibration, memo: dict,
-                  evaluate_kw: dict, progress: ProgressFn | None) -> dict:
+                  evaluate_kw: dict, progress: ProgressFn | None) -> tuple[dict, nn.Module]:
     """Apply ``plan`` to a copy of ``model`` and evaluate it.
 
     Returns:
         ``{"plan": the applied plan (choices made on data filled in) as a dict, "metrics":
         `Metrics.to_dict`, "notes": what the strategies reported, "predicted_peak_bytes": the
-        workload's peak predicted on the applied model, or None without a workload}``: JSON, as a
-        trial records it.
+        workload's peak predicted on the applied model, or None without a workload}`` (JSON, as a
+        trial records it), and the applied copy.
     """
     work, ctx = applied_copy(model, plan, progress, calibration, memo)
     applied = dataclasses.replace(plan, strategies=work.memfit_plan.strategies)
     metrics = evaluate(work, tokenizer, **evaluate_kw, progress=stage(progress, applied.recipe))
     peak = None if workload is None else estimate(work, Plan(settings=plan.settings), workload).peak_bytes
     return {"plan": applied.to_dict(), "metrics": metrics.to_dict(), "notes": list(ctx.notes),
-            "predicted_peak_bytes": peak}
+            "predicted_peak_bytes": peak}, work
 
 
 def applied_copy(model: nn.Module, plan: Plan, progress: ProgressFn | None, calibration: torch.Tensor | None,
@@ -190,7 +190,7 @@ def work(shared: SharedTrials, progress: ProgressFn | None = None) -> int:
         plan = Plan.from_dict(json.loads(trial.user_attrs[PLAN]))
         with shared.heartbeat(trial):
             try:
-                result = evaluate_plan(model, tokenizer, plan, workload, calibration, memo, evaluate_kw, progress)
+                result, _ = evaluate_plan(model, tokenizer, plan, workload, calibration, memo, evaluate_kw, progress)
             except Exception as exc:  # recorded for the search to report; the next trial may still run
                 log.exception("trial %d (%s) failed", trial.number, plan.recipe)
                 shared.fail(trial, f"{type(exc).__name__}: {exc}")
