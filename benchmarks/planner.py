@@ -4,8 +4,10 @@ For each weight budget (a share of the fp32 weights), `memfit.optimize` searches
 optimize` does (predicted bytes, predicted quality from per-block scores, the best 3 evaluated);
 then every plan of the same space that fits the budget (`candidate_plans` and the mixed plan sized
 to the budget, the structural plans the search skips included) is applied and evaluated on the
-same tokens, each once over all budgets. The table gives the search's choice and the exhaustive
-best, their perplexities, and how much of the space the search evaluated.
+same tokens, each once over all budgets (those the search evaluated are not run again, and a
+plan's leading strategies are applied once for every plan that starts with them). The table gives
+the search's choice and the exhaustive best, their perplexities, and how much of the space the
+search evaluated.
 
     .venv/bin/python benchmarks/planner.py                      # 15%, 20%, 30%, 50%
     .venv/bin/python benchmarks/planner.py --budgets 30% --tokens 4096
@@ -32,7 +34,6 @@ from memfit.data import calibration_windows
 from memfit.evaluate import evaluate
 from memfit.planner.search import optimize
 from memfit.planner.space import budget_plans, candidate_plans
-from memfit.strategies.base import Phase
 from memfit.units import parse_budget
 
 
@@ -55,19 +56,20 @@ def main() -> None:
     calibration = calibration_windows(tokenizer)
     original = memfit.weight_bytes(model)
     measured: dict[str, tuple[float, int]] = {}  # recipe -> (perplexity, weight bytes)
-    structured: dict[tuple, torch.nn.Module] = {}  # structure strategies -> the model with them applied, kept
+    applied: dict[tuple, torch.nn.Module] = {}  # a plan's leading strategies -> the model with them applied, kept
 
     def measure(plan: memfit.Plan) -> tuple[float, int]:
         if plan.recipe not in measured:
-            # a plan applies phase by phase: its structure changes (calibrated low-rank factors, SparseGPT:
-            # minutes) are applied once and copied for every format that follows them
-            head = tuple(s for s in plan.strategies if s.phase is Phase.STRUCTURE)
-            if head not in structured:
-                structured[head] = memfit.apply(copy.deepcopy(model), memfit.Plan(head),
-                                                memfit.Context(calibration=calibration))
-            work = copy.deepcopy(structured[head])
-            rest = memfit.Plan(tuple(s for s in plan.strategies if s not in head), settings=plan.settings)
-            memfit.apply(work, rest, memfit.Context(calibration=calibration))
+            # a plan applies strategy by strategy: each prefix (pruning, low-rank factors, GPTQ: minutes) is
+            # applied once and copied for every plan that starts with it
+            work = model
+            for i in range(1, len(plan.strategies) + 1):
+                prefix = plan.strategies[:i]
+                if prefix not in applied:
+                    applied[prefix] = memfit.apply(copy.deepcopy(work), memfit.Plan(prefix[-1:]),
+                                                   memfit.Context(calibration=calibration))
+                work = applied[prefix]
+            # run settings (a KV-cache format) change no weight: perplexity is scored without the cache
             metrics = evaluate(work, tokenizer, num_tokens=args.tokens, measure_speed=False)
             measured[plan.recipe] = (metrics.perplexity, metrics.weight_bytes)
             print(f"  exhaustive: {plan.recipe}: {metrics.perplexity:.3f}", flush=True)
@@ -84,6 +86,9 @@ def main() -> None:
         if workload is not None:
             workload_check(model, tokenizer, result, budget_bytes, calibration, args.tokens)
         evaluated = sum(c.metrics is not None and bool(c.plan.strategies) for c in result.candidates)
+        for c in result.candidates:  # the search's own evaluations are on the same tokens: not run twice
+            if c.metrics is not None and c.plan.strategies:
+                measured.setdefault(c.plan.recipe, (c.metrics.perplexity, c.metrics.weight_bytes))
         if args.search_only:
             print(f"| {budget} | {evaluated} | {chosen.plan.recipe} | {chosen.metrics.perplexity:.3f} | "
                   f"{chosen.metrics.weight_bytes <= budget_bytes} | {seconds:.0f} s |", flush=True)
