@@ -66,14 +66,20 @@ def _optimize_command(storage: str, out) -> list[str]:
 
 
 def _running_owner(storage: str, deadline: float) -> int:
-    """The pid of the worker once it is running a trial."""
+    """The pid of the worker running a trial, stopped (SIGSTOP) while the trial is still running, so
+    the kill that follows lands mid-trial."""
     journal = _journal(storage)
+    running = (optuna.trial.TrialState.RUNNING,)
     while time.monotonic() < deadline:
         studies = journal.get_all_studies()
         if studies:
-            for trial in journal.get_all_trials(studies[0]._study_id, states=(optuna.trial.TrialState.RUNNING,)):
+            for trial in journal.get_all_trials(studies[0]._study_id, states=running):
                 if OWNER in trial.user_attrs:
-                    return trial.user_attrs[OWNER]["pid"]
+                    pid = trial.user_attrs[OWNER]["pid"]
+                    os.kill(pid, signal.SIGSTOP)
+                    if journal.get_trial(trial._trial_id).state in running:
+                        return pid
+                    os.kill(pid, signal.SIGCONT)  # it finished meanwhile: wait for the next one
         time.sleep(0.02)
     raise AssertionError("no trial ran")
 

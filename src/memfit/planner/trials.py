@@ -152,16 +152,17 @@ class SharedTrials:
             lost.append(trial.number)
         return lost
 
-    def outcome(self, plan: str) -> dict | str | None:
-        """A plan's result (a completed trial's), its error (a trial that raised), or None while pending."""
+    def outcomes(self, plans: list[str]) -> list[dict | str | None]:
+        """Each plan's result (a completed trial's), its error (a trial that raised), or None while
+        pending; the study is read once."""
+        found: dict[str, dict | str] = {}
         for trial in self._trials():
-            if trial.user_attrs.get(PLAN) != plan:
-                continue
+            plan = trial.user_attrs.get(PLAN)
             if trial.state.name == "COMPLETE":
-                return trial.user_attrs[RESULT]
-            if trial.state.name == "FAIL" and ERROR in trial.user_attrs:
-                return trial.user_attrs[ERROR]
-        return None
+                found[plan] = trial.user_attrs[RESULT]
+            elif trial.state.name == "FAIL" and ERROR in trial.user_attrs:
+                found.setdefault(plan, trial.user_attrs[ERROR])
+        return [found.get(plan) for plan in plans]
 
     def waiting(self) -> int:
         from optuna.trial import TrialState

@@ -137,7 +137,7 @@ def run_workers(shared: SharedTrials, workers: Workers, plans: list[Plan],
     try:
         while True:
             shared.reclaim()
-            outcomes = [shared.outcome(k) for k in keys]
+            outcomes = shared.outcomes(keys)
             if progress:
                 progress(label, sum(o is not None for o in outcomes), len(keys))
             if all(o is not None for o in outcomes):
