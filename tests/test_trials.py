@@ -109,7 +109,9 @@ def test_a_dead_worker_trial_is_run_again_and_a_killed_search_resumes(tmp_path):
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     resumed = json.loads(done.stdout.decode().strip().splitlines()[-1])
     metrics = lambda result: {c["plan"]: c["metrics"]["perplexity"] for c in result["candidates"] if c["metrics"]}
-    assert metrics(resumed) == metrics(first) and resumed["plan"] == first["plan"]
+    # the trial killed mid-run is evaluated again by another process, and CI once saw that differ from the
+    # first search's figure in the 7th digit (232.39134 vs 232.39143), so perplexities match to 1e-6
+    assert metrics(resumed) == pytest.approx(metrics(first), rel=1e-6) and resumed["plan"] == first["plan"]
     trials = _trials(storage)
     complete = sorted(_recipe(t) for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
     assert complete == sorted(r for r in metrics(first) if r != "none")  # each plan completed once
