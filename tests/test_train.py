@@ -120,6 +120,14 @@ def test_prediction_equals_the_tracked_training_run(make_tiny, recipe):
         assert predicted.peak_bytes < baseline
 
 
+@pytest.mark.parametrize("recipe", ["grad-accum-4", "lora-8,adamw-8bit,grad-accum-4"])
+def test_a_prediction_that_runs_two_of_four_micro_batches_equals_the_tracked_run(make_tiny, recipe):
+    model, tokenizer = make_tiny("tiny-llama")
+    predicted = memfit.estimate(model, recipe, Workload(mode=Mode.TRAIN, batch_size=4, seq_len=64))
+    result = memfit.train(model, tokenizer, steps=3, batch=4, seq=64, recipe=recipe, device="cpu")
+    assert predicted.peak_bytes == result.peak_bytes[0]
+
+
 # -- LoRA -------------------------------------------------------------------------------------------------
 def test_lora_on_an_int4_base_trains_bf16_adapters_and_leaves_the_base(make_tiny):
     model, tokenizer = make_tiny("tiny-llama")

@@ -27,6 +27,9 @@ from memfit.workload import Context, Mode, Workload
 # two steps show the steady state (the first could differ in lazily created state). Tests check
 # predicted against measured reports of full generations.
 DECODE_STEPS = 2
+# Likewise a training step's micro-batches: from the second on, each adds into the gradients the
+# first created, allocating the same bytes in the same order, so two show the step's peak.
+MICRO_BATCHES = 2
 
 
 def estimate(
@@ -71,7 +74,8 @@ def estimate(
     device = torch.device(workload.device)
     loss_fn = objective(skeleton, mode, device) if objective is not None else None
     with mode, synthetic_input_facts():
-        return profile(skeleton, workload, settings, decode_steps=DECODE_STEPS, loss_fn=loss_fn)
+        return profile(skeleton, workload, settings, decode_steps=DECODE_STEPS, micro_batches=MICRO_BATCHES,
+                       loss_fn=loss_fn)
 
 
 def _estimate_ranks(

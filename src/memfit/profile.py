@@ -41,6 +41,7 @@ def profile(
     settings: RunSettings | None = None,
     *,
     decode_steps: int | None = None,
+    micro_batches: int | None = None,
     wrapped: nn.Module | None = None,
     loss_fn=None,
 ) -> MemoryReport:
@@ -48,7 +49,9 @@ def profile(
 
     ``decode_steps`` runs only that many of a generation's single-token steps (the cache is still
     sized for all of them). With a static cache every step allocates the same shapes, so the peak
-    is the same; `memfit.estimate` runs two.
+    is the same; `memfit.estimate` runs two. ``micro_batches`` likewise runs only that many of a
+    training step's micro-batches: the first creates the gradients and every later one adds into
+    them in place, so from the second on each allocates the same bytes in the same order.
 
     ``settings``: how the workload runs (`memfit.plan.Plan.run`: optimizer, micro-batches,
     autocast); default AdamW in one micro-batch. Training uses a learning rate of 0, so the
@@ -72,8 +75,8 @@ def profile(
         with track(model, optimizer) as tracker:
             if hasattr(loss_fn, "tensors"):
                 tracker.hold(loss_fn.tensors(), PARAMETERS)
-            run_workload(model, workload, tracker, optimizer, settings, decode_steps=decode_steps, wrapped=wrapped,
-                         loss_fn=loss_fn)
+            run_workload(model, workload, tracker, optimizer, settings, decode_steps=decode_steps,
+                         micro_batches=micro_batches, wrapped=wrapped, loss_fn=loss_fn)
     finally:
         model.train(was_training)
     return tracker.report(top=20, timeline_points=TIMELINE_POINTS)
@@ -86,6 +89,7 @@ def run_workload(
     optimizer=None,
     settings: RunSettings | None = None,
     decode_steps: int | None = None,
+    micro_batches: int | None = None,
     wrapped: nn.Module | None = None,
     loss_fn=None,
 ) -> None:
@@ -98,7 +102,7 @@ def run_workload(
         micro, count = settings.split(workload)
         ids = torch.randint(0, vocab, (micro, workload.seq_len), device=device)
         for _ in range(TRAIN_STEPS):
-            for _ in range(count):
+            for _ in range(count if micro_batches is None else min(count, micro_batches)):
                 with settings.forward(device.type):
                     trained = wrapped or model
                     loss = (trained(ids, labels=ids, use_cache=False).loss if loss_fn is None
