@@ -8,6 +8,7 @@ from pathlib import Path
 
 from memfit.cli import console, options
 from memfit.planner.search import EVALUATIONS
+from memfit.planner.training import VERIFY, VERIFY_STEPS
 
 EPILOG = """\
 Without --budget, --max-ppl-increase PCT asks for the smallest plan within PCT percent: plans are
@@ -35,6 +36,17 @@ examples:
   memfit optimize --model demo --budget 250MB --mode generate --batch 1 --seq 2048 --out long
   memfit optimize --model demo --budget 20% --workers 2 --out small
   memfit optimize --model demo --budget 40% --objective speed --max-ppl-increase 3 --out fast
+  memfit optimize --model demo --budget 1GiB --mode train --batch 8 --seq 256 --out how-to-train
+
+With --mode train the search is for a training step of --batch sequences of --seq tokens: what
+trains (every weight, or LoRA adapters on the model or on an int8/int4/bf16 base), bf16 master
+weights or autocast, checkpointing, the optimizer and the micro-batch. The plan with the highest
+throughput whose predicted peak fits wins: a lower bound (weights, gradients, optimizer state) sets
+plans aside, the estimator predicts the peaks of the rest fastest first, throughput is predicted
+from measured micro-batches and optimizer steps, and the --verify fastest that fit run --steps real
+steps of memfit train (tracked peak and tokens/s). DIR gets plan.yaml (memfit train --recipe
+DIR/plan.yaml) and report.md. JSON: {"budget_bytes", "workload", "plan", "predicted_peak_bytes",
+"predicted_tokens_per_s", "measured_tokens_per_s", "measured_peak_bytes", "candidates": [...]}.
 
 With --workers N the plans chosen for evaluation are queued as trials of an Optuna study (in
 --storage: a journal file, or a database URL for workers on other machines: memfit worker) and N
@@ -80,10 +92,17 @@ def add_parser(subparsers) -> None:
                         help="the study's name (default: from the model and the evaluation settings, so the same "
                              "search resumes and one at another budget reuses the plans both evaluate)")
     workload = parser.add_argument_group("whole-workload budgets", "the budget covers this workload's peak")
-    workload.add_argument("--mode", choices=("infer", "generate"),
+    workload.add_argument("--mode", choices=("infer", "generate", "train"),
                           help="infer: one forward of --batch x --seq tokens; generate: a prompt of --seq tokens "
-                               "into a KV cache, then --new-tokens steps")
+                               "into a KV cache, then --new-tokens steps; train: a training step of --batch "
+                               "sequences (the fastest training plan that fits)")
     options.add_workload_sizes(workload)
+    training = parser.add_argument_group("training plans (--mode train)")
+    training.add_argument("--verify", type=options.positive_int, default=VERIFY, metavar="K",
+                          help=f"run the K fastest predicted plans that fit for real (default {VERIFY})")
+    training.add_argument("--steps", type=options.positive_int, default=VERIFY_STEPS, metavar="N",
+                          help=f"steps of each verification run (default {VERIFY_STEPS}; the first is not timed)")
+    training.add_argument("--data", metavar="FILE", help="text the verification runs train on (default: built-in)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (model + report)")
     parser.add_argument("--report", type=Path, metavar="FILE",
                         help="also write the report here (FILE.html and FILE.md); it is always in DIR")
@@ -100,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     from memfit.planner.workers import Workers
     from memfit.workload import Mode, Workload
 
+    if args.mode == "train":
+        return run_training(args)
     if args.budget is None and args.max_ppl_increase is None:
         from memfit.errors import BudgetError
 
@@ -148,4 +169,37 @@ def run(args: argparse.Namespace) -> int:
         goal = f"budget {args.budget}" if args.budget else f"smallest within +{args.max_ppl_increase:g}%"
         console.table(f"memfit optimize: {args.model}, {goal}", header(result), candidate_rows(result))
         console.stdout.print(f"chosen: {best.plan.recipe} -> {args.out} (report: {args.out / 'report.html'})")
+    return 0
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """``--mode train``: the fastest training plan that fits; writes DIR/plan.yaml and DIR/report.md."""
+    from memfit.errors import BudgetError
+    from memfit.io import check_output_dir, load, write_atomic
+    from memfit.planner.report import TRAINING_HEADER, training_report, training_rows
+    from memfit.planner.training import optimize_training
+    from memfit.workload import Mode, Workload
+
+    if args.budget is None or args.budget.endswith("%"):
+        raise BudgetError("--mode train needs --budget in bytes", "pass --budget 1GiB (a share of the weights "
+                          "does not bound gradients, optimizer state and activations)")
+    if args.max_ppl_increase is not None or args.objective != "quality":
+        raise BudgetError("--mode train chooses the fastest plan that fits; it takes no --max-ppl-increase or "
+                          "--objective", "drop them")
+    check_output_dir(args.out)
+    model, tokenizer = load(args.model)
+    workload = Workload(mode=Mode.TRAIN, batch_size=args.batch, seq_len=args.seq)
+    with console.progress_bar() as progress:
+        result = optimize_training(model, tokenizer, args.budget, workload, data=args.data, verify=args.verify,
+                                   steps=args.steps, progress=progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out / "plan.yaml", result.best.plan.to_yaml().encode())
+    write_atomic(args.out / "report.md", training_report(result, args.model).encode())
+    if args.json:
+        console.print_json({**result.to_json(), "out": str(args.out)})
+    else:
+        console.table(f"memfit optimize --mode train: {args.model}, budget {args.budget}", TRAINING_HEADER,
+                      training_rows(result))
+        console.stdout.print(f"chosen: {result.best.plan.recipe} -> memfit train --model {args.model} "
+                             f"--recipe {args.out / 'plan.yaml'} --batch {args.batch} --seq {args.seq}")
     return 0

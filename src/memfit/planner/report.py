@@ -175,3 +175,42 @@ def write_reports(result: OptimizeResult) -> dict[str, str]:
     """``{"report.html": ..., "report.md": ...}`` for `memfit.save`'s ``extra_files``."""
     png = plot_png(result)
     return {"report.html": render_html(result, png), "report.md": render_markdown(result, png)}
+
+
+# -- training plans (`memfit.planner.training`) ------------------------------------------------------------
+TRAINING_HEADER = ("plan", "lower bound", "predicted peak", "fits", "predicted tok/s", "measured tok/s",
+                   "measured peak")
+
+
+def training_rows(result) -> list[tuple[str, ...]]:
+    """One row per training plan whose peak was predicted, fastest predicted first; ``*`` marks the chosen."""
+    size = lambda n: "-" if n is None else format_bytes(n)
+    rate = lambda v: "-" if v is None else f"{v:.0f}"
+    return [(c.plan.recipe + (" *" if c is result.best else ""), size(c.lower_bound_bytes),
+             size(c.predicted_peak_bytes), "yes" if c.fits else "no", rate(c.predicted_tokens_per_s),
+             rate(c.measured_tokens_per_s), size(c.measured_peak_bytes))
+            for c in result.candidates if c.predicted_peak_bytes is not None]
+
+
+def training_report(result, model: str) -> str:
+    """Markdown: the chosen training plan, how the search got there, and the table of `training_rows`."""
+    work, best = result.workload, result.best
+    shown = training_rows(result)
+    bound = sum(c.skipped is not None and c.skipped.startswith("its weights") for c in result.candidates)
+    lines = [
+        f"# memfit optimize --mode train: {model}",
+        "",
+        f"Budget: {format_bytes(result.budget_bytes)} for a training step of {work.batch_size} sequences of "
+        f"{work.seq_len} tokens. Chosen: `{best.plan.recipe}`, {best.measured_tokens_per_s:.0f} tokens/s measured "
+        f"({best.predicted_tokens_per_s:.0f} predicted), tracked peak {format_bytes(best.measured_peak_bytes)} "
+        f"(predicted {format_bytes(best.predicted_peak_bytes)}).",
+        "",
+        f"{len(result.candidates)} plans: {bound} set aside by their lower bound, {len(shown)} predicted "
+        "(fastest first, until enough fit), the rest slower than the plans verified.",
+        "",
+        "| " + " | ".join(TRAINING_HEADER) + " |",
+        "|" + "---|" * len(TRAINING_HEADER),
+        *("| " + " | ".join(row) + " |" for row in shown),
+        "",
+    ]
+    return "\n".join(lines)
