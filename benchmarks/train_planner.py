@@ -21,8 +21,8 @@ import time
 
 import memfit
 from memfit.estimate import estimate
-from memfit.planner.training import optimize_training
-from memfit.strategies.training import LoRA, MasterWeights
+from memfit.planner.training import optimize_training, trains
+from memfit.strategies.training import LoRA
 from memfit.units import format_bytes, parse_bytes
 from memfit.workload import Mode, Workload
 
@@ -31,7 +31,7 @@ def _group(plan) -> str:
     """What trains: "every weight", or the adapters and the frozen base under them."""
     if not any(isinstance(s, LoRA) for s in plan.strategies):
         return "every weight"
-    frozen = [s.token for s in plan.strategies if not isinstance(s, (LoRA, MasterWeights)) and not s.train_only]
+    frozen = [s.token for s in plan.strategies if not trains(s)]
     return "adapters on " + (",".join(frozen) or "fp32")
 
 

@@ -122,13 +122,13 @@ def training_plans(workload: Workload) -> list[Plan]:
         raise RecipeError("the training search plans one process", "search without --nproc")
     classes = strategy_classes()
     adapters = [s for cls in classes if issubclass(cls, LoRA) for s in cls.space(workload)]
-    trains = [cls for cls in classes if cls.train_only or issubclass(cls, MasterWeights)]
-    frozen = [s for cls in classes if cls.phase in (Phase.QUANTIZE, Phase.PRECISION) and cls not in trains
+    shaping = [cls for cls in classes if cls.train_only or issubclass(cls, MasterWeights)]
+    frozen = [s for cls in classes if cls.phase in (Phase.QUANTIZE, Phase.PRECISION) and cls not in shaping
               and not issubclass(cls, LoRA) for s in cls.space(workload) if not s.needs_calibration]
     targets: list[tuple[Strategy, ...]] = [()]
     targets += [(adapter,) for adapter in adapters]
     targets += [(base, adapter) for base in frozen for adapter in adapters]
-    others = [[None, *cls.space(workload)] for cls in trains if not issubclass(cls, LoRA)]
+    others = [[None, *cls.space(workload)] for cls in shaping if not issubclass(cls, LoRA)]
     autocasts = [None, *(s.autocast for s in settings_space(workload) if s.autocast is not None)]
     per_rank = workload.batch_size // workload.ranks
     counts = [n for n in range(1, per_rank + 1) if per_rank % n == 0]
@@ -147,6 +147,12 @@ def training_plans(workload: Workload) -> list[Plan]:
             except RecipeError:
                 continue
     return plans
+
+
+def trains(strategy: Strategy) -> bool:
+    """True for a strategy that shapes what trains or how (adapters, master weights, checkpointing);
+    False for one that makes the frozen base under the adapters (quantization, a cast)."""
+    return isinstance(strategy, (LoRA, MasterWeights)) or strategy.train_only
 
 
 def compute_plan(plan: Plan) -> Plan:
@@ -283,7 +289,7 @@ class _Search:
         families: dict[str, list[Plan]] = {}
         for plan in computes.values():
             families.setdefault(_dtype(plan), []).append(plan)
-        total = len(computes) + sum(len(micros) - 1 for _ in families) + 1
+        total = len(computes) + len(families) * (len(micros) - 1) + 1
         done = 0
 
         def tick(what: str) -> None:
@@ -331,7 +337,7 @@ class _Timer:
         self._base: tuple[str, nn.Module] | None = None
 
     def applied(self, plan: Plan) -> nn.Module:
-        frozen = tuple(s for s in plan.strategies if not isinstance(s, (LoRA, MasterWeights)) and not s.train_only)
+        frozen = tuple(s for s in plan.strategies if not trains(s))
         key = Plan(frozen).recipe
         if self._base is None or self._base[0] != key:
             self._base = None  # free the last base first
@@ -372,13 +378,13 @@ class _OptimizerTimes:
         self._seconds: dict[str, float] = {}
 
     def seconds(self, plan: Plan) -> float:
-        trains = tuple(s for s in plan.strategies if isinstance(s, (LoRA, MasterWeights)))
+        trainable = tuple(s for s in plan.strategies if isinstance(s, (LoRA, MasterWeights)))
         run = plan.run
-        key = Plan(trains, settings=RunSettings(optimizer=run.optimizer)).recipe
+        key = Plan(trainable, settings=RunSettings(optimizer=run.optimizer)).recipe
         if key not in self._seconds:
             model = copy.deepcopy(self.model)
             torch.manual_seed(0)
-            apply(model, Plan(trains), Context())
+            apply(model, Plan(trainable), Context())
             optimizer = run.build_optimizer(model, 1e-6)
             params = [p for p in model.parameters() if p.requires_grad]
             seconds = []
