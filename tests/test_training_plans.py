@@ -9,7 +9,7 @@ from memfit.cli.main import main
 from memfit.errors import BudgetError
 from memfit.planner import training
 from memfit.planner.training import compute_plan, optimize_training, training_plans
-from memfit.settings import OptimizerKind
+from memfit.settings import OptimizerKind, Parallelism
 from memfit.strategies.base import Phase
 from memfit.strategies.training import LoRA
 from memfit.workload import Mode, Workload
@@ -108,4 +108,78 @@ def test_bad_training_searches_are_one_line_exit_2(tmp_path, capsys, args, messa
     code = main(["optimize", "--model", "tiny-llama", "--mode", "train", *args, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+RANKS = Workload(mode=Mode.TRAIN, batch_size=4, seq_len=32, ranks=2)
+
+
+def ranked_timer(model, plan, micro, seq, sync=False):
+    """`fake_timer`, plus what the synchronized micro-batch adds: DDP all-reduces every gradient,
+    FSDP reduce-scatters them (half the traffic)."""
+    extra = (2e-3 if plan.run.parallelism is Parallelism.DDP else 1e-3) if sync else 0.0
+    return fake_timer(model, plan, micro, seq) + extra
+
+
+def test_plans_over_two_ranks_are_verified_in_two_processes(make_tiny):
+    plans = training_plans(RANKS)
+    assert {p.settings.parallelism for p in plans} == {Parallelism.DDP, Parallelism.FSDP}
+    assert {p.settings.micro_batches for p in plans} == {None, 2}  # of a rank's 2 sequences
+    model, tokenizer = make_tiny("tiny-llama")
+    search = training._Search(model, RANKS, 0, ranked_timer, None)
+    ddp, fsdp = (memfit.Plan.parse(recipe, RANKS) for recipe in ("ddp,adamw-8bit", "fsdp,adamw-8bit"))
+    assert search.lower_bound(fsdp) < search.lower_bound(ddp)  # a shard of each
+    assert 0 < search.lower_bound(fsdp) <= memfit.estimate(model, fsdp, RANKS).peak_bytes
+    assert search.lower_bound(ddp) <= memfit.estimate(model, ddp, RANKS).peak_bytes
+
+    budget = 1_500_000
+    result = optimize_training(model, tokenizer, budget, RANKS, verify=1, steps=2, timer=ranked_timer)
+    best = result.best
+    assert best.plan.settings.parallelism is not None
+    # the verification ran `memfit.train` in two processes: the largest rank's tracked peak
+    assert 0 < best.measured_peak_bytes <= budget and best.measured_tokens_per_s > 0
+    assert abs(best.measured_peak_bytes - best.predicted_peak_bytes) <= 0.05 * best.measured_peak_bytes
+    # the speed model: the same plan is predicted slower with DDP's larger synchronization ...
+    speed = {c.plan.recipe: c.predicted_tokens_per_s for c in result.candidates}
+    assert speed["lora-8,ddp"] < speed["lora-8,fsdp"]
+    # ... which a step pays once, however many micro-batches it has
+    seconds = {r: 4 * 32 / speed[r] for r in ("lora-8,ddp", "lora-8,grad-accum-2,ddp")}
+    assert seconds["lora-8,grad-accum-2,ddp"] - seconds["lora-8,ddp"] == pytest.approx(
+        2 * fake_timer(model, compute_plan(memfit.Plan.parse("lora-8")), 1, 32) * (1 - 0.9), rel=1e-6)
+
+
+def test_the_rank_pool_times_a_micro_batch_in_every_rank(make_tiny):
+    from memfit.planner.ranks import RankPool
+
+    model, tokenizer = make_tiny("tiny-llama")
+    plan = memfit.Plan.parse("ddp", RANKS)
+    with RankPool(model, tokenizer, RANKS) as pool:
+        local, synced = pool.micro_batch(model, plan, 1, 32), pool.micro_batch(model, plan, 1, 32, sync=True)
+        assert local > 0 and synced > 0
+        with pytest.raises(RuntimeError, match=r"rank \d: RecipeError: steps, batch and seq must be positive"):
+            pool.train(plan, data=None, steps=0, batch=4, seq=32, seed=0)
+        assert pool.micro_batch(model, plan, 1, 32) > 0  # the ranks still answer
+    assert all(not p.is_alive() for p in pool._processes)
+
+
+def test_plans_too_close_for_one_run_are_decided_by_the_median_of_interleaved_rounds():
+    runs = {"lora-8": [100.0, 90.0, 91.0], "bf16,lora-8": [98.0, 99.0, 97.0], "int8,lora-8": [50.0]}
+    order = []
+
+    def run(plan):
+        order.append(plan.recipe)
+        return runs[plan.recipe].pop(0), 1000
+
+    fitting = [training.TrainCandidate(memfit.Plan.parse(r, WORK), 0, 1000, True, 1.0) for r in runs]
+    best = training._verify(fitting, run, 2000, progress=None)
+    assert best.plan.recipe == "bf16,lora-8" and best.measured_tokens_per_s == 98.0
+    assert fitting[0].measured_tokens_per_s == 91.0 and fitting[2].measured_tokens_per_s == 50.0
+    # once each, then the two within 5% of the fastest in alternation; the slow plan once
+    assert order == ["lora-8", "bf16,lora-8", "int8,lora-8", "lora-8", "bf16,lora-8", "lora-8", "bf16,lora-8"]
+
+
+def test_nproc_without_a_training_search_is_one_line_exit_2(tmp_path, capsys):
+    code = main(["optimize", "--model", "tiny-llama", "--budget", "50%", "--nproc", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--nproc spreads a training step over processes" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()

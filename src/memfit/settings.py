@@ -246,7 +246,7 @@ class RunSettings:
 
 def settings_space(workload: Workload) -> list[RunSettings]:
     """The run settings the planner tries for ``workload`` (training only): bf16 autocast, each
-    memory-lean optimizer, two micro-batches for an even batch, FSDP over several ranks."""
+    memory-lean optimizer, two micro-batches for an even batch, DDP and FSDP over several ranks."""
     if workload.mode is not Mode.TRAIN:
         return []
     options = [RunSettings(autocast=Precision.BF16)]
@@ -255,7 +255,7 @@ def settings_space(workload: Workload) -> list[RunSettings]:
     if workload.batch_size % 2 == 0:
         options.append(RunSettings(micro_batches=2))
     if workload.ranks > 1:
-        options.append(RunSettings(parallelism=Parallelism.FSDP))
+        options += [RunSettings(parallelism=kind) for kind in Parallelism]
     return options
 
 

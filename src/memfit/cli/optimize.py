@@ -37,6 +37,7 @@ examples:
   memfit optimize --model demo --budget 20% --workers 2 --out small
   memfit optimize --model demo --budget 40% --objective speed --max-ppl-increase 3 --out fast
   memfit optimize --model demo --budget 1GiB --mode train --batch 8 --seq 256 --out how-to-train
+  memfit optimize --model demo --budget 600MB --mode train --batch 8 --seq 256 --nproc 2 --out two
 
 With --mode train the search is for a training step of --batch sequences of --seq tokens: what
 trains (every weight, or LoRA adapters on the model or on an int8/int4/bf16 base), bf16 master
@@ -44,8 +45,10 @@ weights or autocast, checkpointing, the optimizer and the micro-batch. The plan 
 throughput whose predicted peak fits wins: a lower bound (weights, gradients, optimizer state) sets
 plans aside, the estimator predicts the peaks of the rest fastest first, throughput is predicted
 from measured micro-batches and optimizer steps, and the --verify fastest that fit run --steps real
-steps of memfit train (tracked peak and tokens/s). DIR gets plan.yaml (memfit train --recipe
-DIR/plan.yaml) and report.md. JSON: {"budget_bytes", "workload", "plan", "predicted_peak_bytes",
+steps of memfit train (tracked peak and tokens/s). With --nproc N the plans spread the batch over
+N processes (ddp, or fsdp's shards), the budget is one rank's, and every measurement and
+verification runs in N processes on this machine. DIR gets plan.yaml (memfit train --recipe
+DIR/plan.yaml [--nproc N]) and report.md. JSON: {"budget_bytes", "workload", "plan", "predicted_peak_bytes",
 "predicted_tokens_per_s", "measured_tokens_per_s", "measured_peak_bytes", "candidates": [...]}.
 
 With --workers N the plans chosen for evaluation are queued as trials of an Optuna study (in
@@ -103,6 +106,8 @@ def add_parser(subparsers) -> None:
     training.add_argument("--steps", type=options.positive_int, default=VERIFY_STEPS, metavar="N",
                           help=f"steps of each verification run (default {VERIFY_STEPS}; the first is not timed)")
     training.add_argument("--data", metavar="FILE", help="text the verification runs train on (default: built-in)")
+    training.add_argument("--nproc", type=options.positive_int, default=1, metavar="N",
+                          help="plans over N processes (ddp, fsdp); --budget is then one rank's (default 1)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (model + report)")
     parser.add_argument("--report", type=Path, metavar="FILE",
                         help="also write the report here (FILE.html and FILE.md); it is always in DIR")
@@ -121,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.mode == "train":
         return run_training(args)
+    if args.nproc > 1:
+        from memfit.errors import RecipeError
+
+        raise RecipeError("--nproc spreads a training step over processes", "add --mode train, or drop --nproc")
     if args.budget is None and args.max_ppl_increase is None:
         from memfit.errors import BudgetError
 
@@ -188,7 +197,7 @@ def run_training(args: argparse.Namespace) -> int:
                           "--objective", "drop them")
     check_output_dir(args.out)
     model, tokenizer = load(args.model)
-    workload = Workload(mode=Mode.TRAIN, batch_size=args.batch, seq_len=args.seq)
+    workload = Workload(mode=Mode.TRAIN, batch_size=args.batch, seq_len=args.seq, ranks=args.nproc)
     with console.progress_bar() as progress:
         result = optimize_training(model, tokenizer, args.budget, workload, data=args.data, verify=args.verify,
                                    steps=args.steps, progress=progress)
@@ -200,6 +209,7 @@ def run_training(args: argparse.Namespace) -> int:
     else:
         console.table(f"memfit optimize --mode train: {args.model}, budget {args.budget}", TRAINING_HEADER,
                       training_rows(result))
+        nproc = f" --nproc {args.nproc}" if args.nproc > 1 else ""
         console.stdout.print(f"chosen: {result.best.plan.recipe} -> memfit train --model {args.model} "
-                             f"--recipe {args.out / 'plan.yaml'} --batch {args.batch} --seq {args.seq}")
+                             f"--recipe {args.out / 'plan.yaml'} --batch {args.batch} --seq {args.seq}{nproc}")
     return 0

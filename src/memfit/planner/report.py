@@ -200,9 +200,12 @@ def training_report(result, model: str) -> str:
     lines = [
         f"# memfit optimize --mode train: {model}",
         "",
-        f"Budget: {format_bytes(result.budget_bytes)} for a training step of {work.batch_size} sequences of "
-        f"{work.seq_len} tokens. Chosen: `{best.plan.recipe}`, {best.measured_tokens_per_s:.0f} tokens/s measured "
-        f"({best.predicted_tokens_per_s:.0f} predicted), tracked peak {format_bytes(best.measured_peak_bytes)} "
+        f"Budget: {format_bytes(result.budget_bytes)}{' per rank' if work.ranks > 1 else ''} for a training step "
+        f"of {work.batch_size} sequences of {work.seq_len} tokens"
+        f"{f' over {work.ranks} processes' if work.ranks > 1 else ''}. Chosen: `{best.plan.recipe}`, "
+        f"{best.measured_tokens_per_s:.0f} tokens/s measured "
+        f"({best.predicted_tokens_per_s:.0f} predicted), tracked peak{' (largest rank)' if work.ranks > 1 else ''} "
+        f"{format_bytes(best.measured_peak_bytes)} "
         f"(predicted {format_bytes(best.predicted_peak_bytes)}).",
         "",
         f"{len(result.candidates)} plans: {bound} set aside by their lower bound, {len(shown)} predicted "
