@@ -183,3 +183,10 @@ def test_nproc_without_a_training_search_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--nproc spreads a training step over processes" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_verified_plans_that_all_held_more_than_the_budget_are_one_budget_error():
+    fitting = [training.TrainCandidate(memfit.Plan.parse(r, WORK), 0, 1000, True, 1.0) for r in ("lora-8", "sgd")]
+    with pytest.raises(BudgetError, match=r"the 2 plan\(s\) predicted to fit 1 KB held more when run "
+                                          r"\(the least, lora-8, 1.1 KB\)"):
+        training._verify(fitting, lambda plan: (10.0, 1100 if plan.recipe == "lora-8" else 1200), 1000, progress=None)

@@ -46,7 +46,7 @@ class RankPool:
         self.device_type = distributed.device_type(workload.device)
         if self.device_type == "cuda" and torch.cuda.device_count() < self.size:
             raise RecipeError(f"{self.size} ranks need {self.size} GPUs; this machine has {torch.cuda.device_count()}",
-                              "lower --nproc, or search on the CPU with --device cpu")
+                              f"use at most {torch.cuda.device_count()} ranks, or a workload on the CPU")
         # The ranks share the cores on a CPU, as torchrun's children do (`distributed.launch`).
         threads = max(1, torch.get_num_threads() // self.size) if self.device_type == "cpu" else 1
         self._folder = tempfile.TemporaryDirectory(prefix="memfit-ranks-")

@@ -196,10 +196,10 @@ def optimize_training(
         model: the model to train (not changed: every measurement runs on a copy).
         tokenizer: its tokenizer (the verification runs read ``data`` through it).
         budget: bytes, or a string such as ``"1GiB"``, one process may hold.
-        workload: the training workload (``batch_size`` sequences of ``seq_len`` tokens per step).
+        workload: the training workload (``batch_size`` sequences of ``seq_len`` tokens per step);
+            ``ranks`` > 1 searches plans over that many processes (``ddp``, ``fsdp``) and the budget
+            is one rank's.
         data: the verification runs' text file (None: the built-in text).
-        workload: ``ranks`` > 1 searches plans over that many processes (``ddp``, ``fsdp``); the
-            budget is then one rank's.
         verify: how many of the fastest predicted plans that fit run for real.
         steps: steps of each verification run.
         progress: ``(description, done, total)`` callback.
@@ -398,7 +398,7 @@ class _Timer:
         return model.to(self.device).train()
 
     def micro_batch(self, _model: nn.Module, plan: Plan, micro: int, seq: int, repeats: int = 2, *,
-                    sync: bool = True, world: World | None = None) -> float:
+                    sync: bool = False, world: World | None = None) -> float:
         """Seconds of a micro-batch; in a rank of ``world``, of the plan's wrapped model, with the
         gradient synchronization or (``sync=False``) without, as a step's earlier micro-batches."""
         from memfit.train.loop import _no_sync
@@ -469,7 +469,8 @@ def _verify(fitting: list[TrainCandidate], run: Callable[[Plan], tuple[float, in
                  c.measured_tokens_per_s, c.predicted_tokens_per_s, format_bytes(c.measured_peak_bytes),
                  format_bytes(c.predicted_peak_bytes))
     within = [c for c in fitting if c.measured_peak_bytes <= budget_bytes]
-    close = [c for c in within if c.measured_tokens_per_s >= (1 - CLOSE) * max(d.measured_tokens_per_s for d in within)]
+    fastest = max((c.measured_tokens_per_s for c in within), default=0.0)
+    close = [c for c in within if c.measured_tokens_per_s >= (1 - CLOSE) * fastest]
     if len(close) > 1:  # too close for one run each: interleaved rounds, medians
         runs = {id(c): [c.measured_tokens_per_s] for c in close}
         for round_ in range(1, ROUNDS):
