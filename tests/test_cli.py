@@ -29,7 +29,8 @@ def test_eval_json_contract(capsys):
     assert main(["eval", "--model", "tiny-llama", *TOKENS, "--json"]) == 0
     data = _last_json(capsys)
     assert set(data) == {
-        "perplexity", "eval_tokens", "weight_bytes", "peak_rss_bytes", "prefill_tokens_per_s", "decode_tokens_per_s"
+        "perplexity", "eval_tokens", "weight_bytes", "peak_rss_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
+        "kv_cache",
     }
     assert data["eval_tokens"] == 1024 and data["weight_bytes"] == 361_792
 

@@ -59,6 +59,22 @@ def test_save_replaces_its_own_output_but_not_foreign_directories(make_tiny, tmp
     assert (foreign / "thesis.tex").read_text() == "precious"
 
 
+def test_a_command_may_replace_the_files_it_wrote_and_nothing_else(tmp_path):
+    from memfit.io import check_output_dir
+
+    own = ("plan.yaml", "report.md")
+    out = tmp_path / "plan"
+    out.mkdir()
+    (out / "plan.yaml").write_text("strategies: []")
+    (out / "report.md").write_text("# report")
+    check_output_dir(out, own=own)  # a rerun of the command that wrote them
+    with pytest.raises(OutputError, match="not empty and was not written by memfit"):
+        check_output_dir(out)  # another command's
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty and was not written by memfit"):
+        check_output_dir(out, own=own)
+
+
 def test_corrupt_weights_are_a_checkpoint_error(make_tiny, tmp_path):
     model, tokenizer = make_tiny("tiny-llama")
     memfit.save(model, tokenizer, tmp_path / "out")

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 import memfit
@@ -29,7 +31,10 @@ def test_space_has_every_option_once_and_the_empty_plan_first():
     assert "int4-g128-gptq,bf16" in recipes and "int4-g128" not in recipes and "fp16" not in recipes
     assert "prune-50-sparsegpt,int8" in recipes and "prune-mlp-25,int4-g128-gptq,bf16" in recipes
     assert not any("prune-heads" in r for r in recipes)  # heads are a generation option (the KV cache)
-    assert len(candidate_plans(memfit.Workload(mode=memfit.Mode.GENERATE))) == 50
+    # generation adds prune-heads-25 (10 plans more) and x {fp cache, kv-int8, kv-int4}
+    generate = [p.recipe for p in candidate_plans(memfit.Workload(mode=memfit.Mode.GENERATE))]
+    assert len(generate) == len(set(generate)) == 150
+    assert "kv-int8" in generate and "prune-heads-25,int8,kv-int4" in generate
     assert "fp16" in [p.recipe for p in candidate_plans(memfit.Workload(device="cuda"))]
 
 
@@ -246,6 +251,39 @@ def test_a_workload_budget_fits_the_tracked_peak_of_that_workload(make_tiny):
     tracked = profile(result.model, work, result.best.plan.run)
     assert tracked.peak_bytes == result.best.predicted_peak_bytes <= budget
     assert "for generate at batch 2, 192 tokens + 64 new" in render_markdown(result)
+
+
+def test_a_quantized_kv_cache_is_chosen_where_the_workload_fits_only_with_it(make_tiny, tmp_path, capsys):
+    from memfit.cli.main import main
+    from memfit.evaluate import evaluate
+    from memfit.profile import profile
+    from memfit.runtime.kvcache import KVFormat
+
+    model, tokenizer = make_tiny("tiny-llama")
+    work = memfit.Workload(mode=memfit.Mode.GENERATE, batch_size=2, seq_len=192, new_tokens=64)
+    recipes = ("int8", "int4-g32", "int8,kv-int8", "int8,kv-int4")
+    plans = [memfit.Plan.parse(r).validate() for r in recipes]
+    peaks = {r: memfit.estimate(model, r, work).peak_bytes for r in recipes}
+    budget = peaks["int8,kv-int8"]  # the cache in int8 is what brings int8 weights within it
+    assert peaks["int8,kv-int4"] < budget < min(peaks["int8"], peaks["int4-g32"])
+    result = _search(model, tokenizer, budget, workload=work, plans=plans, measure_speed=False)
+    by_recipe = {c.plan.recipe: c for c in result.candidates}
+    assert not by_recipe["int8"].fits and not by_recipe["int4-g32"].fits
+    # predicted from the runtime's logits over the stored cache: 4 bits lose more than 8
+    assert 0 < by_recipe["int8,kv-int8"].predicted_divergence < by_recipe["int8,kv-int4"].predicted_divergence
+    best = result.best
+    assert best.plan.settings.kv_cache in (KVFormat.INT8, KVFormat.INT4)
+    assert profile(result.model, work, best.plan.run).peak_bytes == best.predicted_peak_bytes <= budget
+    # its perplexity is scored through the quantized cache, not the model's forward without one
+    kw = dict(num_tokens=TOKENS, measure_speed=False)
+    assert best.metrics.perplexity == evaluate(result.model, tokenizer, kv_cache=best.plan.settings.kv_cache,
+                                               **kw).perplexity
+    assert best.metrics.perplexity != evaluate(result.model, tokenizer, **kw).perplexity
+    # saved, the model keeps the format: memfit eval (and generate) use it unless told otherwise
+    memfit.save(result.model, tokenizer, tmp_path / "out")
+    for extra, shown in (([], best.plan.settings.kv_cache.token), (["--kv-cache", "none"], None)):
+        assert main(["eval", "--model", str(tmp_path / "out"), "--tokens", str(TOKENS), "--json", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["kv_cache"] == shown
 
 
 def test_a_workload_budget_below_every_plan_names_the_smallest_peak(make_tiny):

@@ -29,6 +29,7 @@ from memfit.generation import cached_step
 from memfit.memory.report import weight_bytes
 from memfit.memory.rss import lifetime_peak_rss_bytes as peak_rss_bytes
 from memfit.runtime import Engine, runs_on_runtime
+from memfit.runtime.kvcache import KVFormat
 from memfit.workload import ProgressFn
 
 DEFAULT_TOKENS = 16_384
@@ -64,6 +65,7 @@ def evaluate(
     window: int = WINDOW,
     measure_speed: bool = True,
     compile: bool = False,
+    kv_cache: KVFormat | None = None,
     progress: ProgressFn | None = None,
 ) -> Metrics:
     """Measure perplexity, weight bytes, peak memory and prefill/decode speed.
@@ -78,6 +80,9 @@ def evaluate(
         compile: where the native step does not run the model, time the runtime's compiled decode
             step (what ``memfit generate`` runs there) instead of its eager one; compiling costs
             tens of seconds per model on a CPU.
+        kv_cache: score and time through the runtime with its KV cache quantized (`KVFormat`):
+            perplexity by `runtime_perplexity`, so the stored cache is what is measured; the
+            decode step is then the compiled or eager one (the native step does not quantize).
         progress: ``progress(description, done, total)`` callback.
 
     Returns:
@@ -88,12 +93,18 @@ def evaluate(
     """
     windows = token_windows(tokenizer, eval_text() if text is None else text, num_tokens, window)
     model.eval()
-    ppl = perplexity(model, windows, progress)
+    if kv_cache is None:
+        ppl = perplexity(model, windows, progress)
+    else:
+        engine = Engine(model, compile=False, native=False, cache_step=1, kv_format=kv_cache)
+        ppl = runtime_perplexity(engine, windows, progress, chunk=window)
+        del engine
     prefill = decode = None
     if measure_speed:
         prompt = windows[0]
-        prefill = prefill_tokens_per_s(model, prompt[:PREFILL_TOKENS])
-        decode = decode_tokens_per_s(model, prompt[:PROMPT_TOKENS], DECODE_TOKENS, compile=compile)
+        prefill = prefill_tokens_per_s(model, prompt[:PREFILL_TOKENS], kv_format=kv_cache)
+        decode = decode_tokens_per_s(model, prompt[:PROMPT_TOKENS], DECODE_TOKENS, compile=compile,
+                                     kv_format=kv_cache)
     return Metrics(
         perplexity=ppl,
         eval_tokens=windows.numel(),
@@ -139,12 +150,14 @@ def runtime_perplexity(engine: Engine, windows: torch.Tensor, progress: Progress
     return math.exp(total_nll / total_count)
 
 
-def prefill_tokens_per_s(model: nn.Module, ids: torch.Tensor, repeats: int = REPEATS, compile: bool = False) -> float:
-    """Tokens/s from a prompt of ``ids`` [T] to its first token through the runtime (batch 1), median
-    of ``repeats`` after one untimed run; transformers' forward for architectures the runtime does not run."""
+def prefill_tokens_per_s(model: nn.Module, ids: torch.Tensor, repeats: int = REPEATS, compile: bool = False,
+                         kv_format: KVFormat | None = None) -> float:
+    """Tokens/s from a prompt of ``ids`` [T] to its first token through the runtime (batch 1; its KV
+    cache in ``kv_format``), median of ``repeats`` after one untimed run; transformers' forward for
+    architectures the runtime does not run."""
     if not runs_on_runtime(model):
         return hf_prefill_tokens_per_s(model, ids, repeats)
-    engine, prompt = Engine(model, compile=compile), ids.tolist()
+    engine, prompt = Engine(model, compile=compile, kv_format=kv_format), ids.tolist()
 
     def first_token() -> None:
         next(iter(engine.stream([prompt], 1)))
@@ -154,13 +167,13 @@ def prefill_tokens_per_s(model: nn.Module, ids: torch.Tensor, repeats: int = REP
 
 
 def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int = REPEATS,
-                        compile: bool = False) -> float:
-    """Tokens/s of ``new_tokens`` greedy decode steps after ``prompt`` [T] through the runtime (batch 1; the
-    prefill is not timed), median of ``repeats`` after `WARMUP_STEPS` untimed steps; transformers'
-    cached forward for architectures the runtime does not run."""
+                        compile: bool = False, kv_format: KVFormat | None = None) -> float:
+    """Tokens/s of ``new_tokens`` greedy decode steps after ``prompt`` [T] through the runtime (batch 1; its
+    KV cache in ``kv_format``; the prefill is not timed), median of ``repeats`` after `WARMUP_STEPS`
+    untimed steps; transformers' cached forward for architectures the runtime does not run."""
     if not runs_on_runtime(model):
         return hf_decode_tokens_per_s(model, prompt, new_tokens, repeats)
-    engine, ids = Engine(model, compile=compile), prompt.tolist()
+    engine, ids = Engine(model, compile=compile, kv_format=kv_format), prompt.tolist()
     rates = []
     for repeat in range(repeats + 1):  # the first run, of a few steps, warms up
         count = new_tokens if repeat else min(new_tokens, WARMUP_STEPS)

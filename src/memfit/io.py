@@ -45,6 +45,7 @@ from memfit.models.meta import meta_model
 from memfit.models.meta import skeleton as external_skeleton
 from memfit.models.refs import Ref, RefKind, resolve, resolve_loadable
 from memfit.plan import Plan, apply
+from memfit.settings import RunSettings
 from memfit.workload import Context
 
 FORMAT_VERSION = 1
@@ -75,6 +76,18 @@ def load(ref: str | Path | Ref, *, tokenizer: bool = True) -> Loaded:
     if resolved.kind is RefKind.SAVED:
         return load_saved(resolved.path, tokenizer)
     return load_pretrained(resolved, tokenizer)
+
+
+def saved_settings(ref: str | Path | Ref) -> RunSettings:
+    """The run settings a directory written by `save` recorded (the KV-cache format ``memfit optimize
+    --mode generate`` chose), or the defaults for any other reference.
+
+    Raises:
+        ModelNotFoundError: nothing matches ``ref``.
+        CheckpointError: a memfit directory's recipe is unreadable.
+    """
+    resolved = resolve(ref)
+    return read_recipe(resolved.path)[1].settings if resolved.kind is RefKind.SAVED else RunSettings()
 
 
 def load_tokenizer(ref: str | Path | Ref) -> PreTrainedTokenizerBase:
@@ -190,11 +203,13 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         raise
 
 
-def check_output_dir(out: Path) -> None:
-    """Raise `OutputError` unless ``out`` may be written (absent, empty, or memfit's own)."""
+def check_output_dir(out: Path, own: tuple[str, ...] = ()) -> None:
+    """Raise `OutputError` unless ``out`` may be written: absent, empty, memfit's own (a saved
+    model), or holding only files named in ``own`` (what the command writes there: its last run's)."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {str(out)!r} is a file", "choose a directory path for --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if (out.is_dir() and not (out / MANIFEST).is_file()
+            and any(entry.name not in own or not entry.is_file() for entry in out.iterdir())):
         raise OutputError(
             f"output directory {str(out)!r} is not empty and was not written by memfit",
             "choose a new or empty directory",

@@ -54,6 +54,11 @@ class Plan:
         master = any(isinstance(s, MasterWeights) for s in self.strategies)
         return dataclasses.replace(self.settings, master_weights=master)
 
+    @property
+    def is_empty(self) -> bool:
+        """True for ``none``: no strategy and the default run settings (the model as it is)."""
+        return not self.strategies and self.settings == RunSettings()
+
     def validate(self) -> Plan:
         """Return the plan with strategies sorted by phase; raise on conflicts or duplicates.
 
@@ -188,7 +193,8 @@ def apply(model: Any, plan: Plan | str, ctx: Context | None = None) -> Any:
 
     Works on real and on meta tensors alike (that is how `estimate` predicts). The applied
     strategies accumulate on ``model.memfit_plan`` so `save` can record them and `load` can rebuild
-    the modules; run settings are not the model's and are not recorded there.
+    the modules; ``plan``'s run settings are not the model's and are not recorded there (those the
+    model already records, such as the KV-cache format `memfit.optimize` chose, are kept).
 
     Args:
         model: a model from `memfit.load` (or any ``nn.Module`` for precision-only plans).
@@ -205,7 +211,7 @@ def apply(model: Any, plan: Plan | str, ctx: Context | None = None) -> Any:
     plan = Plan.parse(plan) if isinstance(plan, str) else plan.validate()
     ctx = ctx or Context()
     previous = getattr(model, "memfit_plan", None) or Plan()
-    combined = Plan(previous.strategies + plan.strategies, plan.workload).validate()
+    combined = Plan(previous.strategies + plan.strategies, plan.workload, previous.settings).validate()
     for strategy in plan.strategies:
         strategy.apply(model, ctx)
     strategies = tuple(ctx.resolved.get(s, s) for s in combined.strategies)

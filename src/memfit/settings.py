@@ -245,8 +245,11 @@ class RunSettings:
 
 
 def settings_space(workload: Workload) -> list[RunSettings]:
-    """The run settings the planner tries for ``workload`` (training only): bf16 autocast, each
-    memory-lean optimizer, two micro-batches for an even batch, DDP and FSDP over several ranks."""
+    """The run settings the planner tries for ``workload``: for generation each KV-cache format; for
+    training bf16 autocast, each memory-lean optimizer, two micro-batches for an even batch, DDP and
+    FSDP over several ranks; none for the weights alone."""
+    if workload.mode is Mode.GENERATE:
+        return [RunSettings(kv_cache=kind) for kind in KVFormat]
     if workload.mode is not Mode.TRAIN:
         return []
     options = [RunSettings(autocast=Precision.BF16)]

@@ -22,9 +22,10 @@ token; decode is 64 greedy steps after a 32-token prompt, batch 1, with the nati
 the compiled one (`memfit generate`'s choice for them; compiling takes tens of seconds).
 
 JSON (last stdout line): {"perplexity", "eval_tokens", "weight_bytes", "peak_rss_bytes",
-"prefill_tokens_per_s", "decode_tokens_per_s"}
+"prefill_tokens_per_s", "decode_tokens_per_s", "kv_cache"}
 
---max-memory B or --kv-cache int8|int4 score the text through memfit's runtime instead (its static
+--max-memory B or --kv-cache int8|int4 (by default the format a memfit directory's plan records: memfit
+optimize --mode generate may choose one) score the text through memfit's runtime instead (its static
 KV cache, every position's logits over the cache as stored), in windows of 512 tokens, 64 tokens a
 forward with --max-memory (512 without); speeds are not measured then (null). --max-memory B runs
 within B bytes (a size, or a percentage of the weight bytes) as memfit generate --max-memory does:
@@ -56,21 +57,22 @@ def run(args: argparse.Namespace) -> int:
     from memfit.evaluate import evaluate
     from memfit.io import load
 
-    if args.max_memory is not None or args.kv_cache is not None:
-        return _run_on_runtime(args)
+    kv_format = options.kv_format_of(args)
+    if args.max_memory is not None or kv_format is not None:
+        return _run_on_runtime(args, kv_format)
     text = options.eval_text_of(args)
     model, tokenizer = load(args.model)
     with console.progress_bar() as progress:
         metrics = evaluate(model, tokenizer, text=text, num_tokens=args.tokens, compile=args.compile,
                            progress=progress)
     if args.json:
-        console.print_json(metrics.to_dict())
+        console.print_json({**metrics.to_dict(), "kv_cache": None})
     else:
         console.table(f"memfit eval: {args.model}", ("metric", "value"), console.metrics_rows(metrics))
     return 0
 
 
-def _run_on_runtime(args: argparse.Namespace) -> int:
+def _run_on_runtime(args: argparse.Namespace, kv_format) -> int:
     """``--max-memory`` / ``--kv-cache``: perplexity through the runtime (streamed layers, quantized cache)."""
     from memfit.data import eval_text, token_windows
     from memfit.evaluate import WINDOW, runtime_perplexity
@@ -80,13 +82,11 @@ def _run_on_runtime(args: argparse.Namespace) -> int:
     from memfit.memory.rss import lifetime_peak_rss_bytes, rss_bytes
     from memfit.offload import load_streamed
     from memfit.runtime import Engine
-    from memfit.runtime.kvcache import KVFormat
     from memfit.units import format_bytes, parse_budget
 
     text = options.eval_text_of(args)
     tokenizer = load_tokenizer(args.model)
     windows = token_windows(tokenizer, eval_text() if text is None else text, args.tokens, WINDOW)
-    kv_format = KVFormat(args.kv_cache) if args.kv_cache else None
     placement = streamed = None
     chunk = STREAMED_CHUNK if args.max_memory is not None else WINDOW
     if args.max_memory is not None:

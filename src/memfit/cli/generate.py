@@ -51,7 +51,9 @@ streamed layers from the disk, leaving nothing of them in the page cache.
 
 --kv-cache int8|int4 keeps the KV cache quantized (per token in 8 bits; in 4 bits keys per channel over
 32-token groups and values per token): 0.52x / 0.30x an fp16 cache's bytes at 2,048 tokens, perplexity
-+0.03% / +2.4% on the demo model; with --max-memory the budget then holds a longer context."""
++0.03% / +2.4% on the demo model; with --max-memory the budget then holds a longer context. A memfit
+directory whose plan records a format (memfit optimize --mode generate chose it) decodes with it unless
+--kv-cache says otherwise (none: the model's dtype)."""
 
 
 def add_parser(subparsers) -> None:
@@ -112,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
     from memfit.runtime import Engine, Sampling, stream
     from memfit.runtime.engine import CACHE_STEP
     from memfit.runtime.generate import encode, generate_batch
-    from memfit.runtime.kvcache import KVFormat
     from memfit.units import format_bytes
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     streamed = placement = tracker = None
     batch = min(args.batch or 1, len(prompts))
     longest = max(len(encode(tokenizer, p, args.chat)) for p in prompts)
-    kv_format = KVFormat(args.kv_cache) if args.kv_cache else None
+    kv_format = options.kv_format_of(args)
     if args.max_memory is not None:
         model, streamed, placement = _load_within(args, batch, longest, kv_format)
         if not args.json:

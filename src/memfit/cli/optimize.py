@@ -181,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAINING_FILES = ("plan.yaml", "report.md")  # what --mode train writes in --out (a rerun replaces them)
+
+
 def run_training(args: argparse.Namespace) -> int:
     """``--mode train``: the fastest training plan that fits; writes DIR/plan.yaml and DIR/report.md."""
     from memfit.errors import BudgetError
@@ -195,7 +198,7 @@ def run_training(args: argparse.Namespace) -> int:
     if args.max_ppl_increase is not None or args.objective != "quality":
         raise BudgetError("--mode train chooses the fastest plan that fits; it takes no --max-ppl-increase or "
                           "--objective", "drop them")
-    check_output_dir(args.out)
+    check_output_dir(args.out, own=TRAINING_FILES)
     model, tokenizer = load(args.model)
     workload = Workload(mode=Mode.TRAIN, batch_size=args.batch, seq_len=args.seq, ranks=args.nproc)
     with console.progress_bar() as progress:

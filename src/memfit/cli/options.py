@@ -21,8 +21,20 @@ def add_eval(parser: argparse.ArgumentParser) -> None:
 
 
 def add_kv_cache(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--kv-cache", choices=("int8", "int4"),
-                        help=f"quantize the KV cache (kv-int8: 0.52x, kv-int4: 0.30x an fp16 cache's bytes); {what}")
+    parser.add_argument("--kv-cache", choices=("int8", "int4", "none"),
+                        help=f"quantize the KV cache (kv-int8: 0.52x, kv-int4: 0.30x an fp16 cache's bytes); {what}. "
+                             "Default: the format a memfit directory's plan records (memfit optimize --mode generate "
+                             "may choose one), else none")
+
+
+def kv_format_of(args: argparse.Namespace):
+    """``--kv-cache``, or the `KVFormat` the model's saved plan records (None: the model's dtype)."""
+    from memfit.io import saved_settings
+    from memfit.runtime.kvcache import KVFormat
+
+    if args.kv_cache is None:
+        return saved_settings(args.model).kv_cache
+    return None if args.kv_cache == "none" else KVFormat(args.kv_cache)
 
 
 def add_storage(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,10 @@ strategies' divergences:
 - mixed formats add up the scores of the blocks they choose (the same exact allocation they make
   when applied, from the same scores);
 - any other strategy (pruning, low-rank factors, a cast) is applied alone to a copy of the model,
-  once, and its divergence measured on the same tokens.
+  once, and its divergence measured on the same tokens;
+- a quantized KV cache (``kv-int8``, ``kv-int4``, a generation plan's run setting) is measured
+  once through memfit's runtime, every position's logits computed over the cache as stored,
+  against the same runtime with the cache in the model's dtype.
 
 The sum is a first-order approximation: small independent errors add. Scores of calibrated methods
 (GPTQ, AWQ) are those of rounding to nearest on the same grid, an upper bound. The planner uses the
@@ -27,7 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memfit.evaluate import WINDOW
 from memfit.plan import Plan, apply
+from memfit.runtime import Engine
+from memfit.runtime.kvcache import KVFormat
 from memfit.strategies.base import Strategy
 from memfit.strategies.quantize.mixed import MixedBits, block_options, block_scores, sensitivity_batches, units_of
 from memfit.strategies.targets import Targets
@@ -57,10 +63,13 @@ class PlanScorer:
         self._blocks: list[dict[str, float]] | None = None
         self._whole: dict[Strategy, float] = {}
         self._reference: list[torch.Tensor] | None = None
+        self._runtime_reference: list[torch.Tensor] | None = None
+        self._kv: dict[KVFormat, float] = {}
 
     def __call__(self, plan: Plan) -> float:
         """The plan's predicted divergence (nats per token; 0 for the empty plan)."""
-        return sum(self.strategy(s) for s in plan.strategies)
+        kv = plan.settings.kv_cache
+        return sum(self.strategy(s) for s in plan.strategies) + (0.0 if kv is None else self.kv_cache(kv))
 
     def resolve(self, plan: Plan) -> Plan:
         """``plan`` with the choices its mixed formats would make on this model filled in, from the
@@ -91,6 +100,20 @@ class PlanScorer:
             self._whole[strategy] = self._measure_whole(strategy)
         return self._whole[strategy]
 
+    def kv_cache(self, kv_format: KVFormat) -> float:
+        """A quantized KV cache's divergence, measured once: the runtime's next-token distributions
+        with the cache in ``kv_format`` against the same runtime's with the cache in the model's dtype."""
+        if kv_format not in self._kv:
+            batches = sensitivity_batches(self.ctx.calibration)
+            label = f"{LABEL}: {kv_format.token}"
+            self.ctx.report(label, 0, 1)
+            if self._runtime_reference is None:
+                self._runtime_reference = _runtime_log_probs(self.model, batches, None)
+            quantized = _runtime_log_probs(self.model, batches, kv_format)
+            self._kv[kv_format] = _divergence(self._runtime_reference, quantized)
+            self.ctx.report(label, 1, 1)
+        return self._kv[kv_format]
+
     def blocks(self) -> list[dict[str, float]]:
         """Per unit (`units_of`), the divergence of each `BlockOption`, measured on first use."""
         if self._blocks is None:
@@ -108,9 +131,22 @@ class PlanScorer:
         apply(work, Plan((strategy,)), Context(calibration=self.ctx.calibration))
         log_q = _log_probs(work, batches)
         self.ctx.report(f"{LABEL}: {strategy.token}", 1, 1)
-        total = sum(F.kl_div(q, p, reduction="sum", log_target=True).item()
-                    for p, q in zip(self._reference, log_q, strict=True))
-        return total / sum(p.shape[0] for p in self._reference)
+        return _divergence(self._reference, log_q)
+
+
+def _divergence(log_p: list[torch.Tensor], log_q: list[torch.Tensor]) -> float:
+    """Mean KL(p || q) per token (nats) over batches of log-probabilities [tokens, vocab]."""
+    total = sum(F.kl_div(q, p, reduction="sum", log_target=True).item() for p, q in zip(log_p, log_q, strict=True))
+    return total / sum(p.shape[0] for p in log_p)
+
+
+def _runtime_log_probs(model: nn.Module, batches: Sequence[torch.Tensor],
+                       kv_format: KVFormat | None) -> list[torch.Tensor]:
+    """`_log_probs` through memfit's runtime, every position computed over the KV cache as stored."""
+    engine = Engine(model, compile=False, native=False, cache_step=1, kv_format=kv_format)
+    with torch.no_grad():
+        return [torch.cat([F.log_softmax(logits.float(), dim=-1) for _, logits in engine.logits(ids[0], WINDOW)])
+                for ids in batches]
 
 
 def _log_probs(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:

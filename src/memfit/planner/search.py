@@ -33,6 +33,7 @@ from memfit.plan import Plan
 from memfit.planner.scores import PlanScorer
 from memfit.planner.space import budget_plans, candidate_plans
 from memfit.planner.workers import Workers, applied_copy, evaluate_plan, open_study, run_workers, stage, study_config
+from memfit.runtime import runs_on_runtime
 from memfit.strategies.base import Phase
 from memfit.units import format_bytes, parse_budget
 from memfit.workload import ProgressFn, Workload
@@ -195,6 +196,8 @@ def optimize(
         parse_budget(budget, original_bytes) if isinstance(budget, str) else int(budget))
     if plans is None:
         plans = candidate_plans(workload)
+        if not runs_on_runtime(model):  # a quantized KV cache is memfit runtime's
+            plans = [p for p in plans if p.settings.kv_cache is None]
         if budget_bytes is not None:  # a workload's other bytes (KV cache, activations) leave the weights the rest
             overhead = estimate(model, Plan(), workload).peak_bytes - original_bytes if workload else 0
             plans += budget_plans(model, budget_bytes - overhead, workload)
@@ -234,9 +237,9 @@ def optimize(
     def run(batch: list[Candidate]) -> None:
         """Evaluate ``batch``: here, one plan after another, or in the workers at once."""
         for c in batch:
-            if not c.plan.strategies:
+            if c.plan.is_empty:
                 c.metrics = baseline
-        batch = [c for c in batch if c.plan.strategies]
+        batch = [c for c in batch if not c.plan.is_empty]
         if shared is not None:
             for c, result in zip(batch, run_workers(shared, workers, [c.plan for c in batch], progress), strict=True):
                 _record(c, result, budget_bytes, workload)
@@ -252,10 +255,11 @@ def optimize(
                 progress("candidates", len(evaluated), max(len(evaluated), planned))
 
     def winner(best: Candidate) -> nn.Module:
-        """The chosen plan applied: the copy it was evaluated on, or a new one (from workers)."""
-        if kept and kept[0] is best:
-            return kept.pop()
-        return applied_copy(model, best.plan, None, calibration, memo)[0]
+        """The chosen plan applied: the copy it was evaluated on, or a new one (from workers). Its
+        run settings (a KV-cache format) ride on its ``memfit_plan``, so `save` records them."""
+        work = kept.pop() if kept and kept[0] is best else applied_copy(model, best.plan, None, calibration, memo)[0]
+        work.memfit_plan = dataclasses.replace(work.memfit_plan, settings=best.plan.settings)
+        return work
 
     if budget_bytes is None:
         best = _smallest_within(fitting, limit, max_quality_loss, baseline, lambda c: run([c]))
@@ -330,12 +334,19 @@ def _within(size: int, budget_bytes: int | None) -> bool:
 def _over_budget(model: nn.Module, candidates: list[Candidate], budget_bytes: int, original_bytes: int,
                  workload: Workload | None) -> BudgetError:
     """The error naming the smallest plan: by weight bytes, or by the workload's peak (predicted
-    now for the plans whose weights alone were over budget)."""
-    if workload is not None:
-        for c in candidates:
+    now for the plans whose weights alone were over budget, the lightest first, until a plan's weights
+    alone outweigh the smallest peak found)."""
+    if workload is None:
+        smallest = min(candidates, key=lambda c: c.predicted_weight_bytes)
+    else:
+        smallest = None
+        for c in sorted(candidates, key=lambda c: c.predicted_weight_bytes):
+            if smallest is not None and c.predicted_weight_bytes >= smallest.predicted_peak_bytes:
+                break  # a peak holds the weights
             if c.predicted_peak_bytes is None:
                 c.predicted_peak_bytes = estimate(model, c.plan, workload).peak_bytes
-    smallest = min(candidates, key=lambda c: c.predicted_peak_bytes or c.predicted_weight_bytes)
+            if smallest is None or c.predicted_peak_bytes < smallest.predicted_peak_bytes:
+                smallest = c
     if workload is None:
         return BudgetError(
             f"budget {format_bytes(budget_bytes)} is below the smallest reachable plan: "
@@ -370,11 +381,11 @@ def _record(candidate: Candidate, result: dict, budget_bytes: int | None, worklo
 
 def _skip_needless_structure(fitting: list[Candidate]) -> None:
     """Mark the fitting plans whose plan without its structural strategies also fits."""
-    fits = {c.plan.strategies for c in fitting}
+    fits = {(c.plan.strategies, c.plan.settings) for c in fitting}
     for c in fitting:
         rest = tuple(s for s in c.plan.strategies if s.phase is not Phase.STRUCTURE)
-        if rest != c.plan.strategies and rest in fits:
-            without = Plan(rest, c.plan.workload).recipe
+        if rest != c.plan.strategies and (rest, c.plan.settings) in fits:
+            without = Plan(rest, c.plan.workload, c.plan.settings).recipe
             c.skipped = f"{without!r} fits without {', '.join(s.token for s in c.plan.strategies if s not in rest)}"
 
 

@@ -78,7 +78,8 @@ def evaluate_plan(model: nn.Module, tokenizer, plan: Plan, workload: Workload | 
     """
     work, ctx = applied_copy(model, plan, progress, calibration, memo)
     applied = dataclasses.replace(plan, strategies=work.memfit_plan.strategies)
-    metrics = evaluate(work, tokenizer, **evaluate_kw, progress=stage(progress, applied.recipe))
+    metrics = evaluate(work, tokenizer, **evaluate_kw, kv_cache=plan.settings.kv_cache,
+                       progress=stage(progress, applied.recipe))
     peak = None if workload is None else estimate(work, Plan(settings=plan.settings), workload).peak_bytes
     return {"plan": applied.to_dict(), "metrics": metrics.to_dict(), "notes": list(ctx.notes),
             "predicted_peak_bytes": peak}, work

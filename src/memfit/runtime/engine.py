@@ -221,11 +221,11 @@ class Engine:
                 column = torch.arange(longest + produced, longest + produced + 1, device=device)
                 logits = step(decoder, token[:, None], column, pad, cache)
 
-    def losses(self, ids: torch.Tensor, chunk: int) -> Iterator[tuple[torch.Tensor, int]]:
-        """Next-token losses of one window ``ids`` [T] through the cache, ``chunk`` tokens a forward:
-        per chunk, ``(summed NLL as a 0-d float tensor, tokens scored)``; every position's logits are
-        computed over the cache as stored (a quantized cache, streamed layers). Reads no value, so
-        the estimator runs it on fake tensors too."""
+    def logits(self, ids: torch.Tensor, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Every position's logits of one window ``ids`` [T] through the cache, ``chunk`` tokens a
+        forward: per chunk, ``(its first position, logits [chunk, vocab])``, computed over the cache
+        as stored (a quantized cache, streamed layers). Reads no value, so the estimator runs it on
+        fake tensors too."""
         decoder = self.decoder
         length = ids.shape[0]
         cache = self.cache_for(1, length)
@@ -233,8 +233,13 @@ class Engine:
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
             columns = torch.arange(start, end, device=decoder.device)
-            logits = decoder.forward(ids[None, start:end], columns, pad, cache, last_only=False)[0]
-            targets = ids[start + 1:end + 1]  # the window's last position has none
+            yield start, decoder.forward(ids[None, start:end], columns, pad, cache, last_only=False)[0]
+
+    def losses(self, ids: torch.Tensor, chunk: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """Next-token losses of one window ``ids`` [T] through the cache (`logits`): per chunk,
+        ``(summed NLL as a 0-d float tensor, tokens scored)``."""
+        for start, logits in self.logits(ids, chunk):
+            targets = ids[start + 1:start + 1 + logits.shape[0]]  # the window's last position has none
             loss = torch.nn.functional.cross_entropy(logits[: len(targets)], targets, reduction="sum")
             del logits
             yield loss, len(targets)
