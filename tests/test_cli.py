@@ -53,10 +53,11 @@ def test_optimize_json_contract_and_report(capsys, tmp_path):
             "--report", str(report)]
     assert main([*args, *TOKENS, "--json"]) == 0
     data = _last_json(capsys)
-    assert set(data) == {"budget_bytes", "plan", "out", "metrics", "candidates", "study"}
+    assert set(data) == {"budget_bytes", "plan", "distill_steps", "out", "metrics", "candidates", "study"}
     assert data["metrics"]["weight_bytes"] <= data["budget_bytes"] and data["study"] is None  # no workers
-    assert {"plan", "predicted_weight_bytes", "predicted_peak_bytes", "predicted_divergence", "fits", "metrics",
-            "skipped"} == set(data["candidates"][0])
+    assert {"plan", "distill_steps", "predicted_weight_bytes", "predicted_peak_bytes", "predicted_divergence", "fits",
+            "metrics", "skipped"} == set(data["candidates"][0])
+    assert data["distill_steps"] is None and all(c["distill_steps"] is None for c in data["candidates"])
     evaluated = [c for c in data["candidates"] if c["metrics"] is not None]
     assert len(evaluated) == 3 and all(c["predicted_divergence"] is not None for c in evaluated)
     assert (out / "report.html").is_file() and (out / "report.md").is_file()

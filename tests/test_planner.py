@@ -317,3 +317,55 @@ def test_optimize_without_budget_or_limit_is_refused(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs --budget, --max-ppl-increase, or both" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+# -- "then distill" plans -----------------------------------------------------------------------------------------
+DISTILL = dict(steps=2, batch=2, seq=32)
+
+
+def test_a_pruned_student_trains_before_it_is_quantized_and_a_quantized_one_trains_adapters(make_tiny):
+    from memfit.evaluate import evaluate
+    from memfit.planner.distill import Distillation, distilled
+    from memfit.planner.workers import applied_copy
+
+    model, tokenizer = make_tiny("tiny-llama")
+    calibration = calibration_windows(tokenizer, windows=4, window=256)
+    kw = dict(num_tokens=TOKENS, measure_speed=False)
+    settings = Distillation(**DISTILL, lr=1e-2)
+    for recipe, held in (("prune-mlp-25,int8", "prune-mlp-25,int8"), ("int8", "int8,lora-8")):
+        plan = memfit.Plan.parse(recipe).validate()
+        student, plan_held, metrics, losses = distilled(model, tokenizer, plan, settings, calibration, {}, kw, None)
+        assert plan_held.recipe == student.memfit_plan.recipe == held and len(losses) == 2
+        assert metrics["weight_bytes"] == memfit.weight_bytes(student) == memfit.estimate(model, plan_held).weight_bytes
+        undistilled = evaluate(applied_copy(model, plan, None, calibration, {})[0], tokenizer, **kw).perplexity
+        assert metrics["perplexity"] != undistilled  # the student's weights (or adapters) moved
+    assert metrics["weight_bytes"] > memfit.estimate(model, "int8").weight_bytes  # the adapters count
+
+
+def test_then_distill_plans_compete_with_the_others_within_the_budget(make_tiny):
+    from memfit.planner.distill import Distillation, recovery_kind
+    from memfit.strategies.base import Recovery
+
+    model, tokenizer = make_tiny("tiny-llama")
+    result = _search(model, tokenizer, "30%", measure_speed=False, distill=Distillation(**DISTILL))
+    students = [c for c in result.candidates if c.distill_steps is not None]
+    assert {recovery_kind(c.plan) for c in students} == {Recovery.WEIGHTS, Recovery.ADAPTERS}
+    for c in students:
+        assert c.distill_steps == 2 and c.metrics.weight_bytes == c.predicted_weight_bytes <= result.budget_bytes
+    structural = [c for c in result.candidates
+                  if recovery_kind(c.plan) is Recovery.WEIGHTS and c.fits and c.distill_steps is None]
+    assert structural and all(c.predicted_divergence is not None for c in structural)  # scored, not skipped
+    evaluated = [c for c in result.candidates if c.metrics is not None and c.fits]
+    assert result.best.metrics.perplexity == min(c.metrics.perplexity for c in evaluated)
+    assert f"{students[0].plan.recipe}, distilled 2 steps" in render_markdown(result)
+    assert memfit.weight_bytes(result.model) == result.best.metrics.weight_bytes
+
+
+def test_distilling_without_a_budget_is_refused(capsys, tmp_path):
+    from memfit.cli.main import main
+
+    code = main(["optimize", "--model", "tiny-llama", "--max-ppl-increase", "5", "--distill-steps", "2",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--distill-steps weighs distilled students within a budget" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

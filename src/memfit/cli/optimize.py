@@ -27,7 +27,18 @@ strategies measured whole); the best --evaluate predicted, and the best with a G
 --objective speed, plans are evaluated from the smallest predicted weights up (decode reads every
 weight byte once per token; those predicted within --max-ppl-increase first) and the fastest
 decode wins; with balanced, the most tokens/s per unit of perplexity. Mixed formats
-(mixed-bits-B) choose every block's format exactly for the budget from the same scores.
+(mixed-bits-B) choose every block's format exactly for the budget from the same scores. With
+--mode generate the plans also choose the KV cache's format (kv-int8, kv-int4), scored and
+evaluated through the runtime's quantized cache; DIR records it for memfit generate and eval.
+
+--distill-steps N adds "then distill" plans: what distillation wins back is not predicted, so the
+best predicted plan of each kind (--distill-plans) is distilled for real from the model, N steps of
+--distill-batch x --distill-seq tokens of --data (default: the built-in calibration text), forward
+KL: a plan with pruned, dropped or factored layers trains every float weight before the rest of
+the plan (quantization) is applied to the trained weights; a quantized plan trains rank-8 LoRA
+adapters beside its frozen packed weights (their bytes count). The students are evaluated and
+compete with the other plans; the chosen one is saved trained. Pruning and low-rank plans are
+then scored even where the same plan without them fits.
 
 examples:
   memfit optimize --model demo --budget 30% --out memfit-out
@@ -36,6 +47,7 @@ examples:
   memfit optimize --model demo --budget 250MB --mode generate --batch 1 --seq 2048 --out long
   memfit optimize --model demo --budget 20% --workers 2 --out small
   memfit optimize --model demo --budget 40% --objective speed --max-ppl-increase 3 --out fast
+  memfit optimize --model demo --budget 20% --distill-steps 8 --out distilled
   memfit optimize --model demo --budget 1GiB --mode train --batch 8 --seq 256 --out how-to-train
   memfit optimize --model demo --budget 600MB --mode train --batch 8 --seq 256 --nproc 2 --out two
 
@@ -58,9 +70,10 @@ search was killed resumes when the same command runs again: completed plans are 
 twice, and a trial whose worker died is queued again. Tokens/s measured by workers that share a
 machine are measured side by side.
 
-JSON (last stdout line): {"budget_bytes" (null without --budget), "plan", "out", "metrics": {...},
-"study" ({"storage", "name"} with workers, else null),
-"candidates": [{"plan", "predicted_weight_bytes", "predicted_peak_bytes" (with --mode, else null),
+JSON (last stdout line): {"budget_bytes" (null without --budget), "plan", "distill_steps" (the chosen
+student's, or null), "out", "metrics": {...}, "study" ({"storage", "name"} with workers, else null),
+"candidates": [{"plan", "distill_steps" (a distilled student's steps, else null), "predicted_weight_bytes",
+"predicted_peak_bytes" (with --mode, else null),
 "predicted_divergence" (nats per token; null for plans that do not fit and for pruned or factored
 plans skipped as needless), "fits",
 "metrics" (null if not evaluated), "skipped" (why a plan that fits was not evaluated: not among the
@@ -94,6 +107,18 @@ def add_parser(subparsers) -> None:
     shared.add_argument("--study", metavar="NAME",
                         help="the study's name (default: from the model and the evaluation settings, so the same "
                              "search resumes and one at another budget reuses the plans both evaluate)")
+    then = parser.add_argument_group(
+        "then distill", "also distill the best predicted plan of each kind from the model (prune or drop, then "
+                        "distill, then quantize; quantize, then distill rank-8 LoRA adapters) and weigh the students "
+                        "with the other plans")
+    then.add_argument("--distill-steps", type=options.positive_int, metavar="N",
+                      help="distillation steps of each student (off without it); --data is the training text")
+    then.add_argument("--distill-batch", type=options.positive_int, default=8, metavar="B",
+                      help="sequences per distillation step (default 8)")
+    then.add_argument("--distill-seq", type=options.positive_int, default=256, metavar="S",
+                      help="tokens per sequence (default 256)")
+    then.add_argument("--distill-plans", type=options.positive_int, default=1, metavar="K",
+                      help="students distilled of each kind, the best predicted first (default 1)")
     workload = parser.add_argument_group("whole-workload budgets", "the budget covers this workload's peak")
     workload.add_argument("--mode", choices=("infer", "generate", "train"),
                           help="infer: one forward of --batch x --seq tokens; generate: a prompt of --seq tokens "
@@ -105,7 +130,8 @@ def add_parser(subparsers) -> None:
                           help=f"run the K fastest predicted plans that fit for real (default {VERIFY})")
     training.add_argument("--steps", type=options.positive_int, default=VERIFY_STEPS, metavar="N",
                           help=f"steps of each verification run (default {VERIFY_STEPS}; the first is not timed)")
-    training.add_argument("--data", metavar="FILE", help="text the verification runs train on (default: built-in)")
+    training.add_argument("--data", metavar="FILE",
+                          help="text the verification runs (and --distill-steps) train on (default: built-in)")
     training.add_argument("--nproc", type=options.positive_int, default=1, metavar="N",
                           help="plans over N processes (ddp, fsdp); --budget is then one rank's (default 1)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (model + report)")
@@ -119,6 +145,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from memfit.io import check_output_dir, load, save
+    from memfit.planner.distill import Distillation
     from memfit.planner.report import candidate_rows, header, write_reports
     from memfit.planner.search import optimize
     from memfit.planner.workers import Workers
@@ -136,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
         raise BudgetError("memfit optimize needs --budget, --max-ppl-increase, or both",
                           "pass --budget 30% (the best plan that fits) or --max-ppl-increase 5 (the smallest plan "
                           "within +5% perplexity)")
+    if args.distill_steps is not None and args.budget is None:
+        from memfit.errors import BudgetError
+
+        raise BudgetError("--distill-steps weighs distilled students within a budget", "pass --budget with it")
     if args.objective != "quality" and args.budget is None:
         from memfit.errors import BudgetError
 
@@ -155,9 +186,11 @@ def run(args: argparse.Namespace) -> int:
         if args.workers or args.storage or args.study:
             logging.getLogger("memfit.planner.workers").setLevel(logging.INFO)  # where the study is
             workers = Workers(args.model, args.workers or 1, args.storage, args.study)
+        distill = None if args.distill_steps is None else Distillation(
+            args.distill_steps, args.distill_batch, args.distill_seq, args.data, args.distill_plans)
         result = optimize(model, tokenizer, args.budget, max_quality_loss=limit, text=text, workload=workload,
                           num_tokens=args.tokens, calibration=calibration, evaluations=args.evaluate,
-                          progress=progress, workers=workers, objective=args.objective)
+                          progress=progress, workers=workers, objective=args.objective, distill=distill)
     reports = write_reports(result)
     save(result.model, tokenizer, args.out, extra_files=reports, notes=result.best.notes)
     if args.report is not None:
@@ -169,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         console.print_json({
             "budget_bytes": result.budget_bytes,
             "plan": best.plan.recipe,
+            "distill_steps": best.distill_steps,
             "out": str(args.out),
             "metrics": best.metrics.to_dict(),
             "candidates": [c.to_dict() for c in result.candidates],
@@ -177,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         goal = f"budget {args.budget}" if args.budget else f"smallest within +{args.max_ppl_increase:g}%"
         console.table(f"memfit optimize: {args.model}, {goal}", header(result), candidate_rows(result))
-        console.stdout.print(f"chosen: {best.plan.recipe} -> {args.out} (report: {args.out / 'report.html'})")
+        console.stdout.print(f"chosen: {best.label} -> {args.out} (report: {args.out / 'report.html'})")
     return 0
 
 

@@ -33,7 +33,7 @@ def candidate_rows(result: OptimizeResult) -> list[tuple[str, ...]]:
         peak = (format_bytes(c.predicted_peak_bytes) if c.predicted_peak_bytes is not None else "-",)
         rows.append(
             (
-                c.plan.recipe + mark,
+                c.label + mark,
                 format_bytes(c.predicted_weight_bytes),
                 *(peak if result.workload else ()),
                 format_bytes(m.weight_bytes) if m else "-",
@@ -58,7 +58,7 @@ def _summary(result: OptimizeResult) -> list[str]:
     lines = [
         f"{budget} "
         f"Original: {format_bytes(result.baseline.weight_bytes)}, perplexity {result.baseline.perplexity:.3f}.",
-        f"Chosen: `{best.plan.recipe}`, {format_bytes(best.metrics.weight_bytes)} measured, "
+        f"Chosen: `{best.label}`, {format_bytes(best.metrics.weight_bytes)} measured, "
         f"perplexity {best.metrics.perplexity:.3f} "
         f"({100 * (best.metrics.perplexity / result.baseline.perplexity - 1):+.2f}%).",
         f"Evaluated on {best.metrics.eval_tokens} tokens. Candidates over budget were predicted, not evaluated.",
@@ -135,9 +135,9 @@ def _label_clusters(candidates: list[Candidate]) -> list[tuple[tuple[float, floa
         if clusters:
             (cx, cy), recipes = clusters[-1]
             if abs(x - cx) <= 0.02 * cx and abs(y - cy) <= 0.01 * cy:
-                recipes.append(c.plan.recipe)
+                recipes.append(c.label)
                 continue
-        clusters.append(((x, y), [c.plan.recipe]))
+        clusters.append(((x, y), [c.label]))
     return clusters
 
 

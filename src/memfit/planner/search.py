@@ -30,11 +30,12 @@ from memfit.estimate import estimate
 from memfit.evaluate import DEFAULT_TOKENS, Metrics, evaluate
 from memfit.memory.report import weight_bytes
 from memfit.plan import Plan
+from memfit.planner.distill import Distillation, distilled, recovery_kind, student_plan
 from memfit.planner.scores import PlanScorer
 from memfit.planner.space import budget_plans, candidate_plans
 from memfit.planner.workers import Workers, applied_copy, evaluate_plan, open_study, run_workers, stage, study_config
 from memfit.runtime import runs_on_runtime
-from memfit.strategies.base import Phase
+from memfit.strategies.base import Phase, Recovery
 from memfit.units import format_bytes, parse_budget
 from memfit.workload import ProgressFn, Workload
 
@@ -74,7 +75,9 @@ class Candidate:
         predicted_peak_bytes: with a workload budget, the workload's predicted peak (checked on
             the applied model once evaluated); else None.
         predicted_divergence: the predicted KL divergence from the model (nats per token) of a
-            plan that fits; None for one that does not.
+            plan that fits; None for one that does not, and for a distilled student.
+        distill_steps: for a "then distill" candidate (`memfit.planner.distill`), the steps its
+            student was distilled for; None for the plan as applied.
     """
 
     plan: Plan
@@ -85,10 +88,18 @@ class Candidate:
     skipped: str | None = None
     predicted_peak_bytes: int | None = None
     predicted_divergence: float | None = None
+    distill_steps: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The plan's recipe, and "then distilled" for a distilled student."""
+        steps = self.distill_steps
+        return self.plan.recipe if steps is None else f"{self.plan.recipe}, distilled {steps} steps"
 
     def to_dict(self) -> dict:
         return {
             "plan": self.plan.recipe,
+            "distill_steps": self.distill_steps,
             "predicted_weight_bytes": self.predicted_weight_bytes,
             "predicted_peak_bytes": self.predicted_peak_bytes,
             "predicted_divergence": self.predicted_divergence,
@@ -141,6 +152,7 @@ def optimize(
     progress: ProgressFn | None = None,
     workers: Workers | None = None,
     objective: Objective | str = Objective.QUALITY,
+    distill: Distillation | None = None,
 ) -> OptimizeResult:
     """Search for the plan with the lowest perplexity that fits ``budget``.
 
@@ -171,6 +183,11 @@ def optimize(
         objective: ``"quality"`` (default), ``"speed"`` or ``"balanced"`` (`Objective`): what the
             chosen plan is best at, within the budget and ``max_quality_loss``. Needs a budget and
             ``measure_speed`` unless it is quality.
+        distill: also distill the best predicted plans of each kind ("prune or drop, then
+            distill", "quantize, then distill the adapters": `memfit.planner.distill`) from the
+            model, here, after the other evaluations; the students compete on measured perplexity
+            and bytes like any plan. Needs a budget. Structural plans are then scored even where
+            the same plan without them fits.
 
     Returns:
         `OptimizeResult` with the best candidate, all candidates and the optimized model.
@@ -188,6 +205,8 @@ def optimize(
     if budget is None and max_quality_loss is None:
         raise ValueError("optimize needs a budget, a quality limit (max_quality_loss), or both")
     objective = Objective(objective)
+    if distill is not None and budget is None:
+        raise ValueError("distill needs a budget (without one, the smallest plan within the quality limit is chosen)")
     if objective is not Objective.QUALITY and (budget is None or not measure_speed):
         raise ValueError(f"objective {objective.value!r} needs a budget and measure_speed (without a budget, the "
                          "smallest plan within the quality limit is chosen)")
@@ -206,7 +225,7 @@ def optimize(
     if not fitting:
         raise _over_budget(model, candidates, budget_bytes, original_bytes, workload)
 
-    if budget_bytes is not None:  # without a budget, structure is what makes plans small
+    if budget_bytes is not None and distill is None:  # without a budget, structure is what makes plans small
         _skip_needless_structure(fitting)
     fitting = [c for c in fitting if c.skipped is None]
     if calibration is None:
@@ -254,6 +273,20 @@ def optimize(
             if progress:
                 progress("candidates", len(evaluated), max(len(evaluated), planned))
 
+    def then_distill() -> None:
+        """Distill the best predicted plans of each kind and record the students as candidates."""
+        for plan in _to_distill(model, ranked, distill, budget_bytes, workload):
+            student, held, metrics, _ = distilled(model, tokenizer, plan, distill, calibration, memo, evaluate_kw,
+                                                  progress)
+            c = Candidate(held, estimate(model, held).weight_bytes, True, distill_steps=distill.steps)
+            peak = None if workload is None else estimate(student, Plan(settings=plan.settings), workload).peak_bytes
+            _record(c, {"plan": held.to_dict(), "metrics": metrics, "notes": [], "predicted_peak_bytes": peak},
+                    budget_bytes, workload)
+            candidates.append(c)
+            if _leader(candidates, baseline, max_quality_loss, objective) is c:
+                kept[:] = [c, student]
+            del student
+
     def winner(best: Candidate) -> nn.Module:
         """The chosen plan applied: the copy it was evaluated on, or a new one (from workers). Its
         run settings (a KV-cache format) ride on its ``memfit_plan``, so `save` records them."""
@@ -282,10 +315,28 @@ def optimize(
         if c.metrics is None:
             c.skipped = (f"predicted divergence {c.predicted_divergence:.4g} ranks {rank + 1} of "
                          f"{len(ranked)}: the best {done} predicted were evaluated")
+    if distill is not None:
+        then_distill()
 
     best = _choose(candidates, baseline, max_quality_loss, objective)
     return OptimizeResult(budget_bytes, baseline, best, candidates, winner(best), max_quality_loss, workload,
                           _where(shared), objective)
+
+
+def _to_distill(model: nn.Module, ranked: list[Candidate], distill: Distillation, budget_bytes: int,
+                workload: Workload | None) -> list[Plan]:
+    """The best predicted `Distillation.per_kind` plans of each recovery kind whose student (with
+    its adapters, for the adapters kind) is predicted to fit the budget."""
+    chosen: dict[Recovery, list[Plan]] = {}
+    for c in ranked:
+        kind = recovery_kind(c.plan)
+        if kind is None or len(chosen.setdefault(kind, [])) >= distill.per_kind:
+            continue
+        student = student_plan(c.plan)
+        predicted = estimate(model, student, workload)
+        if (predicted.weight_bytes if workload is None else predicted.peak_bytes) <= budget_bytes:
+            chosen[kind].append(c.plan)
+    return [plan for kind in (Recovery.WEIGHTS, Recovery.ADAPTERS) for plan in chosen.get(kind, [])]
 
 
 def _where(shared) -> dict | None:

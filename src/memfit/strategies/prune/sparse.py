@@ -19,7 +19,7 @@ from torch import nn
 
 from memfit.errors import RecipeError
 from memfit.models.arch import decoder_parts
-from memfit.strategies.base import Phase, Strategy, register_field_type
+from memfit.strategies.base import Phase, Recovery, Strategy, register_field_type
 from memfit.strategies.layerwise import InputStatistics, calibrate_layers, observe_inputs, run_layer
 from memfit.strategies.prune.masks import keep_mask, kept_per_row, magnitude_scores, wanda_scores
 from memfit.strategies.prune.packed import SparseLinear
@@ -78,6 +78,9 @@ class Prune(Strategy):
     )
     exportable = False
     phase = Phase.STRUCTURE
+    # the kept values are packed beside a mask and frozen, and LoRA does not wrap the packed layer:
+    # distillation would train only the norms and embeddings
+    recovery = Recovery.NONE
     order = 4
     conflicts = ("mixed-bits", "w8a8")  # both choose per Linear from dense weights and inputs
     sqnr_floor_db = 3.0
