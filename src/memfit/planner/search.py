@@ -225,8 +225,8 @@ def optimize(
     if not fitting:
         raise _over_budget(model, candidates, budget_bytes, original_bytes, workload)
 
-    if budget_bytes is not None and distill is None:  # without a budget, structure is what makes plans small
-        _skip_needless_structure(fitting)
+    if budget_bytes is not None:  # without a budget, structure is what makes plans small
+        _skip_needless_structure(fitting, keep_recoverable=distill is not None)
     fitting = [c for c in fitting if c.skipped is None]
     if calibration is None:
         from memfit.data import calibration_windows
@@ -430,10 +430,13 @@ def _record(candidate: Candidate, result: dict, budget_bytes: int | None, worklo
         candidate.fits = candidate.fits and _within(candidate.predicted_peak_bytes, budget_bytes)
 
 
-def _skip_needless_structure(fitting: list[Candidate]) -> None:
-    """Mark the fitting plans whose plan without its structural strategies also fits."""
+def _skip_needless_structure(fitting: list[Candidate], keep_recoverable: bool = False) -> None:
+    """Mark the fitting plans whose plan without its structural strategies also fits; with
+    ``keep_recoverable``, not those whose float structure distillation trains (`Recovery.WEIGHTS`)."""
     fits = {(c.plan.strategies, c.plan.settings) for c in fitting}
     for c in fitting:
+        if keep_recoverable and recovery_kind(c.plan) is Recovery.WEIGHTS:
+            continue
         rest = tuple(s for s in c.plan.strategies if s.phase is not Phase.STRUCTURE)
         if rest != c.plan.strategies and (rest, c.plan.settings) in fits:
             without = Plan(rest, c.plan.workload, c.plan.settings).recipe
