@@ -350,6 +350,9 @@ def test_then_distill_plans_compete_with_the_others_within_the_budget(make_tiny)
     result = _search(model, tokenizer, "30%", measure_speed=False, distill=Distillation(**DISTILL))
     students = [c for c in result.candidates if c.distill_steps is not None]
     assert {recovery_kind(c.plan) for c in students} == {Recovery.WEIGHTS, Recovery.ADAPTERS}
+    # the adapters' student is the mixed plan sized to leave room for them (the one sized to the budget has none)
+    adapted = next(c for c in students if recovery_kind(c.plan) is Recovery.ADAPTERS)
+    assert adapted.plan.recipe.startswith("mixed-bits-") and adapted.plan.recipe.endswith(",lora-8")
     for c in students:
         assert c.distill_steps == 2 and c.metrics.weight_bytes == c.predicted_weight_bytes <= result.budget_bytes
     structural = [c for c in result.candidates

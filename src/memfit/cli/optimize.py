@@ -36,7 +36,8 @@ best predicted plan of each kind (--distill-plans) is distilled for real from th
 --distill-batch x --distill-seq tokens of --data (default: the built-in calibration text), forward
 KL: a plan with pruned, dropped or factored layers trains every float weight before the rest of
 the plan (quantization) is applied to the trained weights; a quantized plan trains rank-8 LoRA
-adapters beside its frozen packed weights (their bytes count). The students are evaluated and
+adapters beside its frozen packed weights (their bytes count; a mixed plan is also sized to leave
+room for them). The students are evaluated and
 compete with the other plans; the chosen one is saved trained. Plans with pruned MLP channels or
 heads, dropped layers or low-rank factors are then scored even where the same plan without them fits.
 

@@ -220,6 +220,11 @@ def optimize(
         if budget_bytes is not None:  # a workload's other bytes (KV cache, activations) leave the weights the rest
             overhead = estimate(model, Plan(), workload).peak_bytes - original_bytes if workload else 0
             plans += budget_plans(model, budget_bytes - overhead, workload)
+            if distill is not None:  # sized to leave room for the adapters its distilled student adds
+                adapters = _adapter_bytes(model)
+                recipes = {p.recipe for p in plans}
+                plans += [p for p in budget_plans(model, budget_bytes - overhead - adapters, workload)
+                          if p.recipe not in recipes]
     candidates = [_predicted(model, plan, original_bytes, budget_bytes, workload) for plan in plans]
     fitting = [c for c in candidates if c.fits]
     if not fitting:
@@ -321,6 +326,12 @@ def optimize(
     best = _choose(candidates, baseline, max_quality_loss, objective)
     return OptimizeResult(budget_bytes, baseline, best, candidates, winner(best), max_quality_loss, workload,
                           _where(shared), objective)
+
+
+def _adapter_bytes(model: nn.Module) -> int:
+    """Bytes the distillation's adapters (`student_plan`'s) add to a quantized plan of ``model``."""
+    base = Plan.parse("int8").validate()
+    return estimate(model, student_plan(base)).weight_bytes - estimate(model, base).weight_bytes
 
 
 def _to_distill(model: nn.Module, ranked: list[Candidate], distill: Distillation, budget_bytes: int,
